@@ -1,0 +1,26 @@
+"""Quantization lens: see what quantization does to a transformer classifier.
+
+Entry point: `streamlit run dashboard.py`. Navigation, the sidebar's pickers, and the pages.
+"""
+from pathlib import Path
+
+import streamlit as st
+
+st.set_page_config(page_title="Quantization lens", page_icon="🔬", layout="wide")
+
+from pages.common import sidebar  # noqa: E402  (set_page_config must come first)
+
+ROOT = Path(__file__).resolve().parent
+PAGES = [
+    ("pages/home.py", "Home", "🏠"),
+    ("pages/layer_map.py", "Layer map", "🧩"),
+    ("pages/compare.py", "Precision comparison", "⚖️"),
+    ("pages/robustness.py", "Typo playground", "⌨️"),
+    ("pages/smoothquant.py", "SmoothQuant", "🌊"),
+    ("pages/sensitivity.py", "Sensitivity & search", "🎯"),
+]
+
+navigation = st.navigation([st.Page(str(ROOT / path), title=title, icon=icon, default=(path == PAGES[0][0]))
+                            for path, title, icon in PAGES if (ROOT / path).exists()])
+sidebar()
+navigation.run()

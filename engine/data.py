@@ -1,0 +1,186 @@
+"""Evaluation sets: the vendored sentiment collections, the hub's SST-2, and a user's CSV.
+
+Every set is an `EvalSet` (texts, binary labels, a fingerprint for cache keys). The embedded
+Rotten Tomatoes split is computed from a hash of each row's id, so it is the same on every
+machine and with every library version.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+SPLIT_SEED = "rt-split-v1"
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, validation, test
+LABEL_NAMES = ("negative", "positive")
+
+
+class DataError(ValueError):
+    """A dataset name, file or column that cannot be used; the message says which."""
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A labelled set of texts (label 1 = positive, 0 = negative)."""
+
+    name: str
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+    description: str = ""
+    fingerprint: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise DataError(f"{self.name}: {len(self.texts)} texts but {len(self.labels)} labels")
+        if not self.fingerprint:
+            digest = hashlib.sha256()
+            for text, label in zip(self.texts, self.labels):
+                digest.update(f"{label}\t{text}\n".encode("utf-8", "surrogatepass"))
+            object.__setattr__(self, "fingerprint", digest.hexdigest()[:16])
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def head(self, limit: int | None) -> "EvalSet":
+        """The first `limit` rows (all of them when limit is None)."""
+        if limit is None or limit >= len(self):
+            return self
+        if limit < 1:
+            raise DataError(f"limit must be at least 1, got {limit}")
+        return EvalSet(f"{self.name}[:{limit}]", self.texts[:limit], self.labels[:limit], self.description)
+
+
+# name -> (vendored file, description)
+VENDORED = {
+    "embedded": ("movieReviewSnippets_GroundTruth.txt.gz", "Rotten Tomatoes sentences, test split"),
+    "amazon": ("amazonReviewSnippets_GroundTruth.txt.gz", "Amazon product review sentences (out of domain)"),
+    "tweets": ("tweets_GroundTruth.txt.gz", "Tweets (out of domain)"),
+    "nyt": ("nytEditorialSnippets_GroundTruth.txt.gz", "New York Times editorial sentences (out of domain)"),
+}
+HUB_SETS = {"sst2": "SST-2 validation from the HuggingFace Hub (glue/sst2)"}
+
+
+@lru_cache(maxsize=None)
+def _read_rated(filename: str) -> tuple[tuple[str, int, str], ...]:
+    """Rows (id, label, text) of one vendored file, rows rated exactly 0 dropped."""
+    rows = []
+    with gzip.open(DATA_DIR / filename, "rt", encoding="utf-8", newline="") as handle:
+        for line in handle:
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) < 3:
+                continue
+            row_id, rating, text = parts[0], float(parts[1]), "\t".join(parts[2:]).strip()
+            if rating == 0 or not text:
+                continue
+            rows.append((row_id, 1 if rating > 0 else 0, text))
+    return tuple(rows)
+
+
+def _split_of(row_id: str, rank: int, count: int) -> str:
+    train_end = round(SPLIT_FRACTIONS[0] * count)
+    val_end = train_end + round(SPLIT_FRACTIONS[1] * count)
+    return "train" if rank < train_end else "validation" if rank < val_end else "test"
+
+
+@lru_cache(maxsize=None)
+def rotten_tomatoes_split() -> dict[str, tuple[tuple[str, int], ...]]:
+    """The fixed stratified 80/10/10 split: within each label, rows ordered by sha256(seed:id)."""
+    rows = _read_rated(VENDORED["embedded"][0])
+    splits: dict[str, list[tuple[str, str, int]]] = {"train": [], "validation": [], "test": []}
+    for label in (0, 1):
+        members = [row for row in rows if row[1] == label]
+        members.sort(key=lambda row: hashlib.sha256(f"{SPLIT_SEED}:{row[0]}".encode()).hexdigest())
+        for rank, (row_id, lab, text) in enumerate(members):
+            splits[_split_of(row_id, rank, len(members))].append((row_id, text, lab))
+    # Back to file order so batches mix both labels.
+    return {
+        name: tuple((text, lab) for _, text, lab in sorted(part, key=lambda r: int(r[0])))
+        for name, part in splits.items()
+    }
+
+
+def rt_split(split: str) -> EvalSet:
+    """One split ('train', 'validation' or 'test') of the vendored Rotten Tomatoes sentences."""
+    parts = rotten_tomatoes_split()
+    if split not in parts:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(parts)}")
+    texts, labels = zip(*parts[split])
+    name = "embedded" if split == "test" else f"embedded-{split}"
+    return EvalSet(name, tuple(texts), tuple(labels), f"Rotten Tomatoes sentences, {split} split")
+
+
+def _vendored(name: str) -> EvalSet:
+    filename, description = VENDORED[name]
+    rows = _read_rated(filename)
+    return EvalSet(name, tuple(r[2] for r in rows), tuple(r[1] for r in rows), description)
+
+
+_POSITIVE = {"1", "pos", "positive", "true", "yes"}
+_NEGATIVE = {"0", "neg", "negative", "false", "no"}
+
+
+def load_csv(path: str | Path, raw: bytes | None = None) -> EvalSet:
+    """A user's CSV with columns `text,label` (label 1/0 or positive/negative)."""
+    try:
+        content = raw if raw is not None else Path(path).read_bytes()
+        reader = csv.DictReader(io.StringIO(content.decode("utf-8-sig")))
+        fields = [f.strip().lower() for f in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"cannot read CSV {path}: {error}") from None
+    if "text" not in fields or "label" not in fields:
+        raise DataError(f"CSV {path} needs the columns text,label; it has {','.join(fields) or 'none'}")
+    texts, labels = [], []
+    try:
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "") for k, v in row.items() if k}
+            value = row["label"].strip().lower()
+            if value in _POSITIVE:
+                labels.append(1)
+            elif value in _NEGATIVE:
+                labels.append(0)
+            else:
+                raise DataError(f"CSV {path}, line {line}: label {row['label']!r} is not 1/0 or positive/negative")
+            texts.append(row["text"])
+    except csv.Error as error:
+        raise DataError(f"cannot read CSV {path}: {error}") from None
+    if not texts:
+        raise DataError(f"CSV {path} has no rows")
+    return EvalSet(Path(path).name, tuple(texts), tuple(labels), f"user CSV {path}")
+
+
+def _sst2() -> EvalSet:
+    from engine.models import hub_guard
+
+    with hub_guard("SST-2"):
+        import datasets
+
+        split = datasets.load_dataset("glue", "sst2", split="validation")
+    return EvalSet("sst2", tuple(split["sentence"]), tuple(int(x) for x in split["label"]), HUB_SETS["sst2"])
+
+
+def available_sets() -> dict[str, str]:
+    """Registered set names and what they are."""
+    return {name: desc for name, (_, desc) in VENDORED.items()} | HUB_SETS
+
+
+@lru_cache(maxsize=16)
+def load_dataset(name: str = "embedded") -> EvalSet:
+    """A registered set by name, or a path to a CSV file."""
+    if name == "embedded":
+        return rt_split("test")
+    if name in ("embedded-train", "embedded-validation"):
+        return rt_split(name.split("-", 1)[1])
+    if name in VENDORED:
+        return _vendored(name)
+    if name in HUB_SETS:
+        return _sst2()
+    if name.lower().endswith(".csv"):
+        if not Path(name).is_file():
+            raise DataError(f"no CSV file at {name}")
+        return load_csv(name)
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(available_sets())} or a .csv path")
