@@ -7,6 +7,7 @@ and the incremental result is the full result, not an approximation of it.
 """
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,12 @@ class EvalResult:
     def as_dict(self) -> dict:
         return self.comparison.as_dict()
 
+    def summary(self) -> dict:
+        """What the pages keep of a result (and the cache stores): the figures, flips, positive probabilities."""
+        return {**self.as_dict(), "flipped": list(self.comparison.flipped),
+                "positive_probs": self.probs[:, 1].astype(np.float32).tolist(), "plan": self.plan.to_json(),
+                "kernels": self.kernels, "data": self.dataset, "seconds": self.seconds, "start_cut": self.start_cut}
+
 
 def resolve_device(device: str | None) -> torch.device:
     """A torch device from 'cpu'/'cuda'; asking for CUDA where there is none is a clear error."""
@@ -90,11 +97,9 @@ def model_on(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     key = (id(model), str(device))
     if key not in _ON_DEVICE:
-        from engine.quantize import shallow_copy
-
-        moved = shallow_copy(model)
-        moved.__dict__["_engine_fingerprint"] = fingerprint(model)
-        _ON_DEVICE[key] = moved.to(device)
+        # A full copy: .to() moves Parameter objects in place (set_data), so a copy that shared them
+        # would move the shared CPU model too. The fingerprint is device-independent.
+        _ON_DEVICE[key] = copy.deepcopy(model).to(device)
     return _ON_DEVICE[key]
 
 

@@ -57,6 +57,28 @@ def _ffn_part(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return block.output_layer_norm(block.ffn(hidden) + hidden)
 
 
+def _ffn_modules(block: nn.Module) -> list[nn.Module]:
+    if hasattr(block, "feed_forward_chunk"):
+        return [block.intermediate, block.output]
+    return [block.ffn, block.output_layer_norm]
+
+
+def _tokenwise(module: nn.Module) -> bool:
+    """Whether every token's output depends on that token alone (not on a per-tensor activation range)."""
+    from engine.quantize import CastLinear, Int4Linear, SimLinear
+
+    for leaf in module.modules():
+        if isinstance(leaf, SimLinear):
+            if leaf.precision == "int8" and leaf.act == "dynamic":
+                return False
+        elif type(leaf).__module__.startswith(("torch.ao", "torchao")):
+            return False
+        elif not isinstance(leaf, (nn.Linear, CastLinear, Int4Linear, nn.LayerNorm, nn.Dropout, nn.Sequential,
+                                   nn.ModuleList)) and list(leaf.parameters(recurse=False)) + list(leaf.buffers(recurse=False)):
+            return False
+    return True
+
+
 def _head(model: nn.Module, cls_hidden: torch.Tensor) -> torch.Tensor:
     """Logits from the final [CLS] state ([batch, 1, hidden])."""
     if hasattr(model, "pre_classifier"):  # DistilBERT: Linear, ReLU, dropout, classifier
@@ -138,6 +160,9 @@ def run_batch(model: nn.Module, batch: Batch, start: int = EMBEDDING_CUT,
         block = stack[cut // 2]
         if cut % 2 == 0:
             hidden = _attention_part(block, hidden, block_args, block_kwargs)
+        elif cut == 2 * n - 1 and all(_tokenwise(m) for m in _ffn_modules(block)):
+            # The head reads [CLS] alone; a token-wise last feed-forward needs no other row.
+            hidden = _ffn_part(block, hidden[:, :1])
         else:
             hidden = _ffn_part(block, hidden)
         if keep is not None:

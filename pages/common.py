@@ -23,14 +23,21 @@ def shared_model(name: str):
 
 
 @st.cache_resource(show_spinner="Tokenizing the evaluation set and running FP32 once…", max_entries=6)
-def shared_evaluator(model_name: str, data_name: str, keep_states: bool = True) -> Evaluator:
+def _shared_evaluator(model_name: str, data_name: str, limit: int | None) -> Evaluator:
     model, tokenizer, _ = shared_model(model_name)
-    return get_evaluator(model, tokenizer, dataset(data_name), keep_states=keep_states)
+    return get_evaluator(model, tokenizer, dataset(data_name), keep_states=True)
+
+
+def shared_evaluator(model_name: str, data_name: str) -> Evaluator:
+    """The process-wide evaluator (tokenized batches, FP32 baseline and its states) for a model and set."""
+    return _shared_evaluator(model_name, data_name, st.session_state.get("limit"))
 
 
 def dataset(name: str):
+    """The chosen set; a session's "limit" (used by tests and quick looks) keeps only its first rows."""
     uploaded = st.session_state.get("uploaded_sets", {})
-    return uploaded[name] if name in uploaded else load_dataset(name)
+    data = uploaded[name] if name in uploaded else load_dataset(name)
+    return data.head(st.session_state.get("limit"))
 
 
 def model_name() -> str:

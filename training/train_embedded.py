@@ -116,6 +116,7 @@ def main() -> None:
                       f"val {correct / n:.4f} ({time.time() - started:.0f}s)", flush=True)
                 if correct / n > best[0]:
                     best = (correct / n, step, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                    save(model, tokenizer, args.out)  # the best so far survives an interrupted run
 
     model.load_state_dict(best[2])
     correct, n = accuracy(model, test, tokenizer, device, args.max_length)
@@ -123,10 +124,7 @@ def main() -> None:
     print(f"best step {best[1]} val {best[0]:.4f}; test {correct}/{n} = {correct / n:.4f} [{low:.4f}, {high:.4f}]")
 
     out: Path = args.out
-    if out.exists():
-        shutil.rmtree(out)
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save(model, tokenizer, out)
     results = {
         "base": BASE_PACKAGE,
         "data": "Rotten Tomatoes sentences (Pang & Lee) via vaderSentiment 3.3.2, label = sign of the mean rating, 0 dropped",
@@ -139,6 +137,16 @@ def main() -> None:
     }
     (out / "training_results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "README.md").write_text(model_card(results))
+
+
+def save(model, tokenizer, out: Path) -> None:
+    """The model as fp16 safetensors with its tokenizer (the training model itself stays fp32)."""
+    if out.exists():
+        shutil.rmtree(out)
+    half = BertForSequenceClassification(model.config)
+    half.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    half.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
 def model_card(r: dict) -> str:

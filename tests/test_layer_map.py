@@ -1,0 +1,122 @@
+"""The layer map: the page reacts to changes, sessions stay apart, cached results are reused and never stale."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+import cache
+from engine.data import load_dataset
+from engine.evaluation import Evaluator, Session
+from engine.layers import inventory
+from engine.models import fingerprint
+from engine.plan import FP32, Plan
+from engine.quantize import shallow_copy
+from engine.toggle import layer_bytes, next_precision, set_layers
+
+LIMIT = 64
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _page() -> AppTest:
+    at = AppTest.from_file("pages/layer_map.py", default_timeout=300)
+    at.session_state["limit"] = LIMIT
+    return at
+
+
+def _metric(at: AppTest, label: str):
+    return next(m for m in at.metric if m.label.startswith(label))
+
+
+def test_page_renders_and_a_change_moves_the_figures(cache_dir, embedded):
+    at = _page()
+    at.run()
+    assert not at.exception
+    assert _metric(at, "Agreement with FP32").value == "100.0%"
+    fp32_size = _metric(at, "Size").value
+    at.selectbox(key="bulk_precision").set_value("int4")
+    at.button[2].click()  # "Apply to everything"
+    at.run()
+    assert not at.exception
+    plan = at.session_state["plan"]
+    assert set(plan.resolve([l.name for l in inventory(embedded[0])]).values()) == {"int4"}
+    assert _metric(at, "Size").value != fp32_size
+    assert "of FP32" in _metric(at, "Size").delta
+    undo = next(b for b in at.button if b.label == "Undo")
+    undo.click()
+    at.run()
+    assert at.session_state["plan"].key() == FP32.key()
+
+
+def test_two_page_sessions_keep_their_own_plans(cache_dir, embedded):
+    model = embedded[0]
+    before = fingerprint(shallow_copy(model))  # recomputed from the tensors, not the cached attribute
+    first, second = _page(), _page()
+    first.run()
+    second.run()
+    first.selectbox(key="bulk_precision").set_value("int8")
+    first.button[2].click()
+    second.selectbox(key="bulk_precision").set_value("int4")
+    second.button[2].click()
+    first.run()
+    second.run()
+    names = [l.name for l in inventory(model)]
+    assert set(first.session_state["plan"].resolve(names).values()) == {"int8"}
+    assert set(second.session_state["plan"].resolve(names).values()) == {"int4"}
+    assert fingerprint(shallow_copy(model)) == before
+
+
+def test_concurrent_sessions_match_full_runs_and_leave_the_model_alone(tiny_bert, tokenizer):
+    evaluator = Evaluator(tiny_bert, tokenizer, load_dataset("embedded").head(96), keep_states=True)
+    names = [l.name for l in inventory(tiny_bert)]
+    before = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
+    plans = [set_layers(FP32, names, names[i::5], p) for i, p in enumerate(["int8", "int4", "fp16", "int8", "bf16"])]
+    results: dict[int, list] = {}
+
+    def work(worker: int) -> None:
+        session = Session(evaluator)
+        results[worker] = [session.update(plan).logits for plan in plans[worker:] + plans[:worker]]
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for worker, logits in results.items():
+        for plan, got in zip(plans[worker:] + plans[:worker], logits):
+            assert (evaluator.run(plan)[0].logits == got).all()
+    for key, value in tiny_bert.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_cached_result_is_reused_and_a_changed_weight_is_not_served_stale(cache_dir, tiny_bert):
+    calls = []
+
+    def compute(model):
+        calls.append(1)
+        return fingerprint(model)
+
+    plan = Plan.uniform("int8")
+    first = cache.memo("t", lambda: compute(tiny_bert), model=fingerprint(tiny_bert), plan=plan.key())
+    again = cache.memo("t", lambda: compute(tiny_bert), model=fingerprint(tiny_bert), plan=plan.key())
+    assert first == again and len(calls) == 1
+    changed = shallow_copy(tiny_bert)
+    weight = changed.classifier.weight.detach().clone()
+    weight[0, 0] += 1.0
+    changed.classifier.weight = torch.nn.Parameter(weight, requires_grad=False)
+    fresh = cache.memo("t", lambda: compute(changed), model=fingerprint(changed), plan=plan.key())
+    assert len(calls) == 2 and fresh != first
+
+
+def test_cycle_and_bytes(tiny_distilbert):
+    assert [next_precision(p) for p in ("fp32", "int8", "int4", "fp16")] == ["int8", "int4", "fp32", "fp32"]
+    layer = next(l for l in inventory(tiny_distilbert) if l.role == "ffn-in")
+    sizes = [layer_bytes(layer, p) for p in ("fp32", "fp16", "int8", "int4")]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == layer.params * 4
