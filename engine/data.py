@@ -168,9 +168,17 @@ def available_sets() -> dict[str, str]:
     return {name: desc for name, (_, desc) in VENDORED.items()} | HUB_SETS
 
 
-@lru_cache(maxsize=16)
 def load_dataset(name: str = "embedded") -> EvalSet:
-    """A registered set by name, or a path to a CSV file."""
+    """A registered set by name, or a path to a CSV file (re-read on every call: the file may change)."""
+    if name.lower().endswith(".csv"):
+        if not Path(name).is_file():
+            raise DataError(f"no CSV file at {name}")
+        return load_csv(name)
+    return _registered(name)
+
+
+@lru_cache(maxsize=16)
+def _registered(name: str) -> EvalSet:
     if name == "embedded":
         return rt_split("test")
     if name in ("embedded-train", "embedded-validation"):
@@ -179,8 +187,4 @@ def load_dataset(name: str = "embedded") -> EvalSet:
         return _vendored(name)
     if name in HUB_SETS:
         return _sst2()
-    if name.lower().endswith(".csv"):
-        if not Path(name).is_file():
-            raise DataError(f"no CSV file at {name}")
-        return load_csv(name)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(available_sets())} or a .csv path")

@@ -65,13 +65,39 @@ def hub_guard(what: str) -> Iterator[None]:
     yield
 
 
+# transformers' first load imports torchao, which logs the optional CUDA/triton kernels it lacks (and
+# torch logs a deprecation for its enums): nothing about the model, and the CLI's stderr must stay clean.
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No progress bar and no import-time log noise while a model loads."""
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
+    levels = [logger.level for logger in loggers]
+    bar = hf_logging.is_progress_bar_enabled()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def _load_pretrained(source: str, local_only: bool) -> tuple[nn.Module, object]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, local_files_only=local_only, dtype=torch.float32
-    )
+    with _quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, local_files_only=local_only, dtype=torch.float32
+        )
     return model, tokenizer
 
 
@@ -128,10 +154,21 @@ def positive_index(model: nn.Module) -> int:
     return 1
 
 
+def _tensor_signature(model: nn.Module) -> tuple:
+    """Identity, storage and version counter of every tensor: changes when a tensor is replaced or edited in place."""
+    return tuple((id(t), t.data_ptr(), 0 if t.is_inference() else t._version)
+                 for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor))
+
+
 def fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter and buffer (names, dtypes, values): keys caches to these weights."""
-    cached = getattr(model, "_engine_fingerprint", None)
-    if cached:
+    """A hash of every parameter and buffer (names, dtypes, values): keys caches to these weights.
+
+    The hash is kept on the model and reused while its tensors are the same and unedited, so a
+    deep copy or an in-place edit is hashed afresh rather than served a stale key.
+    """
+    signature = _tensor_signature(model)
+    cached = model.__dict__.get("_engine_fingerprint")
+    if cached and model.__dict__.get("_engine_fingerprint_of") == signature:
         return cached
     digest = hashlib.blake2b(digest_size=12)
     digest.update(type(model).__name__.encode())
@@ -139,5 +176,5 @@ def fingerprint(model: nn.Module) -> str:
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     value = digest.hexdigest()
-    object.__setattr__(model, "_engine_fingerprint", value)
+    model.__dict__["_engine_fingerprint"], model.__dict__["_engine_fingerprint_of"] = value, signature
     return value

@@ -41,11 +41,11 @@ class Plan:
                 raise PlanError(f"plan entry {pattern!r}: a layer pattern must be a non-empty string")
             if precision not in PRECISIONS:
                 raise PlanError(f"plan entry {pattern!r}: unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise PlanError(f"plan option group_size: {self.group_size!r} is not a positive integer")
         if self.act not in ACT_SCHEMES:
             raise PlanError(f"plan option act: {self.act!r} is not one of {', '.join(ACT_SCHEMES)}")
-        if not isinstance(self.calib, int) or self.calib < 1:
+        if isinstance(self.calib, bool) or not isinstance(self.calib, int) or self.calib < 1:
             raise PlanError(f"plan option calib: {self.calib!r} is not a positive integer")
         alpha = self.smooth_alpha
         if alpha is not None and not isinstance(alpha, (int, float, tuple)):
@@ -111,7 +111,10 @@ class Plan:
 
     def key(self) -> str:
         """A stable hash of the resolved meaning, independent of dict order in the source JSON."""
-        text = json.dumps({"rules": self.rules, "options": self.options()}, sort_keys=True)
+        options = self.options()
+        if isinstance(self.smooth_alpha, tuple):  # per-layer alphas: order decides (later wins), so keep it
+            options["smooth_alpha"] = [list(pair) for pair in self.smooth_alpha]
+        text = json.dumps({"rules": self.rules, "options": options}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def with_rules(self, rules: Sequence[tuple[str, str]]) -> "Plan":

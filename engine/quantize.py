@@ -22,6 +22,7 @@ import copy
 import threading
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,12 @@ def fake_quant_activation(x: torch.Tensor, scheme: str, reduce_range: bool,
     """Activations quantize-dequantized as the int8 kernel sees them (asymmetric uint8)."""
     qmax = 127 if reduce_range else 255
     if scheme == "dynamic":
-        scale, zero = torch._choose_qparams_per_tensor(x.float().contiguous(), reduce_range)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, qmax)
+        x32 = x.float().contiguous()
+        scale, zero = torch._choose_qparams_per_tensor(x32, reduce_range)
+        # torch's own quantizer, the kernel's rounding: round(x * (1/scale) + zero), the zero point added
+        # before rounding. fake_quantize rounds before adding it and differs on near-ties, moving a
+        # token's whole output by one activation step.
+        return torch.quantize_per_tensor(x32, scale, zero, torch.quint8).dequantize().to(x.dtype)
     if scheme == "static":
         scale, zero = static_scale
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, qmax)
@@ -103,7 +108,11 @@ def int4_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     """(q in 0..15 as uint8 [rows, cols], scale and min [rows, groups]) along the last dimension."""
     rows, cols = weight.shape
     groups = -(-cols // group_size)
-    padded = F.pad(weight.detach().float(), (0, groups * group_size - cols)).reshape(rows, groups, group_size)
+    weight = weight.detach().float()
+    # A partial last group is padded with its row's last value, which lies inside that group's range:
+    # zero padding would widen the range of a group whose elements all share one sign.
+    padded = torch.cat((weight, weight[:, -1:].expand(rows, groups * group_size - cols)), dim=1)
+    padded = padded.reshape(rows, groups, group_size)
     low = padded.amin(-1, keepdim=True)
     high = padded.amax(-1, keepdim=True)
     scale = ((high - low) / 15).clamp(min=1e-10)
@@ -178,6 +187,18 @@ class CastLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class CastEmbedding(nn.Embedding):
+    """Word embeddings stored in fp16 or bf16, looked up and returned as fp32."""
+
+    def __init__(self, embedding: nn.Embedding, dtype: torch.dtype):
+        super().__init__(*embedding.weight.shape, padding_idx=embedding.padding_idx,
+                         _weight=embedding.weight.detach().to(dtype))
+        self.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
 
 
 # ---- simulated ------------------------------------------------------------------------------
@@ -274,27 +295,76 @@ def shallow_copy(model: nn.Module) -> nn.Module:
 def _real_module(module: nn.Module, precision: str, group_size: int, device: torch.device) -> nn.Module:
     is_embedding = isinstance(module, nn.Embedding)
     if precision in FLOAT_DTYPES:
-        if is_embedding:
-            replacement = nn.Embedding(*module.weight.shape, padding_idx=module.padding_idx,
-                                       _weight=module.weight.detach().to(FLOAT_DTYPES[precision]).float())
-            return replacement.requires_grad_(False)
-        return CastLinear(module, FLOAT_DTYPES[precision])
-    if precision == "int4":
-        return (Int4Embedding(module, group_size) if is_embedding else Int4Linear(module, group_size)).to(device)
-    if device.type == "cuda":
-        from engine.cuda import cuda_int8_linear
+        return (CastEmbedding if is_embedding else CastLinear)(module, FLOAT_DTYPES[precision])
+    if device.type == "cuda":  # torchao's kernels; torch's quantized Embedding is CPU-only
+        from engine.cuda import cuda_int4_linear, cuda_int8_embedding, cuda_int8_linear
 
-        return real_int8_embedding(module).to(device) if is_embedding else cuda_int8_linear(module)
+        if precision == "int4":
+            return Int4Embedding(module, group_size).to(device) if is_embedding else cuda_int4_linear(module, group_size)
+        return cuda_int8_embedding(module) if is_embedding else cuda_int8_linear(module)
+    if precision == "int4":
+        return Int4Embedding(module, group_size) if is_embedding else Int4Linear(module, group_size)
     return real_int8_embedding(module) if is_embedding else real_int8_linear(module)
 
 
+@dataclass(frozen=True)
+class LayerInput:
+    """What SmoothQuant hands a layer before quantization (see engine.smoothquant.prepare_layers).
+
+    `linear` is the float layer to quantize (smoothed weight, or the original), `in_scale` an
+    explicit per-channel divisor of the input, `static_scale` the calibrated activation (scale,
+    zero point), and `key` names the weight transform for the weight cache (None: unchanged).
+    """
+
+    linear: nn.Linear
+    in_scale: torch.Tensor | None = None
+    static_scale: tuple[float, int] | None = None
+    key: str | None = None
+
+
+class ScaledInput(nn.Module):
+    """A real kernel behind SmoothQuant's explicit input scale: inner(x / in_scale)."""
+
+    def __init__(self, in_scale: torch.Tensor, inner: nn.Module):
+        super().__init__()
+        self.register_buffer("in_scale", in_scale)
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x / self.in_scale)
+
+
+def _replacement(model_key: str, name: str, original: nn.Module, precision: str, plan: Plan, kernels: str,
+                 device: torch.device, prepared: LayerInput | None) -> nn.Module:
+    """The module that computes layer `name` at `precision` (smoothed and statically scaled if prepared)."""
+    source = original if prepared is None else prepared.linear
+    if kernels == "real":
+        # the real CPU kernel is dynamic per tensor whatever `act` says: its job is size and latency
+        module = source if precision == "fp32" else _real_module(source, precision, plan.group_size, device)
+        if prepared is not None and prepared.in_scale is not None:
+            module = ScaledInput(prepared.in_scale, module)
+        return module
+    if prepared is not None and precision == "fp32":
+        weight = source.weight.detach()  # smoothing alone: nothing to quantize, nothing worth caching
+    else:
+        weight_name = name if prepared is None or prepared.key is None else f"{name}|{prepared.key}"
+        weight = simulated_weight(model_key, weight_name, source, precision, plan.group_size)
+    if isinstance(original, nn.Embedding):
+        return nn.Embedding(*weight.shape, padding_idx=original.padding_idx, _weight=weight)
+    bias = None if source.bias is None else source.bias.detach()
+    if prepared is None:
+        return SimLinear(weight, bias, precision, plan.act)
+    return SimLinear(weight, bias, precision, plan.act, prepared.static_scale, prepared.in_scale)
+
+
 def apply_plan(model: nn.Module, plan: Plan | str | dict = FP32, kernels: str = "simulated",
-               calibration: dict | None = None) -> nn.Module:
+               calibration=None) -> nn.Module:
     """A new model with `plan` applied; `model` itself stays bit-for-bit unchanged.
 
     kernels="simulated" computes in float with quantize-dequantized weights (any device);
-    "real" uses the device's low-precision kernels. `calibration` (from engine.smoothquant) is
-    needed only for static activation scales and smoothing.
+    "real" uses the device's low-precision kernels. `calibration` (an engine.smoothquant
+    Calibration) serves static activation scales and smoothing; when it is None and the plan
+    needs one, it is computed (and memoized) on demand.
     """
     from engine.plan import PlanError, parse_plan
 
@@ -306,30 +376,22 @@ def apply_plan(model: nn.Module, plan: Plan | str | dict = FP32, kernels: str = 
         raise PlanError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
     layers = inventory(model)
     resolved = plan.resolve([layer.name for layer in layers])
-    needs_smoothing = plan.smooth_alpha is not None or plan.act == "static"
-    clone = shallow_copy(model)
-    if needs_smoothing:
-        from engine.smoothquant import apply_smoothing
+    prepared: dict[str, LayerInput] = {}
+    if plan.smooth_alpha is not None or plan.act == "static":
+        from engine.smoothquant import prepare_layers
 
-        apply_smoothing(model, clone, plan, resolved, calibration, kernels)
-    else:
-        model_key = fingerprint(model)
-        device = next(model.parameters()).device
-        for layer in layers:
-            precision = resolved[layer.name]
-            if precision == "fp32":
-                continue
-            original = model.get_submodule(layer.name)
-            if kernels == "real":
-                replacement = _real_module(original, precision, plan.group_size, device)
-            elif layer.kind == "embedding":
-                weight = simulated_weight(model_key, layer.name, original, precision, plan.group_size)
-                replacement = nn.Embedding(*weight.shape, padding_idx=original.padding_idx, _weight=weight)
-            else:
-                weight = simulated_weight(model_key, layer.name, original, precision, plan.group_size)
-                bias = None if original.bias is None else original.bias.detach()
-                replacement = SimLinear(weight, bias, precision, plan.act)
-            _set_module(clone, layer.name, replacement.requires_grad_(False))
+        prepared = prepare_layers(model, plan, resolved, calibration)
+    clone = shallow_copy(model)
+    model_key = fingerprint(model)
+    device = next(model.parameters()).device
+    for layer in layers:
+        precision = resolved[layer.name]
+        if precision == "fp32" and layer.name not in prepared:
+            continue
+        original = model.get_submodule(layer.name)
+        replacement = _replacement(model_key, layer.name, original, precision, plan, kernels, device,
+                                   prepared.get(layer.name))
+        _set_module(clone, layer.name, replacement.requires_grad_(False))
     clone.__dict__["_engine_plan"] = (plan, kernels)
     clone.eval()
     return clone
