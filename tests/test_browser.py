@@ -63,19 +63,21 @@ def test_clicking_a_cell_toggles_its_precision(server, tmp_path):
             "--disable-sync", "--no-first-run"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
-            page.goto(f"{server}/layer_map", timeout=60_000)
+            page.goto(server, timeout=60_000)
+            page.get_by_role("link", name="Layer map").click(timeout=300_000)
             points = page.locator(".js-plotly-plot .scatterlayer path.point")
             points.first.wait_for(timeout=300_000)
             labels = page.locator(".js-plotly-plot .scatterlayer .textpoint text")
             page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .textpoint').length > 10")
-            assert not any("INT8" in t for t in labels.all_inner_texts())
-            points.nth(1).click()  # forward order: the embedding table, then block 0's query
+            assert not any("INT8" in t for t in labels.all_text_contents())
+            box = points.nth(1).bounding_box()  # forward order: the embedding table, then block 0's query
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # as a person clicks
             page.wait_for_function(
                 "() => [...document.querySelectorAll('.js-plotly-plot .textpoint text')]"
                 ".some(t => t.textContent.includes('INT8'))", timeout=300_000)
             page.get_by_text("flips").first.wait_for(timeout=300_000)
             page.screenshot(path=str(tmp_path / "layer_map.png"), full_page=True)
-            texts = labels.all_inner_texts()
+            texts = labels.all_text_contents()
             assert sum("INT8" in t for t in texts) == 1
         finally:
             browser.close()

@@ -1,0 +1,182 @@
+"""The one evaluation path: staged forward = the model's forward, incremental runs = full runs, evaluate()'s fields."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine.data import EvalSet, load_dataset
+from engine.evaluation import EvalError, Evaluator, Session, evaluate, model_on, resolve_device
+from engine.forward import check_stages, run_batch
+from engine.layers import list_layers
+from engine.measure import compare
+from engine.plan import FP32, PRECISIONS, Plan, PlanError
+from engine.quantize import apply_plan
+
+from conftest import _tiny
+
+CONTRACT_FIELDS = ("accuracy", "ci95", "n", "agreement", "flips", "kl", "mcnemar_p", "size_bytes")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and on a busy shared CPU extra threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_set() -> EvalSet:
+    return load_dataset("embedded").head(96)
+
+
+@pytest.fixture(scope="module", params=["bert", "distilbert"])
+def tiny_evaluator(request, tokenizer, small_set):
+    return Evaluator(_tiny(request.param), tokenizer, small_set, batch_size=16, keep_states=True)
+
+
+def test_staged_forward_equals_the_models_own(tiny_evaluator):
+    evaluator = tiny_evaluator
+    for plan in (FP32, Plan.uniform("int8"), Plan.from_json({"*.layer.1.*": "int4", "classifier": "fp16"})):
+        model = evaluator.model if plan == FP32 else apply_plan(evaluator.model, plan)
+        for batch in evaluator.batches:
+            check_stages(model, batch, atol=1e-5)
+            with torch.inference_mode():
+                staged = run_batch(model, batch)
+                direct = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            assert torch.allclose(staged, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_are_length_sorted_and_logits_in_dataset_order(tiny_evaluator, tokenizer, small_set):
+    evaluator = tiny_evaluator
+    widths = [batch.input_ids.shape[1] for batch in evaluator.batches]
+    assert widths == sorted(widths)
+    rows = torch.cat([batch.rows for batch in evaluator.batches]).numpy()
+    assert sorted(rows.tolist()) == list(range(len(small_set)))
+    # row i of the logits is text i, in (negative, positive) order
+    for i in (0, 17, 95):
+        encoded = tokenizer(small_set.texts[i], return_tensors="pt")
+        with torch.inference_mode():
+            own = evaluator.model(**encoded).logits[0].numpy()
+        assert np.allclose(evaluator.baseline_logits[i], own, atol=1e-5)
+    result = evaluator.baseline
+    assert result.comparison.n == len(small_set) and result.comparison.agreement == 1.0
+    assert np.array_equal(result.predictions, evaluator.baseline_logits.argmax(-1))
+    assert np.allclose(result.probs.sum(-1), 1.0)
+
+
+def _random_plan(rng: random.Random, names: list[str]) -> Plan:
+    chosen = rng.sample(names, rng.randint(1, 5))
+    rules = [(name, rng.choice(PRECISIONS)) for name in chosen]
+    if rng.random() < 0.3:
+        rules.insert(0, (rng.choice(["*", "*.layer.1.*", "*attention*"]), rng.choice(("int8", "int4"))))
+    options = {}
+    if rng.random() < 0.15:
+        options["act"] = "token"
+    if rng.random() < 0.15:
+        options["group_size"] = 16
+    return Plan(tuple(rules), **options)
+
+
+def test_incremental_runs_equal_full_runs(tiny_evaluator):
+    evaluator = tiny_evaluator
+    names = list_layers(evaluator.model)
+    rng = random.Random(7)
+    previous = (FP32, evaluator.baseline_trace)
+    starts = set()
+    for _ in range(20):
+        plan = _random_plan(rng, names)
+        full, _ = evaluator.run(plan)
+        incremental, trace = evaluator.run(plan, previous=previous, keep=True)
+        assert np.array_equal(incremental.logits, full.logits), plan.to_json()
+        assert incremental.comparison == full.comparison
+        starts.add(incremental.start_cut)
+        previous = (plan, trace)
+    assert len(starts) > 2  # the runs really started at different cuts
+    assert max(starts) > 0
+
+
+def test_session_updates_equal_full_runs(tiny_evaluator):
+    evaluator = tiny_evaluator
+    names = list_layers(evaluator.model)
+    rng = random.Random(11)
+    session = Session(evaluator)
+    plan = FP32
+    for step in range(20):
+        # the layer map's gesture: toggle one layer of the current plan
+        name = rng.choice(names)
+        plan = Plan(plan.rules + ((name, rng.choice(PRECISIONS)),))
+        updated = session.update(plan)
+        full, _ = evaluator.run(plan)
+        assert np.array_equal(updated.logits, full.logits), (step, plan.to_json())
+        assert session.plan == plan
+    again = session.update(plan)
+    assert again is session.result  # the current plan answers at once
+    assert np.array_equal(session.update(FP32).logits, evaluator.baseline_logits)
+
+
+def test_progress_reports_a_running_estimate(tiny_evaluator):
+    seen = []
+    result, _ = tiny_evaluator.run(Plan.uniform("int8"), progress=seen.append)
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
+    assert seen[-1].done == seen[-1].total == len(tiny_evaluator.dataset)
+    assert seen[-1].accuracy == pytest.approx(result.comparison.accuracy)
+    assert seen[-1].ci95 == pytest.approx(result.comparison.ci95)
+    assert all(0 <= p.ci95[0] <= p.accuracy <= p.ci95[1] <= 1 for p in seen)
+
+
+def test_run_result_matches_compare(tiny_evaluator):
+    evaluator = tiny_evaluator
+    result, _ = evaluator.run(Plan.uniform("int4"))
+    expected = compare(result.logits, evaluator.labels, evaluator.baseline_logits)
+    assert result.comparison == expected
+    assert result.kernels == "simulated" and result.plan == Plan.uniform("int4")
+
+
+def test_evaluate_returns_the_contract_fields(tokenizer, small_set):
+    model = _tiny("distilbert")
+    out = evaluate(model, tokenizer, small_set, Plan.uniform("int8"), limit=64)
+    for key in CONTRACT_FIELDS:
+        assert key in out, key
+    assert out["n"] == 64
+    assert 0 <= out["ci95"][0] <= out["accuracy"] <= out["ci95"][1] <= 1
+    assert 0 <= out["agreement"] <= 1 and out["flips"] == round((1 - out["agreement"]) * 64)
+    assert out["kl"] >= 0 and 0 <= out["mcnemar_p"] <= 1 and out["size_bytes"] > 0
+    fp32 = evaluate(model, tokenizer, small_set, "fp32", limit=64)
+    assert (fp32["agreement"], fp32["flips"], fp32["kl"], fp32["mcnemar_p"]) == (1.0, 0, 0.0, 1.0)
+    assert fp32["size_bytes"] > out["size_bytes"]
+
+
+def test_evaluate_rejects_bad_input(tokenizer, small_set):
+    model = _tiny("bert")
+    with pytest.raises(PlanError, match="matches no layer"):
+        evaluate(model, tokenizer, small_set, {"*.nothing": "int8"})
+    if not torch.cuda.is_available():
+        with pytest.raises(EvalError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(EvalError, match="cpu or cuda"):
+        resolve_device("tpu")
+    with pytest.raises(EvalError, match="empty"):
+        Evaluator(model, tokenizer, EvalSet("none", (), ()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_moving_to_cuda_leaves_the_shared_model_on_cpu():
+    model = _tiny("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moved = model_on(model, torch.device("cuda"))
+    assert next(moved.parameters()).is_cuda
+    assert all(not p.is_cuda for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_embedded_reaches_its_accuracy(embedded):
+    model, tokenizer = embedded
+    out = evaluate(model, tokenizer, "embedded")
+    assert out["n"] >= 1000
+    assert out["accuracy"] >= 0.85, out
+    assert out["ci95"][0] < out["accuracy"] < out["ci95"][1]
