@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from engine.quantize import shallow_copy
 from engine.toggle import layer_bytes, next_precision, set_layers
 
 LIMIT = 64
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
@@ -26,7 +28,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def _page() -> AppTest:
-    at = AppTest.from_file("pages/layer_map.py", default_timeout=300)
+    at = AppTest.from_file(str(ROOT / "pages" / "layer_map.py"), default_timeout=300)
     at.session_state["limit"] = LIMIT
     return at
 

@@ -1,0 +1,349 @@
+"""Sensitivity & search: which layers can take INT4, and the smallest plan that meets a budget."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from streamlit.errors import StreamlitAPIException
+
+import cache
+from engine import search as amp
+from engine import sensitivity as sens
+from engine.layers import HEAD_ROLES, ROLES
+from engine.measure import model_size_bytes
+from engine.plan import FP32, Plan
+from pages import common
+
+DIRECTION_TEXT = {"one": "only this layer quantized", "all-but-one": "every layer quantized but this one"}
+BUDGET_TEXT = {"max_drop": "maximum accuracy drop (points)", "not_worse": "not significantly worse than FP32",
+               "target_bytes": "target size (MB)", "latency_ms": "latency target (ms, batch 1)"}
+OUTSIDE = "outside blocks"
+state = st.session_state
+
+st.title("Layer sensitivity and automatic mixed precision")
+st.markdown(
+    "Which layers can take INT4? Each layer is quantized **alone** (or every layer **but** it) and the whole "
+    "set is evaluated: accuracy with its 95% interval, flips against FP32, KL and McNemar's p. Single-layer "
+    "drops are small, often smaller than their interval: read the intervals before the colours. The search then "
+    "builds mixed plans from the sweep, **verifies every candidate by a real evaluation**, and shows the "
+    "Pareto front of size against accuracy."
+)
+
+evaluator = common.safe_evaluator()
+if evaluator is None:
+    st.stop()
+model, tokenizer = common.model_and_tokenizer()
+layers = evaluator.layers
+names = [layer.name for layer in layers]
+baseline = evaluator.baseline.comparison
+
+
+base_key = common.result_key(FP32)  # model and dataset fingerprints, kernels, device
+
+
+def row_key(layer: str, precision: str, direction: str) -> dict:
+    return {**base_key, "plan": sens.layer_plan(layer, precision, direction).key(), "layer": layer,
+            "precision": precision, "direction": direction}
+
+
+def known_rows(precisions, direction: str) -> dict[tuple[str, str], sens.Row]:
+    """The rows of this sweep already in the cache (from any session, or a stopped run)."""
+    out = {}
+    for name in names:
+        for precision in precisions:
+            found = cache.lookup(cache.make_key("sensitivity-row", **row_key(name, precision, direction)))
+            if found is not None:
+                out[(name, precision)] = sens.Row.from_dict(found)
+    return out
+
+
+@st.cache_data(show_spinner="Measuring each layer's output SQNR on 64 train sentences…", max_entries=4)
+def proxy(model_key: str) -> dict[tuple[str, str], float]:
+    pairs = cache.memo("sensitivity-sqnr", lambda: [[n, p, v] for (n, p), v in sens.sqnr_proxy(model, tokenizer).items()],
+                       model=model_key, sentences=sens.PROXY_SENTENCES)
+    return {(n, p): v for n, p, v in pairs}
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "estimating…"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def stop_sweep() -> None:
+    state["sens_stop"] = True
+
+
+# ---- the sweep ------------------------------------------------------------------------------
+st.header("Sweep")
+controls = st.columns([2, 3])
+precisions = controls[0].multiselect("Precisions", sens.SWEEP_PRECISIONS, default=list(sens.SWEEP_PRECISIONS),
+                                     key="sens_precisions")
+direction = controls[1].radio("Direction", sens.DIRECTIONS, horizontal=True, key="sens_direction",
+                              format_func=lambda d: f"{d}: {DIRECTION_TEXT[d]}")
+sqnr = proxy(base_key["model"])
+
+
+@st.fragment
+def sweep_panel() -> None:
+    """Run / Stop with live progress; only this part reruns while the sweep goes on."""
+    if not precisions:
+        st.info("Choose at least one precision.")
+        return
+    known = known_rows(precisions, direction)
+    total = len(names) * len(precisions)
+    buttons = st.columns([1, 1, 4])
+    run = buttons[0].button("Resume sweep" if 0 < len(known) < total else "Run sweep", type="primary",
+                            disabled=len(known) == total, key="sens_run")
+    buttons[1].button("Stop", on_click=stop_sweep, key="sens_stop_button",
+                      help="stops after the row under way; finished rows are kept for every session")
+    buttons[2].caption(f"{len(known)} of {total} rows done on {len(evaluator.labels):,} sentences "
+                       f"({evaluator.dataset.name}); each row is stored as soon as it is finished.")
+    if not run:
+        if state.get("sens_stop") and len(known) < total:
+            st.warning(f"Stopped: {len(known)} rows kept. Resume to compute the other {total - len(known)}.")
+        return
+    state["sens_stop"] = False
+    bar = st.progress(len(known) / total, text="Starting…")
+
+    def on_row(row: sens.Row) -> None:
+        cache.memo("sensitivity-row", row.as_dict, **row_key(row.layer, row.precision, row.direction))
+
+    def progress(p: sens.SweepProgress) -> None:
+        last = f" · last: {p.row.layer.split('.', 1)[-1]} {p.row.precision}" if p.row else ""
+        bar.progress(p.fraction, text=f"{p.done}/{p.total} rows · {fmt_seconds(p.elapsed_s)} elapsed · "
+                                      f"about {fmt_seconds(p.eta_s)} left{last}")
+
+    result = sens.sweep(evaluator, precisions, direction, sqnr, done=known,
+                        should_stop=lambda: bool(state.get("sens_stop")), on_row=on_row, progress=progress)
+    state["sens_last_run"] = (result.computed, result.seconds, result.stopped)
+    st.rerun()
+
+
+sweep_panel()
+if "sens_last_run" in state:
+    computed, seconds, stopped = state["sens_last_run"]
+    if computed:
+        st.caption(f"Last run: {computed} rows in {seconds:.0f} s ({seconds / computed:.1f} s a row)"
+                   + (", stopped." if stopped else "."))
+
+rows_by_direction = {d: known_rows(sens.SWEEP_PRECISIONS, d) for d in sens.DIRECTIONS}
+rows = list(rows_by_direction[direction].values())
+rows = [r for r in rows if r.precision in precisions]
+
+
+# ---- heatmaps -------------------------------------------------------------------------------
+def heatmap(chosen: list[sens.Row], precision: str, direction: str) -> go.Figure:
+    """Blocks by roles, colour = accuracy drop; the embedding and the head in a row of their own."""
+    columns = list(ROLES) + ["embedding"] + list(HEAD_ROLES)
+    n_blocks = evaluator.n_blocks
+    labels = [f"block {b}" for b in range(n_blocks)] + [OUTSIDE]
+    z = [[None] * len(columns) for _ in labels]
+    text = [[""] * len(columns) for _ in labels]
+    hover = [["no layer here"] * len(columns) for _ in labels]
+    for r in chosen:
+        if r.precision != precision or r.direction != direction:
+            continue
+        y = labels.index(OUTSIDE if r.block is None else f"block {r.block}")
+        x = columns.index(r.role)
+        z[y][x] = r.drop
+        text[y][x] = f"{r.drop:+.1f}"
+        sqnr_text = "n/a" if r.sqnr_db is None or not math.isfinite(r.sqnr_db) else f"{r.sqnr_db:.1f} dB"
+        hover[y][x] = (f"{r.layer}<br>accuracy {common.fmt_ci(r.accuracy, r.ci95)}<br>drop {r.drop:+.2f} points"
+                       f"<br>flips {r.flips} · KL {r.kl:.2e} · McNemar p {r.mcnemar_p:.3f}<br>SQNR {sqnr_text}")
+    limit = max([abs(v) for line in z for v in line if v is not None] + [0.1])
+    figure = go.Figure(go.Heatmap(z=z, x=columns, y=labels, text=text, texttemplate="%{text}", hovertext=hover,
+                                  hovertemplate="%{hovertext}<extra></extra>", colorscale="RdBu_r", zmid=0,
+                                  zmin=-limit, zmax=limit, colorbar={"title": "drop (points)"}, xgap=2, ygap=2))
+    figure.update_layout(title=f"{precision.upper()} · {direction}", yaxis_autorange="reversed", height=360,
+                         margin={"t": 50, "b": 20})
+    return figure
+
+
+available = [(d, p) for d in sens.DIRECTIONS for p in precisions
+             if any(r.precision == p for r in rows_by_direction[d].values())]
+if not available:
+    st.info("No rows yet: run the sweep above.")
+else:
+    st.header("Heatmaps")
+    st.caption("Colour: accuracy points lost against FP32 "
+               f"({common.fmt_ci(baseline.accuracy, baseline.ci95)}); red = worse. Hover for the interval, "
+               f"flips, KL and McNemar's p. One sentence is {100 / baseline.n:.2f} points on this set.")
+    figures = st.columns(min(2, len(available)))
+    for i, (d, p) in enumerate(available):
+        figures[i % len(figures)].plotly_chart(heatmap(list(rows_by_direction[d].values()), p, d), width="stretch",
+                                               key=f"sens_heat_{d}_{p}")
+
+if rows:
+    # ---- ranked table -----------------------------------------------------------------------
+    st.header("Ranked")
+    table = pd.DataFrame([{"layer": r.layer, "precision": r.precision, "drop (points)": r.drop,
+                           "accuracy": r.accuracy, "95% CI": f"[{r.ci95[0]:.1%}, {r.ci95[1]:.1%}]",
+                           "flips": r.flips, "KL (nats)": r.kl, "McNemar p": r.mcnemar_p,
+                           "SQNR (dB)": r.sqnr_db, "significant": r.mcnemar_p < 0.05} for r in rows])
+    table = table.sort_values(["drop (points)", "KL (nats)"], ascending=False)
+    st.dataframe(table, hide_index=True, width="stretch", column_config={
+        "accuracy": st.column_config.NumberColumn(format="percent"),
+        "drop (points)": st.column_config.NumberColumn(format="%.2f"),
+        "KL (nats)": st.column_config.NumberColumn(format="%.2e"),
+        "McNemar p": st.column_config.NumberColumn(format="%.3f"),
+        "SQNR (dB)": st.column_config.NumberColumn(format="%.1f")})
+    significant = int(table["significant"].sum())
+    st.caption(f"{significant} of {len(rows)} rows differ from FP32 at McNemar's 5% level (no correction for "
+               f"{len(rows)} tests: expect about {0.05 * len(rows):.0f} by chance when nothing differs).")
+
+    # ---- proxy against measured ---------------------------------------------------------------
+    st.header("Cheap proxy against the measurement")
+    agreement = sens.proxy_agreement(rows)
+    scatter = go.Figure()
+    for precision in precisions:
+        chosen = [r for r in rows if r.precision == precision and r.sqnr_db is not None and math.isfinite(r.sqnr_db)]
+        scatter.add_trace(go.Scatter(
+            x=[r.sqnr_db for r in chosen], y=[max(r.kl, 1e-12) for r in chosen], mode="markers",
+            name=precision.upper(), marker={"color": common.PRECISION_COLORS[precision], "size": 9},
+            hovertext=[f"{r.layer}<br>drop {r.drop:+.2f} points" for r in chosen]))
+    scatter.update_layout(xaxis_title="layer output SQNR on 64 train sentences (dB)",
+                          yaxis_title="end-to-end KL against FP32 (nats, log)", yaxis_type="log", height=420)
+    st.plotly_chart(scatter, width="stretch", key="sens_scatter")
+    if agreement:
+        st.markdown(" · ".join(f"**{name}**: Spearman ρ = {a['rho']:+.2f} (p = {a['p']:.2g}, n = {a['n']})"
+                               for name, a in agreement.items()))
+        st.caption("A useful proxy has ρ near −1 (higher SQNR, smaller KL). The proxy costs seconds for every "
+                   "layer; where ρ is weak, trust the measured rows.")
+
+    # ---- per block --------------------------------------------------------------------------
+    st.header("Per block")
+    summary = pd.DataFrame(sens.block_summary(rows))
+    bars = go.Figure()
+    for precision in precisions:
+        part = summary[summary["precision"] == precision]
+        bars.add_trace(go.Bar(x=part["group"], y=part["mean_drop"], name=precision.upper(),
+                              marker_color=common.PRECISION_COLORS[precision],
+                              hovertext=[f"worst {w:+.2f} · mean KL {k:.2e}" for w, k in
+                                         zip(part["max_drop"], part["mean_kl"])]))
+    bars.update_layout(barmode="group", yaxis_title="mean drop (points)", height=340)
+    st.plotly_chart(bars, width="stretch", key="sens_blocks")
+
+
+# ---- the search -----------------------------------------------------------------------------
+st.header("Search: the smallest plan for a budget")
+single = rows_by_direction["one"]
+complete = all((n, p) in single for n in names for p in sens.SWEEP_PRECISIONS)
+if not complete:
+    st.info("The search builds on the single-layer sweep at both INT8 and INT4: run it above "
+            f"(direction one, both precisions; {len(single)} of {2 * len(names)} rows done).")
+    st.stop()
+
+fp32_bytes = model_size_bytes(model, FP32)
+search_controls = st.columns([2, 2, 1])
+kind = search_controls[0].radio("Budget", amp.BUDGETS, format_func=BUDGET_TEXT.get, key="sens_budget")
+value: float | None = None
+if kind == "max_drop":
+    value = search_controls[1].number_input("Points", 0.0, 100.0, 1.0, 0.1, key="sens_drop")
+elif kind == "target_bytes":
+    value = search_controls[1].number_input("MB", 0.1, fp32_bytes / 1e6, round(fp32_bytes / 4e6, 1), 0.5,
+                                            key="sens_mb") * 1e6
+elif kind == "latency_ms":
+    value = search_controls[1].number_input("ms", 0.1, 10000.0, 20.0, 1.0, key="sens_ms")
+measure_latency = search_controls[2].checkbox("Time the front", value=True, key="sens_latency",
+                                              help="real kernels, batch 1, 32 tokens, after warm-up")
+budget = amp.Budget(kind, value)
+search_key = dict(base_key, budget=[kind, value], latency=measure_latency or kind == "latency_ms",
+                  ladder=amp.LADDER, refine=amp.MAX_REFINE)
+outcome = cache.lookup(cache.make_key("sensitivity-search", **search_key))
+if outcome is None and st.button("Search", type="primary", key="sens_search"):
+    bar = st.progress(0.0, text="Verifying candidates…")
+
+    def progress(text: str, count: int) -> None:
+        bar.progress(min(count / 30, 0.99), text=f"{count} plans verified · {text}")
+
+    def compute() -> dict:
+        try:
+            return amp.search(evaluator, model, tokenizer, list(single.values()), budget,
+                              latency=measure_latency, progress=progress).as_dict()
+        except amp.SearchError as error:
+            return {"error": str(error)}
+    outcome = cache.memo("sensitivity-search", compute, **search_key)
+    bar.empty()
+if outcome is None:
+    st.caption("Every candidate plan is evaluated for real (a minute or two on the full set); the result is "
+               "stored for every session.")
+    st.stop()
+if "error" in outcome:
+    st.error(outcome["error"])
+    st.stop()
+
+st.success(f"Chosen for '{outcome['budget']['text']}': {outcome['size_bytes'] / 1e6:.2f} MB, accuracy "
+           f"{common.fmt_ci(outcome['accuracy'], outcome['ci95'])}, drop {outcome['drop']:+.2f} points "
+           f"(McNemar p = {outcome['mcnemar_p']:.3f}); " + ", ".join(f"{n} {p.upper()}" for p, n in
+                                                               sorted(outcome["layers"].items())) + ".")
+st.caption(f"{outcome['evaluations']} plans verified in {outcome['seconds']:.0f} s. Uniform INT8 is "
+           f"{outcome['references']['int8']['size_bytes'] / 1e6:.2f} MB at "
+           f"{common.fmt_ci(outcome['references']['int8']['accuracy'], outcome['references']['int8']['ci95'])}.")
+
+
+def error_bars(points: list[dict]) -> dict:
+    return {"type": "data", "symmetric": False, "array": [p["ci95"][1] - p["accuracy"] for p in points],
+            "arrayminus": [p["accuracy"] - p["ci95"][0] for p in points], "thickness": 1}
+
+
+pareto = go.Figure()
+others = outcome["candidates"]
+pareto.add_trace(go.Scatter(x=[c["size_bytes"] / 1e6 for c in others], y=[c["accuracy"] for c in others],
+                            mode="markers", name="verified candidates", marker={"color": "#bbbbbb", "size": 7},
+                            hovertext=[c["source"] for c in others]))
+front = outcome["front"]
+pareto.add_trace(go.Scatter(x=[c["size_bytes"] / 1e6 for c in front], y=[c["accuracy"] for c in front],
+                            mode="lines+markers", name="Pareto front", line={"color": "#3182bd"},
+                            error_y=error_bars(front), hovertext=[c["source"] for c in front]))
+for name, reference in outcome["references"].items():
+    pareto.add_trace(go.Scatter(x=[reference["size_bytes"] / 1e6], y=[reference["accuracy"]], mode="markers+text",
+                                name=f"uniform {name.upper()}", text=[name.upper()], textposition="top center",
+                                marker={"symbol": "diamond", "size": 13, "color": common.PRECISION_COLORS[name],
+                                        "line": {"color": "black", "width": 1}}))
+pareto.add_trace(go.Scatter(x=[outcome["size_bytes"] / 1e6], y=[outcome["accuracy"]], mode="markers",
+                            name="chosen", marker={"symbol": "star", "size": 18, "color": "#31a354"}))
+pareto.update_layout(xaxis_title="size (MB, serialized with real kernels)", yaxis_title="accuracy",
+                     yaxis_tickformat=".1%", height=440)
+st.plotly_chart(pareto, width="stretch", key="sens_pareto")
+
+timed = outcome["latency_front"]
+chart_columns = st.columns(2 if timed else 1)
+compounding = go.Figure()
+compounding.add_trace(go.Scatter(x=[c["predicted_drop"] for c in others], y=[c["drop"] for c in others],
+                                 mode="markers", marker={"size": 9, "color": "#3182bd"},
+                                 hovertext=[f"{c['source']} · {c['size_bytes'] / 1e6:.1f} MB" for c in others],
+                                 name="verified plans"))
+span = [min([0.0] + [c["predicted_drop"] for c in others] + [c["drop"] for c in others]),
+        max([0.5] + [c["predicted_drop"] for c in others] + [c["drop"] for c in others])]
+compounding.add_trace(go.Scatter(x=span, y=span, mode="lines", line={"dash": "dot", "color": "gray"},
+                                 name="measured = sum"))
+compounding.update_layout(title="Errors compound", xaxis_title="sum of the layers' single-layer drops (points)",
+                          yaxis_title="measured drop (points)", height=380)
+chart_columns[0].plotly_chart(compounding, width="stretch", key="sens_compounding")
+if timed:
+    latency = go.Figure(go.Scatter(x=[c["latency_ms_p50"] for c in timed], y=[c["accuracy"] for c in timed],
+                                   mode="lines+markers", error_y=error_bars(timed),
+                                   hovertext=[f"{c['size_bytes'] / 1e6:.1f} MB" for c in timed]))
+    latency.update_layout(title="Latency against accuracy (front plans)", xaxis_title="latency p50 (ms, batch 1)",
+                          yaxis_title="accuracy", yaxis_tickformat=".1%", height=380)
+    chart_columns[1].plotly_chart(latency, width="stretch", key="sens_latency_chart")
+st.caption("Points above the dotted line lost more than their layers did one at a time. Latency is measured "
+           "on this machine's real kernels (INT4 is unpacked per call on CPU, so it saves bytes, not time).")
+
+st.subheader("Front plans")
+for i, candidate in enumerate(front):
+    line = st.columns([4, 1])
+    counts = ", ".join(f"{n} {p.upper()}" for p, n in sorted(candidate["layers"].items()))
+    latency_text = "" if candidate["latency_ms_p50"] is None else f" · {candidate['latency_ms_p50']:.1f} ms"
+    line[0].markdown(f"**{candidate['size_bytes'] / 1e6:.2f} MB** · {common.fmt_ci(candidate['accuracy'], candidate['ci95'])}"
+                     f" · drop {candidate['drop']:+.2f} (sum of single drops {candidate['predicted_drop']:+.2f})"
+                     f"{latency_text} · {counts}")
+    if line[1].button("Open in layer map", key=f"sens_apply_{i}"):
+        common.set_current_plan(Plan.from_json(candidate["plan"]))
+        try:
+            st.switch_page("pages/layer_map.py")
+        except StreamlitAPIException:
+            line[1].success("Sent: open the layer map page.")

@@ -1,0 +1,320 @@
+"""The precision comparison: rows and fields, plan items, findings that follow the numbers, export,
+the CUDA kernels (skipped without a GPU), the CLI and the page."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine.compare import (CONTRACT_FIELDS, SetOutcome, accuracy_finding, disagreements, domain_finding, findings,
+                            preset_plan, resolve_plan_item, run_comparison, size_finding, speed_finding,
+                            split_plan_list, to_csv, to_markdown)
+from engine.data import EvalSet
+from engine.evaluation import EvalError, EvalResult, evaluate
+from engine.layers import list_layers
+from engine.measure import compare
+from engine.plan import FP32, Plan, PlanError
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+EXTRAS = ("n", "latency_ms_p95", "peak_memory_bytes", "speedup", "size_ratio", "threads", "accuracy_delta",
+          "accuracy_delta_ci95", "fp32_accuracy", "machine", "kernel_notes", "plan_json")
+
+
+# ---- rows ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_report(tiny_bert, tokenizer):
+    plans = [resolve_plan_item(name, tiny_bert) for name in ("fp32", "int8", "int8-linear", "int4")]
+    return run_comparison(tiny_bert, tokenizer, plans, ["embedded", "amazon"], limit=40, bench_seconds=0.05)
+
+
+def test_rows_have_every_field_per_plan_and_set(tiny_report):
+    rows = tiny_report.rows
+    assert [(r["plan"], r["data"]) for r in rows] == [
+        (p, d) for p in ("fp32", "int8", "int8-linear", "int4") for d in ("embedded[:40]", "amazon[:40]")]
+    for row in rows:
+        assert set(CONTRACT_FIELDS) | set(EXTRAS) <= set(row)
+        low, high = row["ci95"]
+        assert low <= row["accuracy"] <= high and row["n"] == 40 and row["device"] == "cpu"
+        assert row["latency_ms_p50"] <= row["latency_ms_p95"] and row["throughput_per_s"] > 0
+        assert row["speedup"] == pytest.approx(row["fp32_latency_ms_p50"] / row["latency_ms_p50"])
+        json.dumps(row)  # plain JSON values only
+    fp32 = rows[0]
+    assert fp32["agreement"] == 1.0 and fp32["flips"] == 0 and fp32["speedup"] == 1.0 and fp32["size_ratio"] == 1.0
+    by_plan = {r["plan"]: r for r in rows}
+    assert by_plan["int4"]["size_bytes"] < by_plan["int8"]["size_bytes"] < by_plan["int8-linear"]["size_bytes"] \
+        < fp32["size_bytes"]
+
+
+def test_fp32_is_timed_as_the_reference_even_when_not_listed(tiny_distilbert, tokenizer):
+    rows = run_comparison(tiny_distilbert, tokenizer, [resolve_plan_item("int8", tiny_distilbert)], ["nyt"],
+                          limit=8, bench_seconds=0.01).rows
+    assert [(r["plan"], r["data"]) for r in rows] == [("int8", "nyt[:8]")]
+    assert rows[0]["speedup"] == pytest.approx(rows[0]["fp32_latency_ms_p50"] / rows[0]["latency_ms_p50"])
+    assert rows[0]["size_ratio"] < 0.5
+
+
+def test_rows_match_the_one_evaluation_path(tiny_report, tiny_bert, tokenizer):
+    for row in tiny_report.rows[2:4]:  # int8 on both sets
+        data = "embedded" if row["data"].startswith("embedded") else "amazon"
+        direct = evaluate(tiny_bert, tokenizer, data, "int8", limit=40)
+        for key in ("accuracy", "ci95", "agreement", "flips", "kl", "mcnemar_p", "size_bytes"):
+            assert row[key] == pytest.approx(direct[key]), key
+        assert row["accuracy_delta"] == pytest.approx(row["accuracy"] - row["fp32_accuracy"])
+
+
+def test_int8_linear_keeps_the_embedding_in_fp32(tiny_distilbert):
+    names = list_layers(tiny_distilbert)
+    resolved = preset_plan("int8-linear", tiny_distilbert).resolve(names)
+    assert resolved[names[0]] == "fp32" and set(resolved[n] for n in names[1:]) == {"int8"}
+    assert set(preset_plan("int8", tiny_distilbert).resolve(names).values()) == {"int8"}
+
+
+def test_plan_items(tiny_bert, tmp_path):
+    path = tmp_path / "attention-int4.json"
+    path.write_text(json.dumps({"*": "int8", "*attention*": "int4"}))
+    assert split_plan_list(f'fp32,{path}, {{"*": "int8", "*query": "int4"}}') == [
+        "fp32", str(path), '{"*": "int8", "*query": "int4"}']
+    label, plan = resolve_plan_item(str(path), tiny_bert)
+    assert label == "attention-int4" and plan.rules == (("*", "int8"), ("*attention*", "int4"))
+    assert resolve_plan_item("bf16", tiny_bert) == ("bf16", Plan.uniform("bf16"))
+    with pytest.raises(PlanError, match="int9.*preset"):
+        resolve_plan_item("int9", tiny_bert)
+    with pytest.raises(PlanError, match="nothing"):
+        resolve_plan_item('{"nothing*": "int8"}', tiny_bert)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_bert, tokenizer):
+    with pytest.raises(EvalError, match="no CUDA device"):
+        run_comparison(tiny_bert, tokenizer, [("fp32", FP32)], ["embedded"], device="cuda", limit=8)
+
+
+# ---- disagreements --------------------------------------------------------------------------------
+def _result(plan: Plan, logits, labels, reference) -> EvalResult:
+    logits = np.asarray(logits, dtype=np.float32)
+    return EvalResult(plan, "simulated", "toy", logits, compare(logits, labels, reference), 0.0)
+
+
+def test_disagreements_list_exactly_the_disputed_examples():
+    data = EvalSet("toy", ("good", "bad", "fine", "awful"), (1, 0, 1, 0))
+    fp32_logits = [[0, 2], [2, 0], [0, 1], [1, 0]]
+    fp32 = _result(FP32, fp32_logits, data.labels, fp32_logits)
+    int8 = _result(Plan.uniform("int8"), [[0, 2], [2, 0], [1, 0], [1, 0]], data.labels, fp32_logits)
+    int4 = _result(Plan.uniform("int4"), [[0, 2], [0, 3], [0, 1], [1, 0]], data.labels, fp32_logits)
+    rows = disagreements([SetOutcome(data, fp32, {"fp32": fp32, "int8": int8, "int4": int4})])
+    assert [r["text"] for r in rows] == ["bad", "fine"]  # "bad" has the wider probability spread
+    assert rows[0]["label"] == "negative" and rows[0]["fp32"] == "negative" and rows[0]["int4"] == "positive"
+    assert rows[1]["int8"] == "negative" and rows[1]["int8 p(positive)"] < 0.5 < rows[1]["fp32 p(positive)"]
+
+
+# ---- findings follow the numbers ------------------------------------------------------------------
+def _row(**changes) -> dict:
+    row = {"plan": "int4", "data": "embedded", "n": 1056, "device": "cpu", "threads": 2, "tokens": 32,
+           "accuracy": 0.80, "accuracy_delta": -0.004, "accuracy_delta_ci95": [-0.011, 0.003], "mcnemar_p": 0.52,
+           "flips": 9, "latency_ms_p50": 61.0, "latency_ms_p95": 70.0, "fp32_latency_ms_p50": 60.0,
+           "fp32_latency_ms_p95": 66.0, "size_bytes": 15_000_000, "fp32_size_bytes": 90_000_000,
+           "plan_json": {"*": "int4"}}
+    row.update(changes)
+    return row
+
+
+def test_accuracy_finding_follows_the_interval_and_the_test():
+    inside = accuracy_finding(_row())
+    assert "-0.4 points, inside the interval [-1.1, +0.3]" in inside and "McNemar p = 0.52" in inside
+    significant = accuracy_finding(_row(accuracy_delta=-0.05, accuracy_delta_ci95=[-0.07, -0.03], mcnemar_p=1e-5))
+    assert "significantly less accurate" in significant and "-5.0 points [-7.0, -3.0]" in significant
+    assert "inside the interval" not in significant
+    better = accuracy_finding(_row(accuracy_delta=0.03, accuracy_delta_ci95=[0.01, 0.05], mcnemar_p=0.01))
+    assert "significantly more accurate" in better
+    borderline = accuracy_finding(_row(accuracy_delta=-0.01, accuracy_delta_ci95=[-0.02, -0.001], mcnemar_p=0.07))
+    assert "borderline" in borderline and "significantly" not in borderline
+    assert "exactly FP32's prediction on all 1056" in accuracy_finding(_row(flips=0))
+
+
+def test_speed_finding_needs_a_difference_beyond_the_spread():
+    slower = speed_finding(_row(plan="fp16", latency_ms_p50=414.0, latency_ms_p95=430.0))
+    assert slower.startswith("FP16 is 6.9x slower than FP32 on this CPU") and "2 threads" in slower
+    assert speed_finding(_row(latency_ms_p50=30.0, latency_ms_p95=33.0)).startswith("INT4 is 2.0x faster")
+    assert "25% slower" in speed_finding(_row(latency_ms_p50=75.0, latency_ms_p95=80.0))
+    noise = speed_finding(_row(latency_ms_p50=64.0, latency_ms_p95=75.0))  # 64 ms lies inside FP32's 60-66 band
+    assert "within timing noise" in noise and "slower" not in noise
+    assert "this GPU" in speed_finding(_row(device="cuda", latency_ms_p50=30.0, latency_ms_p95=31.0))
+
+
+def test_size_and_domain_findings_follow_the_numbers():
+    assert "6.0x smaller than FP32 (15.0 MB vs 90.0 MB" in size_finding(_row())
+    assert "20% smaller" in size_finding(_row(size_bytes=72_000_000))
+    home = _row(accuracy_delta=-0.004, accuracy_delta_ci95=[-0.011, 0.003])
+    similar = domain_finding(home, _row(data="amazon", accuracy_delta=-0.01, accuracy_delta_ci95=[-0.02, 0.0]))
+    assert "inside the interval" in similar and "amazon (out of domain)" in similar
+    worse = domain_finding(home, _row(data="amazon", accuracy_delta=-0.06, accuracy_delta_ci95=[-0.075, -0.045]))
+    assert "loses significantly more on out-of-domain amazon" in worse and "-5.6" in worse
+
+
+def test_findings_cover_each_quantized_plan_and_skip_fp32():
+    rows = [_row(plan="fp32", plan_json={}, accuracy_delta=0.0, accuracy_delta_ci95=[0.0, 0.0], flips=0),
+            _row(), _row(data="amazon", accuracy_delta=-0.06, accuracy_delta_ci95=[-0.075, -0.045], mcnemar_p=1e-6)]
+    sentences = findings(rows)
+    assert not any(s.startswith("FP32") for s in sentences)
+    assert sum("INT4" in s for s in sentences) == len(sentences) == 5  # speed, 2 accuracy, domain, size
+    assert any("significantly less accurate than FP32 on amazon" in s for s in sentences)
+
+
+# ---- export -----------------------------------------------------------------------------------
+def test_csv_and_markdown_export(tiny_report):
+    rows = tiny_report.rows
+    parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))
+    assert len(parsed) == len(rows)
+    assert float(parsed[3]["ci95_low"]) == pytest.approx(rows[3]["ci95"][0])
+    assert float(parsed[3]["accuracy_delta_ci95_high"]) == pytest.approx(rows[3]["accuracy_delta_ci95"][1])
+    assert json.loads(parsed[5]["plan_json"]) == rows[5]["plan_json"]
+    sentences = findings(rows)
+    report = to_markdown(rows, sentences, tiny_report.machine)
+    assert tiny_report.machine in report and report.count("\n| INT8 (Linear only) |") == 2
+    assert all(f"- {s}" in report for s in sentences)
+
+
+# ---- CUDA-side kernels, checked on the CPU where they can be -------------------------------------
+def test_torchao_int8_has_torchs_weights_and_one_more_activation_bit():
+    from engine.cuda import torchao_int8_linear
+    from engine.quantize import SimLinear, int8_dequantized, real_int8_linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32).requires_grad_(False)
+    before = linear.weight.clone()
+    converted = torchao_int8_linear(linear)
+    assert torch.equal(converted.weight.dequantize(), int8_dequantized(real_int8_linear(linear)))
+    assert torch.equal(linear.weight, before)  # the source layer is untouched
+    x = torch.randn(3, 7, 64)
+    exact = linear(x)
+    simulated = SimLinear(int8_dequantized(real_int8_linear(linear)), linear.bias, "int8")(x)
+    assert (converted(x) - exact).abs().max() <= (simulated - exact).abs().max() * 1.5
+
+
+def test_int8_embedding_equals_torchs_quantized_table():
+    from engine.cuda import Int8Embedding
+    from engine.quantize import real_int8_embedding
+
+    torch.manual_seed(0)
+    embedding = nn.Embedding(100, 24)
+    ids = torch.randint(0, 100, (4, 9))
+    assert torch.allclose(Int8Embedding(embedding)(ids), real_int8_embedding(embedding)(ids), atol=1e-6)
+
+
+def test_int4_falls_back_with_a_reason():
+    from engine.cuda import cuda_int4_linear, int4_unsupported_reason, kernel_notes
+    from engine.quantize import Int4Linear
+
+    linear = nn.Linear(96, 16)
+    assert "group sizes" in int4_unsupported_reason(linear, 48)
+    assert "not a multiple of the group size 64" in int4_unsupported_reason(linear, 64)
+    if not torch.cuda.is_available():
+        fallback = cuda_int4_linear(nn.Linear(128, 16), 64)
+        assert isinstance(fallback, Int4Linear) and "needs a CUDA device" in kernel_notes(fallback)[0]
+
+
+@needs_cuda
+def test_cuda_real_kernels_track_the_simulated_model(tiny_bert, tokenizer):
+    from engine.cuda import kernel_notes
+    from engine.evaluation import model_on
+    from engine.quantize import apply_plan
+
+    model = model_on(tiny_bert, torch.device("cuda"))
+    inputs = tokenizer(["a fine film", "dull and long"], return_tensors="pt", padding=True).to("cuda")
+    for precision in ("int8", "int4", "fp16", "bf16"):
+        real = apply_plan(model, precision, "real")(**inputs).logits
+        simulated = apply_plan(model, precision, "simulated")(**inputs).logits
+        assert torch.allclose(real.float(), simulated.float(), atol=5e-2), precision
+    notes = kernel_notes(apply_plan(model, "int8", "real"))
+    assert any("classifier" in note or "2x" in note for note in notes)
+
+
+@needs_cuda
+def test_compare_on_cuda(tiny_bert, tokenizer):
+    plans = [resolve_plan_item(name, tiny_bert) for name in ("fp32", "fp16", "int8", "int4")]
+    rows = run_comparison(tiny_bert, tokenizer, plans, ["embedded"], device="cuda", limit=32, bench_seconds=0.05).rows
+    assert len(rows) == 4 and all(r["device"] == "cuda" for r in rows)
+    assert all(r["peak_memory_bytes"] and r["latency_ms_p50"] > 0 for r in rows)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def _cli(*args: str, env_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ENGINE_CACHE_DIR": str(env_dir)}
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_cli_compare_on_the_embedded_model(tmp_path):
+    done = _cli("compare", "--plans", "fp32,fp16,int8,int4", "--data", "embedded,amazon", "--limit", "48", "--json",
+                env_dir=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert len(rows) == 8
+    for row in rows:
+        assert all(row[key] is not None for key in CONTRACT_FIELDS), row
+    assert {r["plan"] for r in rows} == {"fp32", "fp16", "int8", "int4"}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_bert, tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_compare_errors_are_one_line(tiny_folder, tmp_path):
+    for args, expected in ((["--plans", "fp32,int9"], "unknown plan 'int9'"),
+                           (["--data", "embedded,imdb"], "unknown dataset 'imdb'"),
+                           (["--plans", ""], "at least one plan")):
+        done = _cli("compare", "--model", str(tiny_folder), "--limit", "4", *args, "--json", env_dir=tmp_path)
+        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert done.stdout == ""
+    if not torch.cuda.is_available():
+        done = _cli("compare", "--device", "cuda", "--json", env_dir=tmp_path)
+        assert done.returncode == 2 and "no CUDA device" in done.stderr
+
+
+# ---- page -------------------------------------------------------------------------------------
+def test_page_runs_reacts_and_answers_a_second_visit_at_once(tiny_folder, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+
+    def visit() -> AppTest:
+        at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=300)
+        at.session_state["model_name"] = str(tiny_folder)
+        at.session_state["limit"] = 16
+        return at.run()
+
+    at = visit()
+    assert not at.exception and not at.error
+    assert at.multiselect(key="compare_presets").value == ["fp32", "fp16", "int8", "int4"]
+    assert len(at.radio(key="compare_device").options) == (2 if torch.cuda.is_available() else 1)
+    at.multiselect(key="compare_presets").set_value(["fp32", "int8"]).run()
+    assert not at.dataframe  # nothing is computed before Run
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    assert list(table["plan"]) == ["FP32", "FP32", "INT8", "INT8"]
+    assert len(at.get("plotly_chart")) == 3
+    assert any("INT8" in m.value for m in at.markdown)
+
+    at.multiselect(key="compare_presets").set_value(["fp32", "int4", "int8"]).run()
+    at.button[0].click().run()
+    assert list(at.dataframe[0].value["plan"]) == ["FP32", "FP32", "INT4", "INT4", "INT8", "INT8"]
+
+    again = visit()  # a new session with the first visit's default choices: nothing cached yet
+    assert not again.dataframe
+    again.multiselect(key="compare_presets").set_value(["fp32", "int8"]).run()
+    assert list(again.dataframe[0].value["plan"]) == ["FP32", "FP32", "INT8", "INT8"]  # no click: from the cache
