@@ -8,19 +8,19 @@ import streamlit as st
 
 st.set_page_config(page_title="Quantization lens", page_icon="🔬", layout="wide")
 
-from pages.common import sidebar  # noqa: E402  (set_page_config must come first)
+from app_pages.common import sidebar  # noqa: E402  (set_page_config must come first)
 
 ROOT = Path(__file__).resolve().parent
 PAGES = [
-    ("pages/home.py", "Home", "🏠"),
-    ("pages/layer_map.py", "Layer map", "🧩"),
-    ("pages/compare.py", "Precision comparison", "⚖️"),
-    ("pages/robustness.py", "Typo playground", "⌨️"),
-    ("pages/smoothquant.py", "SmoothQuant", "🌊"),
-    ("pages/sensitivity.py", "Sensitivity & search", "🎯"),
+    ("app_pages/home.py", "Home", "🏠"),
+    ("app_pages/layer_map.py", "Layer map", "🧩"),
+    ("app_pages/compare.py", "Precision comparison", "⚖️"),
+    ("app_pages/robustness.py", "Typo playground", "⌨️"),
+    ("app_pages/smoothquant.py", "SmoothQuant", "🌊"),
+    ("app_pages/sensitivity.py", "Sensitivity & search", "🎯"),
 ]
 
 navigation = st.navigation([st.Page(str(ROOT / path), title=title, icon=icon, default=(path == PAGES[0][0]))
-                            for path, title, icon in PAGES if (ROOT / path).exists()])
+                            for path, title, icon in PAGES])
 sidebar()
 navigation.run()

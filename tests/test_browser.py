@@ -63,8 +63,7 @@ def test_clicking_a_cell_toggles_its_precision(server, tmp_path):
             "--disable-sync", "--no-first-run"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
-            page.goto(server, timeout=60_000)
-            page.get_by_role("link", name="Layer map").click(timeout=300_000)
+            page.goto(f"{server}/layer_map", timeout=60_000)
             points = page.locator(".js-plotly-plot .scatterlayer path.point")
             points.first.wait_for(timeout=300_000)
             labels = page.locator(".js-plotly-plot .scatterlayer .textpoint text")

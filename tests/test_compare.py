@@ -292,7 +292,7 @@ def test_page_runs_reacts_and_answers_a_second_visit_at_once(tiny_folder, tmp_pa
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
 
     def visit() -> AppTest:
-        at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=300)
+        at = AppTest.from_file(str(ROOT / "app_pages" / "compare.py"), default_timeout=300)
         at.session_state["model_name"] = str(tiny_folder)
         at.session_state["limit"] = 16
         return at.run()

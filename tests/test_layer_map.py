@@ -28,7 +28,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def _page() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "pages" / "layer_map.py"), default_timeout=300)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "layer_map.py"), default_timeout=300)
     at.session_state["limit"] = LIMIT
     return at
 

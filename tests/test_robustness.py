@@ -266,7 +266,7 @@ def test_page_reacts_to_typed_text(tiny_folder, tmp_path, monkeypatch) -> None:
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
-    app = AppTest.from_file(str(REPO / "pages" / "robustness.py"), default_timeout=120)
+    app = AppTest.from_file(str(REPO / "app_pages" / "robustness.py"), default_timeout=120)
     app.session_state["model_name"] = str(tiny_folder)
     app.session_state["plan"] = Plan.uniform("int8").with_rules([("*.intermediate.dense", "int4")])
     app.run()

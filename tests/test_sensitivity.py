@@ -212,7 +212,7 @@ def test_page_runs_sweep_and_search(tmp_path, monkeypatch, tiny_bert, tokenizer)
     tiny_bert.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
-    at = AppTest.from_file(str(ROOT / "pages" / "sensitivity.py"), default_timeout=300)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "sensitivity.py"), default_timeout=300)
     at.session_state["model_name"] = str(folder)
     at.session_state["limit"] = 24
     at.run()

@@ -264,7 +264,7 @@ def test_page_renders_and_slider_changes_figures(embedded, tmp_path, monkeypatch
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
-    page = Path(__file__).resolve().parent.parent / "pages" / "smoothquant.py"
+    page = Path(__file__).resolve().parent.parent / "app_pages" / "smoothquant.py"
     app = AppTest.from_file(str(page), default_timeout=600)
     app.session_state["limit"] = 64
     app.run()

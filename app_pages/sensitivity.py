@@ -14,7 +14,7 @@ from engine import sensitivity as sens
 from engine.layers import HEAD_ROLES, ROLES
 from engine.measure import model_size_bytes
 from engine.plan import FP32, Plan
-from pages import common
+from app_pages import common
 
 DIRECTION_TEXT = {"one": "only this layer quantized", "all-but-one": "every layer quantized but this one"}
 BUDGET_TEXT = {"max_drop": "maximum accuracy drop (points)", "not_worse": "not significantly worse than FP32",
@@ -344,6 +344,6 @@ for i, candidate in enumerate(front):
     if line[1].button("Open in layer map", key=f"sens_apply_{i}"):
         common.set_current_plan(Plan.from_json(candidate["plan"]))
         try:
-            st.switch_page("pages/layer_map.py")
+            st.switch_page("app_pages/layer_map.py")
         except StreamlitAPIException:
             line[1].success("Sent: open the layer map page.")

@@ -13,7 +13,7 @@ from engine.data import VENDORED, DataError
 from engine.evaluation import EvalError
 from engine.models import fingerprint, hub_reachable
 from engine.plan import FP32, PlanError, parse_plan
-from pages import common
+from app_pages import common
 
 
 @st.cache_data(ttl=600, show_spinner=False)

@@ -15,7 +15,7 @@ from engine.data import DataError, available_sets
 from engine.models import fingerprint
 from engine.perturb import KINDS, PerturbError, highlight_html, perturb, words
 from engine.plan import Plan, PlanError
-from pages import common
+from app_pages import common
 
 EXAMPLES = {
     "Mixed feelings": "A warm, funny film whose clumsy last act almost undoes all the good will it earns.",

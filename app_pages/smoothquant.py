@@ -8,7 +8,7 @@ from engine import smoothquant as sq
 from engine.layers import inventory
 from engine.models import fingerprint
 from engine.plan import Plan
-from pages import common
+from app_pages import common
 
 ACTS = {"static": "static · per-tensor scale calibrated on the train split",
         "token": "dynamic · per-token scales at run time",

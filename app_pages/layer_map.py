@@ -14,7 +14,7 @@ from engine.measure import bench, model_size_bytes
 from engine.models import fingerprint
 from engine.plan import FP32, PRECISIONS, Plan, PlanError
 from engine.toggle import layer_bytes, next_precision, set_layers
-from pages import common
+from app_pages import common
 
 BENCH_TOKENS = 32
 CLICK_ACTIONS = {"cycle FP32 → INT8 → INT4": None, **{f"set {p.upper()}": p for p in PRECISIONS}}
@@ -191,7 +191,7 @@ def show_results(plan: Plan) -> None:
     record(plan, result, size)
 
     columns = st.columns(4)
-    columns[0].metric("Accuracy (95% CI)", common.fmt_ci(result["accuracy"], result["ci95"]),
+    columns[0].metric(f"Accuracy, 95% CI [{result['ci95'][0]:.1%}, {result['ci95'][1]:.1%}]", f"{result['accuracy']:.1%}",
                       delta(result["accuracy"], baseline["accuracy"]) + " vs FP32", delta_color="normal",
                       help=f"n = {result['n']:,}. Against the previous plan: "
                            f"{delta(result['accuracy'], previous['accuracy']) if previous else 'n/a'}")

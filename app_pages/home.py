@@ -5,7 +5,7 @@ from engine.layers import inventory
 from engine.measure import model_size_bytes
 from engine.models import REGISTRY
 from engine.plan import FP32
-from pages import common
+from app_pages import common
 
 st.title("Quantization lens")
 st.markdown(
