@@ -11,6 +11,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EMBEDDED = Path(__file__).resolve().parent.parent / "models" / "embedded"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests run torch on one thread: tiny models run fastest so, on a shared CPU extra threads only
+    spin, and the float reduction order (hence the int8 simulated/real agreement) stays the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny(family: str):
     from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
                               DistilBertForSequenceClassification)

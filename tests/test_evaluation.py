@@ -20,15 +20,6 @@ from conftest import _tiny
 CONTRACT_FIELDS = ("accuracy", "ci95", "n", "agreement", "flips", "kl", "mcnemar_p", "size_bytes")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and on a busy shared CPU extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_set() -> EvalSet:
     return load_dataset("embedded").head(96)

@@ -14,15 +14,6 @@ from engine.models import HubUnavailable, ModelError, fingerprint, load_model, l
 from conftest import _tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and on a busy shared CPU extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _no_network(*_args, **_kwargs):
     raise OSError("network is disabled in this test")
 

@@ -25,15 +25,6 @@ BUFFERS = {family: {k: v.clone() for k, v in model.named_buffers()} for family, 
 LAYERS = {family: inventory(model) for family, model in MODELS.items()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and on a busy shared CPU extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(seed: int = 0, batch: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 30000, (batch, length), generator=generator)

@@ -47,15 +47,6 @@ def _check_prediction(result: dict, text: str) -> None:
     assert isinstance(result["truncated"], bool)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on this shared 2-core machine two threads contend and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tiny_bert, tokenizer, tmp_path_factory) -> Path:
     """The tiny random BERT saved as a local model folder, so the CLI and the page can load it by path."""
