@@ -61,8 +61,9 @@ def known_rows(precisions, direction: str) -> dict[tuple[str, str], sens.Row]:
 
 @st.cache_data(show_spinner="Measuring each layer's output SQNR on 64 train sentences…", max_entries=4)
 def proxy(model_key: str) -> dict[tuple[str, str], float]:
-    pairs = cache.memo("sensitivity-sqnr", lambda: [[n, p, v] for (n, p), v in sens.sqnr_proxy(model, tokenizer).items()],
-                       model=model_key, sentences=sens.PROXY_SENTENCES)
+    def compute() -> list:
+        return [[n, p, v] for (n, p), v in sens.sqnr_proxy(model, tokenizer).items()]
+    pairs = cache.memo("sensitivity-sqnr", compute, model=model_key, sentences=sens.PROXY_SENTENCES)
     return {(n, p): v for n, p, v in pairs}
 
 
@@ -309,36 +310,51 @@ pareto.update_layout(xaxis_title="size (MB, serialized with real kernels)", yaxi
                      yaxis_tickformat=".1%", height=440)
 st.plotly_chart(pareto, width="stretch", key="sens_pareto")
 
+
+def compounding_chart(measured: str, summed: str, unit: str, log: bool) -> go.Figure:
+    """Each verified plan's measured effect against the sum of its layers' single-layer effects."""
+    plans = [c for c in others if c.get(summed) is not None and (not log or (c[summed] > 0 and c[measured] > 0))]
+    values = [c[summed] for c in plans] + [c[measured] for c in plans]
+    figure = go.Figure(go.Scatter(x=[c[summed] for c in plans], y=[c[measured] for c in plans], mode="markers",
+                                  marker={"size": 9, "color": "#3182bd"}, name="verified plans",
+                                  hovertext=[f"{c['source']} · {c['size_bytes'] / 1e6:.1f} MB" for c in plans]))
+    if values:
+        span = [min(values), max(values)]
+        figure.add_trace(go.Scatter(x=span, y=span, mode="lines", line={"dash": "dot", "color": "gray"},
+                                    name="measured = sum"))
+    figure.update_layout(xaxis_title=f"sum of the layers' single-layer {unit}", yaxis_title=f"measured {unit}",
+                         xaxis_type="log" if log else "linear", yaxis_type="log" if log else "linear",
+                         height=380, showlegend=False)
+    return figure
+
+
+st.subheader("Errors compound")
+compound_columns = st.columns(2)
+compound_columns[0].plotly_chart(compounding_chart("drop", "predicted_drop", "accuracy drop (points)", False),
+                                 width="stretch", key="sens_compounding")
+compound_columns[1].plotly_chart(compounding_chart("kl", "predicted_kl", "KL (nats, log)", True),
+                                 width="stretch", key="sens_compounding_kl")
+st.caption("Above the dotted line, a plan lost more than its layers did one at a time. Single-layer drops are "
+           "mostly a sentence or two either way (noise), so their sum predicts little; the KL, which counts "
+           "every change in confidence, shows the compounding more clearly.")
 timed = outcome["latency_front"]
-chart_columns = st.columns(2 if timed else 1)
-compounding = go.Figure()
-compounding.add_trace(go.Scatter(x=[c["predicted_drop"] for c in others], y=[c["drop"] for c in others],
-                                 mode="markers", marker={"size": 9, "color": "#3182bd"},
-                                 hovertext=[f"{c['source']} · {c['size_bytes'] / 1e6:.1f} MB" for c in others],
-                                 name="verified plans"))
-span = [min([0.0] + [c["predicted_drop"] for c in others] + [c["drop"] for c in others]),
-        max([0.5] + [c["predicted_drop"] for c in others] + [c["drop"] for c in others])]
-compounding.add_trace(go.Scatter(x=span, y=span, mode="lines", line={"dash": "dot", "color": "gray"},
-                                 name="measured = sum"))
-compounding.update_layout(title="Errors compound", xaxis_title="sum of the layers' single-layer drops (points)",
-                          yaxis_title="measured drop (points)", height=380)
-chart_columns[0].plotly_chart(compounding, width="stretch", key="sens_compounding")
 if timed:
     latency = go.Figure(go.Scatter(x=[c["latency_ms_p50"] for c in timed], y=[c["accuracy"] for c in timed],
                                    mode="lines+markers", error_y=error_bars(timed),
                                    hovertext=[f"{c['size_bytes'] / 1e6:.1f} MB" for c in timed]))
     latency.update_layout(title="Latency against accuracy (front plans)", xaxis_title="latency p50 (ms, batch 1)",
                           yaxis_title="accuracy", yaxis_tickformat=".1%", height=380)
-    chart_columns[1].plotly_chart(latency, width="stretch", key="sens_latency_chart")
-st.caption("Points above the dotted line lost more than their layers did one at a time. Latency is measured "
-           "on this machine's real kernels (INT4 is unpacked per call on CPU, so it saves bytes, not time).")
+    st.plotly_chart(latency, width="stretch", key="sens_latency_chart")
+    st.caption("Latency is measured on this machine's real kernels (INT4 is unpacked per call on CPU, so it "
+               "saves bytes, not time).")
 
 st.subheader("Front plans")
 for i, candidate in enumerate(front):
     line = st.columns([4, 1])
     counts = ", ".join(f"{n} {p.upper()}" for p, n in sorted(candidate["layers"].items()))
     latency_text = "" if candidate["latency_ms_p50"] is None else f" · {candidate['latency_ms_p50']:.1f} ms"
-    line[0].markdown(f"**{candidate['size_bytes'] / 1e6:.2f} MB** · {common.fmt_ci(candidate['accuracy'], candidate['ci95'])}"
+    line[0].markdown(f"**{candidate['size_bytes'] / 1e6:.2f} MB** · "
+                     f"{common.fmt_ci(candidate['accuracy'], candidate['ci95'])}"
                      f" · drop {candidate['drop']:+.2f} (sum of single drops {candidate['predicted_drop']:+.2f})"
                      f"{latency_text} · {counts}")
     if line[1].button("Open in layer map", key=f"sens_apply_{i}"):

@@ -72,6 +72,7 @@ class Candidate:
     predicted_drop: float  # sum of the single-layer drops of its quantized layers
     mcnemar_p: float
     kl: float
+    predicted_kl: float  # sum of the single-layer KLs: the less noisy view of compounding
     flips: int
     size_bytes: int
     layers: dict[str, int] = field(default_factory=dict)  # precision -> count
@@ -81,7 +82,7 @@ class Candidate:
         return {"plan": self.plan.to_json(), "accuracy": self.accuracy, "ci95": list(self.ci95),
                 "size_bytes": self.size_bytes, "latency_ms_p50": self.latency_ms_p50, "drop": self.drop,
                 "predicted_drop": self.predicted_drop, "mcnemar_p": self.mcnemar_p, "kl": self.kl,
-                "flips": self.flips, "layers": self.layers, "source": self.source}
+                "predicted_kl": self.predicted_kl, "flips": self.flips, "layers": self.layers, "source": self.source}
 
 
 @dataclass
@@ -173,7 +174,7 @@ class _Verifier:
                  should_stop: Callable[[], bool] | None, progress: Callable[[str, int], None] | None):
         self.evaluator, self.model = evaluator, model
         self.names = [layer.name for layer in evaluator.layers]
-        self.single = {(r.layer, r.precision): r.drop for r in rows if r.direction == "one"}
+        self.single = {(r.layer, r.precision): r for r in rows if r.direction == "one"}
         self.base = evaluator.baseline.comparison.accuracy
         self.seen: dict[str, Candidate] = {}
         self.traces: dict[str, tuple[Plan, Trace]] = {}
@@ -202,9 +203,10 @@ class _Verifier:
         for precision in resolved.values():
             counts[precision] = counts.get(precision, 0) + 1
         c = result.comparison
+        singles = [self.single[(n, p)] for n, p in resolved.items() if (n, p) in self.single]
         candidate = Candidate(plan, source, c.accuracy, tuple(c.ci95), 100.0 * (self.base - c.accuracy),
-                              sum(self.single.get((n, p), 0.0) for n, p in resolved.items() if p != "fp32"),
-                              c.mcnemar_p, c.kl, c.flips, model_size_bytes(self.model, plan), counts)
+                              sum(r.drop for r in singles), c.mcnemar_p, c.kl, sum(r.kl for r in singles),
+                              c.flips, model_size_bytes(self.model, plan), counts)
         self.seen[plan.key()] = candidate
         if self.progress is not None:
             self.progress(f"verified {source}: {c.accuracy:.2%}, {candidate.size_bytes / 1e6:.1f} MB", len(self.seen))

@@ -49,7 +49,8 @@ def check_precisions(precisions: Iterable[str]) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(p.strip().lower() for p in precisions if p.strip()))
     bad = [p for p in chosen if p not in SWEEP_PRECISIONS]
     if bad or not chosen:
-        raise SweepError(f"sweep precisions must be among {', '.join(SWEEP_PRECISIONS)}, not {bad[0] if bad else 'none'!r}")
+        raise SweepError(f"sweep precisions must be among {', '.join(SWEEP_PRECISIONS)}, "
+                         f"not {bad[0] if bad else 'none'!r}")
     return chosen
 
 

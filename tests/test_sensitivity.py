@@ -116,7 +116,7 @@ def test_sqnr_proxy_is_finite_and_orders_precisions(embedded):
 
 # ---- search -----------------------------------------------------------------------------------
 def _candidate(size: int, accuracy: float) -> Candidate:
-    return Candidate(Plan(), "synthetic", accuracy, (accuracy, accuracy), 0.0, 0.0, 1.0, 0.0, 0, size)
+    return Candidate(Plan(), "synthetic", accuracy, (accuracy, accuracy), 0.0, 0.0, 1.0, 0.0, 0.0, 0, size)
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated():
