@@ -95,7 +95,8 @@ if stored is None:
 rows = stored["rows"]
 st.subheader("Results")
 st.caption(f"Measured on {stored['machine']} ({rows[0]['device']}); latency at batch 1 and {rows[0]['tokens']} tokens, "
-           f"throughput at batch {rows[0]['throughput_batch']}.")
+           f"throughput at batch {rows[0]['throughput_batch']}, all plans timed in interleaved rounds; speedup is "
+           "the median of the per-round ratios to FP32, with its 95% interval.")
 table = pd.DataFrame([{
     "plan": display_name(r["plan"]), "set": r["data"], "n": r["n"],
     "accuracy": common.fmt_ci(r["accuracy"], r["ci95"]),
@@ -104,6 +105,7 @@ table = pd.DataFrame([{
     "agreement": f"{r['agreement']:.1%}", "flips": r["flips"], "McNemar p": r["mcnemar_p"], "KL": r["kl"],
     "size (MB)": r["size_bytes"] / 1e6, "size ratio": r["size_ratio"],
     "p50 (ms)": r["latency_ms_p50"], "p95 (ms)": r["latency_ms_p95"], "speedup": r["speedup"],
+    "speedup 95% CI": f"[{r['speedup_ci95'][0]:.2f}, {r['speedup_ci95'][1]:.2f}]",
     "throughput (/s)": r["throughput_per_s"],
     "peak memory (MB)": None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 1e6,
 } for r in rows])

@@ -3,9 +3,11 @@
 Accuracy comes from the one evaluation path (`Evaluator.run`), whose simulated kernels reproduce
 the CPU's real kernels exactly (on CUDA, torchao's int8 kernel keeps one more activation bit: see
 engine.cuda), with a Wilson interval, McNemar p and a paired bootstrap interval for the change
-against FP32. Latency, throughput, size and peak memory come from
-`measure.bench` on real kernels, once per plan. `findings` turns the rows into sentences whose
-words (faster, inside the interval, significant) are chosen by the numbers, never written ahead.
+against FP32. Latency and throughput are measured on real kernels once per plan, all plans
+interleaved round-robin (so that a busy machine slows every plan alike and FP32 stays a fair
+reference); size is the serialized real format (`measure.model_size_bytes`). `findings` turns
+the rows into sentences whose words (faster, inside the interval, significant) are chosen by the
+numbers, never written ahead.
 """
 from __future__ import annotations
 
@@ -15,19 +17,23 @@ import json
 import math
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 from engine.data import LABEL_NAMES, EvalSet, load_dataset
 from engine.evaluation import EvalResult, get_evaluator, model_on, resolve_device
 from engine.layers import inventory
-from engine.measure import bench, bootstrap_diff_interval
+from engine.measure import (_peak_rss_bytes, _reset_peak_rss, bench_inputs, bootstrap_diff_interval,
+                            model_size_bytes, time_call)
 from engine.plan import FP32, Plan, PlanError, parse_plan
+from engine.quantize import apply_plan
 
 PRESETS = {
     "fp32": "FP32, the reference",
@@ -45,6 +51,7 @@ CONTRACT_FIELDS = ("plan", "data", "accuracy", "ci95", "agreement", "flips", "mc
                    "latency_ms_p50", "throughput_per_s", "device")
 BENCH_TOKENS = 32
 THROUGHPUT_BATCH = 32
+WARMUP = 3
 SIGNIFICANCE = 0.05
 Z95 = 1.959964
 
@@ -143,7 +150,6 @@ def _kernel_notes(model: nn.Module, plan: Plan, device: torch.device) -> list[st
     if device.type != "cuda":
         return []
     from engine.cuda import kernel_notes
-    from engine.quantize import apply_plan
 
     return kernel_notes(apply_plan(model_on(model, device), plan, "real"))
 
@@ -186,17 +192,11 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
             done += 1
         outcomes.append(outcome)
 
-    timings: dict[str, tuple[dict, dict]] = {}
-    for label, plan in timed:
-        report(0.0, f"timing {display_name(label)} at batch 1")
-        single = bench(model, tokenizer, plan, 1, BENCH_TOKENS, str(target), min_seconds=bench_seconds)
-        done += 1
-        report(0.0, f"timing {display_name(label)} at batch {THROUGHPUT_BATCH}")
-        batched = bench(model, tokenizer, plan, THROUGHPUT_BATCH, BENCH_TOKENS, str(target), min_seconds=bench_seconds)
-        done += 1
-        timings[label] = (single, batched)
-    report(0.0, "done")
     reference = next(label for label, plan in timed if plan.key() == FP32.key())
+    timings = _measure(model, tokenizer, timed, reference, target, bench_seconds,
+                       lambda fraction, text: report(fraction * 2 * len(timed), text))
+    done = total
+    report(0.0, "done")
     machine = machine_description(target)
     notes = {label: _kernel_notes(model, plan, target) for label, plan in plans}
     rows = [_row(label, plan, outcome, timings[label], timings[reference], str(target.type), machine, notes[label])
@@ -204,29 +204,102 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
     return Report(rows, outcomes, machine)
 
 
-def _row(label: str, plan: Plan, outcome: SetOutcome, timing: tuple[dict, dict], fp32_timing: tuple[dict, dict],
-         device: str, machine: str, notes: list[str]) -> dict:
+def _interleaved_times(reals: dict[str, nn.Module], inputs: dict, sync, repeats: int, min_seconds: float,
+                       progress: Callable[[float], None]) -> dict[str, np.ndarray]:
+    """Per-plan wall times (s), taken round-robin after warm-up so that every plan sees the same load.
+
+    Timing plans one after another on a shared machine compares their time windows as much as
+    their kernels; rotating the order each round also spreads any after-effect of one plan on the next.
+    """
+    labels = list(reals)
+    with torch.inference_mode():
+        for real in reals.values():
+            time_call(lambda: real(**inputs), warmup=WARMUP, repeats=0, sync=sync)
+        times: dict[str, list[float]] = {label: [] for label in labels}
+        budget, started, rounds = min_seconds * len(labels), time.perf_counter(), 0
+        while rounds < repeats or time.perf_counter() - started < budget:
+            shift = rounds % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                times[label].extend(time_call(lambda: reals[label](**inputs), warmup=0, repeats=1, sync=sync))
+            rounds += 1
+            progress(min(1.0, rounds / repeats, (time.perf_counter() - started) / budget if budget else 1.0))
+    return {label: np.array(values) for label, values in times.items()}
+
+
+def _peak_memory(real: nn.Module, inputs: dict, device: torch.device) -> int | None:
+    """Peak bytes while `real` runs one batch: process RSS on the CPU, allocated memory on CUDA."""
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            real(**inputs)
+            torch.cuda.synchronize(device)
+            return int(torch.cuda.max_memory_allocated(device))
+        tracked = _reset_peak_rss()
+        real(**inputs)
+        return _peak_rss_bytes() if tracked else None
+
+
+def median_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free interval for a median: order statistics at binomial(n, 1/2) quantiles."""
+    ordered, n = np.sort(np.asarray(values, dtype=float)), len(values)
+    k = int(stats.binom.ppf((1 - confidence) / 2, n, 0.5))
+    if k < 1:
+        return float(ordered[0]), float(ordered[-1])
+    return float(ordered[k - 1]), float(ordered[n - k])
+
+
+def _measure(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]], reference: str, device: torch.device,
+             min_seconds: float, progress: Callable[[float, str], None]) -> dict[str, dict]:
+    """Latency at batch 1 (p50, p95) and throughput at batch 32 on real kernels, all plans interleaved;
+    the speedup is the median of per-round ratios to the reference (paired: same round, same load),
+    with its interval. Then each plan's peak memory at batch 32 with only its own model resident."""
+    base = model_on(model, device)
+    texts = load_dataset("embedded").texts
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    single, batched = (bench_inputs(tokenizer, texts, batch, BENCH_TOKENS, device) for batch in (1, THROUGHPUT_BATCH))
+    reals = {label: apply_plan(base, plan, "real") for label, plan in plans}
+    text = f"timing {len(plans)} plans at batch 1, interleaved"
+    latency = _interleaved_times(reals, single, sync, 20, min_seconds, lambda f: progress(0.5 * f, text))
+    text = f"timing {len(plans)} plans at batch {THROUGHPUT_BATCH}, interleaved"
+    throughput = _interleaved_times(reals, batched, sync, 10, min_seconds, lambda f: progress(0.5 + 0.45 * f, text))
+    del reals
+    out = {}
+    for label, plan in plans:
+        progress(0.95, f"peak memory of {display_name(label)}")
+        times = latency[label]
+        ratios = latency[reference] / times
+        out[label] = {"speedup": float(np.median(ratios)), "speedup_ci95": list(median_interval(ratios)),
+                      "latency_ms_p50": float(np.median(times)) * 1e3,
+                      "latency_ms_p95": float(np.percentile(times, 95)) * 1e3,
+                      "throughput_per_s": THROUGHPUT_BATCH / float(np.median(throughput[label])),
+                      "peak_memory_bytes": _peak_memory(apply_plan(base, plan, "real"), batched, device),
+                      "size_bytes": model_size_bytes(model, plan), "threads": torch.get_num_threads(),
+                      "repeats": len(times)}
+    return out
+
+
+def _row(label: str, plan: Plan, outcome: SetOutcome, timing: dict, fp32_timing: dict, device: str, machine: str,
+         notes: list[str]) -> dict:
     result, fp32 = outcome.results[label], outcome.fp32
     labels = np.asarray(outcome.data.labels)
     correct, fp32_correct = result.predictions == labels, fp32.predictions == labels
     comparison = result.comparison
-    single, batched = timing
-    fp32_single = fp32_timing[0]
     return {
         "plan": label, "data": outcome.data.name, "accuracy": comparison.accuracy, "ci95": list(comparison.ci95),
         "agreement": comparison.agreement, "flips": comparison.flips, "mcnemar_p": comparison.mcnemar_p,
-        "kl": comparison.kl, "size_bytes": single["size_bytes"], "latency_ms_p50": single["latency_ms_p50"],
-        "throughput_per_s": batched["throughput_per_s"], "device": device,
+        "kl": comparison.kl, "size_bytes": timing["size_bytes"], "latency_ms_p50": timing["latency_ms_p50"],
+        "throughput_per_s": timing["throughput_per_s"], "device": device,
         "n": comparison.n,
+        "lost": int(np.sum(fp32_correct & ~correct)), "gained": int(np.sum(~fp32_correct & correct)),
         "accuracy_delta": comparison.accuracy - fp32.comparison.accuracy,
         "accuracy_delta_ci95": list(bootstrap_diff_interval(fp32_correct, correct)),
         "fp32_accuracy": fp32.comparison.accuracy,
-        "latency_ms_p95": single["latency_ms_p95"],
-        "fp32_latency_ms_p50": fp32_single["latency_ms_p50"], "fp32_latency_ms_p95": fp32_single["latency_ms_p95"],
-        "speedup": fp32_single["latency_ms_p50"] / single["latency_ms_p50"],
-        "fp32_size_bytes": fp32_single["size_bytes"], "size_ratio": single["size_bytes"] / fp32_single["size_bytes"],
-        "peak_memory_bytes": batched["peak_memory_bytes"],
-        "threads": single["threads"], "tokens": BENCH_TOKENS, "throughput_batch": THROUGHPUT_BATCH,
+        "latency_ms_p95": timing["latency_ms_p95"],
+        "fp32_latency_ms_p50": fp32_timing["latency_ms_p50"], "fp32_latency_ms_p95": fp32_timing["latency_ms_p95"],
+        "speedup": timing["speedup"], "speedup_ci95": timing["speedup_ci95"],
+        "fp32_size_bytes": fp32_timing["size_bytes"], "size_ratio": timing["size_bytes"] / fp32_timing["size_bytes"],
+        "peak_memory_bytes": timing["peak_memory_bytes"], "threads": timing["threads"],
+        "tokens": BENCH_TOKENS, "throughput_batch": THROUGHPUT_BATCH, "timing_repeats": timing["repeats"],
         "machine": machine, "kernel_notes": notes, "plan_json": plan.to_json(),
     }
 
@@ -280,16 +353,24 @@ def _change(ratio: float, more: str, less: str) -> str:
 
 
 def speed_finding(row: dict) -> str:
-    """Faster or slower only when the medians lie outside each other's p50-p95 band."""
+    """Faster or slower only beyond the timing noise: when the paired speedup's interval excludes 1
+    (rows without one: when the medians lie outside each other's p50-p95 band)."""
     name, where = display_name(row["plan"]), _where(row)
     a50, a95 = row["latency_ms_p50"], row["latency_ms_p95"]
     b50, b95 = row["fp32_latency_ms_p50"], row["fp32_latency_ms_p95"]
     setting = f"batch 1, {row['tokens']} tokens, {row['threads']} threads"
-    if a50 > b95 or a95 < b50:
-        return (f"{name} is {_change(a50 / b50, 'slower', 'faster')} than FP32 on {where} "
-                f"(median {a50:.1f} ms vs {b50:.1f} ms at {setting}).")
-    return (f"{name}'s latency is within timing noise of FP32's on {where} (median {a50:.1f} vs {b50:.1f} ms, "
-            f"p95 {a95:.1f} vs {b95:.1f} ms at {setting}).")
+    interval = row.get("speedup_ci95")
+    if interval is not None:
+        low, high = interval
+        beyond, ratio = not low <= 1 <= high, 1 / row["speedup"]
+        evidence = (f"median {a50:.1f} ms vs {b50:.1f} ms at {setting}; paired speedup {row['speedup']:.2f}x "
+                    f"[{low:.2f}, {high:.2f}] over {row.get('timing_repeats', '?')} interleaved rounds")
+    else:
+        beyond, ratio = a50 > b95 or a95 < b50, a50 / b50
+        evidence = f"median {a50:.1f} ms vs {b50:.1f} ms, p95 {a95:.1f} vs {b95:.1f} ms at {setting}"
+    if beyond:
+        return f"{name} is {_change(ratio, 'slower', 'faster')} than FP32 on {where} ({evidence})."
+    return f"{name}'s latency is within timing noise of FP32's on {where} ({evidence})."
 
 
 def size_finding(row: dict) -> str:
@@ -321,22 +402,39 @@ def accuracy_finding(row: dict) -> str:
             f"the interval and the test disagree, so not a finding ({flips}).")
 
 
+def _delta_se(row: dict) -> float:
+    """Standard error of a paired accuracy change from its counts of lost and gained examples."""
+    n, lost, gained = row["n"], row["lost"], row["gained"]
+    delta = (gained - lost) / n
+    return math.sqrt(max((gained + lost) / n - delta * delta, 0.0) / n)
+
+
 def domain_finding(in_domain: dict, out_domain: dict) -> str | None:
-    """Does the plan lose more out of domain than in domain? Normal approximation from both intervals."""
-    d_in, d_out = in_domain["accuracy_delta"], out_domain["accuracy_delta"]
-    se = math.hypot(*((r["accuracy_delta_ci95"][1] - r["accuracy_delta_ci95"][0]) / (2 * Z95)
-                      for r in (in_domain, out_domain)))
-    if se == 0:
+    """Does the plan lose more out of domain than in domain?
+
+    Two views that must agree, as for a single set's change: a normal interval for the difference
+    of the two changes (independent sets), and Fisher's exact test on the direction of the flips
+    (lost vs gained, in domain vs out), which stays valid for a handful of flips.
+    """
+    counts = [[in_domain["lost"], in_domain["gained"]], [out_domain["lost"], out_domain["gained"]]]
+    if sum(map(sum, counts)) == 0:
         return None
-    diff = d_out - d_in
+    d_in, d_out = in_domain["accuracy_delta"], out_domain["accuracy_delta"]
+    diff, se = d_out - d_in, math.hypot(_delta_se(in_domain), _delta_se(out_domain))
     low, high = diff - Z95 * se, diff + Z95 * se
+    p = float(stats.fisher_exact(counts).pvalue)
     name, data = display_name(out_domain["plan"]), out_domain["data"]
     numbers = (f"{_points(d_out)} points on {data} (out of domain) vs {_points(d_in)} on {in_domain['data']} "
-               f"(in domain); difference {_points(diff)} [{_points(low)}, {_points(high)}]")
-    if low <= 0 <= high:
-        return f"{name}: {numbers}, inside the interval: no evidence that out-of-domain text suffers more."
-    verdict = "loses significantly more" if diff < 0 else "loses significantly less"
-    return f"{name} {verdict} on out-of-domain {data} than in domain: {numbers}."
+               f"(in domain); difference {_points(diff)} [{_points(low)}, {_points(high)}], "
+               f"Fisher p = {p:.2g} on which way the flips go")
+    interval_says, test_says = not low <= 0 <= high, p < SIGNIFICANCE
+    if not interval_says and not test_says:
+        return f"{name}: {numbers}: inside the interval, no evidence that out-of-domain text suffers more."
+    share = [lost / (lost + gained) if lost + gained else 0.5 for lost, gained in counts]
+    if interval_says and test_says and (diff < 0) == (share[1] > share[0]):
+        verdict = "loses significantly more" if diff < 0 else "loses significantly less"
+        return f"{name} {verdict} on out-of-domain {data} than in domain: {numbers}."
+    return f"{name}: {numbers}: borderline, the interval and the test disagree, so not a finding."
 
 
 def findings(rows: Sequence[dict]) -> list[str]:
@@ -388,14 +486,20 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else pattern.format(value)
 
 
+def _speedup_interval(row: dict) -> str:
+    interval = row.get("speedup_ci95")
+    return f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+
+
 def to_markdown(rows: Sequence[dict], sentences: Sequence[str], machine: str) -> str:
     """A short report: the machine, the table and the findings."""
     lines = ["# Precision comparison", "",
              f"Machine: {machine}. Device: {rows[0]['device'] if rows else 'n/a'}. Latency at batch 1 and "
-             f"{BENCH_TOKENS} tokens (median and p95 after warm-up), throughput at batch {THROUGHPUT_BATCH}; "
+             f"{BENCH_TOKENS} tokens (median and p95 after warm-up, all plans interleaved round-robin; speedup = "
+             f"median of the per-round ratios to FP32), throughput at batch {THROUGHPUT_BATCH}; "
              "accuracy with 95% Wilson interval, change against FP32 with a paired bootstrap 95% interval.", "",
              "| Plan | Set | n | Accuracy [95% CI] | Δ vs FP32, points [95% CI] | Agreement | Flips | McNemar p "
-             "| KL | Size (MB) | Latency p50 / p95 (ms) | Throughput (/s) | Speedup |",
+             "| KL | Size (MB) | Latency p50 / p95 (ms) | Throughput (/s) | Speedup [95% CI] |",
              "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for row in rows:
         low, high = row["ci95"]
@@ -407,7 +511,7 @@ def to_markdown(rows: Sequence[dict], sentences: Sequence[str], machine: str) ->
             f"| {100 * row['agreement']:.1f}% | {row['flips']} | {_fmt(row['mcnemar_p'], '{:.2g}')} "
             f"| {_fmt(row['kl'], '{:.2g}')} | {row['size_bytes'] / 1e6:.1f} "
             f"| {row['latency_ms_p50']:.1f} / {row['latency_ms_p95']:.1f} | {row['throughput_per_s']:.0f} "
-            f"| {row['speedup']:.2f}x |")
+            f"| {row['speedup']:.2f}x{_speedup_interval(row)} |")
     if sentences:
         lines += ["", "## Findings", ""] + [f"- {sentence}" for sentence in sentences]
     return "\n".join(lines) + "\n"

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from engine.compare import (CONTRACT_FIELDS, SetOutcome, accuracy_finding, disagreements, domain_finding, findings,
-                            preset_plan, resolve_plan_item, run_comparison, size_finding, speed_finding,
-                            split_plan_list, to_csv, to_markdown)
+                            median_interval, preset_plan, resolve_plan_item, run_comparison, size_finding,
+                            speed_finding, split_plan_list, to_csv, to_markdown)
 from engine.data import EvalSet
 from engine.evaluation import EvalError, EvalResult, evaluate
 from engine.layers import list_layers
@@ -26,8 +26,8 @@ from engine.plan import FP32, Plan, PlanError
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-EXTRAS = ("n", "latency_ms_p95", "peak_memory_bytes", "speedup", "size_ratio", "threads", "accuracy_delta",
-          "accuracy_delta_ci95", "fp32_accuracy", "machine", "kernel_notes", "plan_json")
+EXTRAS = ("n", "lost", "gained", "latency_ms_p95", "peak_memory_bytes", "speedup", "speedup_ci95", "size_ratio",
+          "threads", "accuracy_delta", "accuracy_delta_ci95", "fp32_accuracy", "machine", "kernel_notes", "plan_json")
 
 
 # ---- rows ---------------------------------------------------------------------------------------
@@ -46,7 +46,10 @@ def test_rows_have_every_field_per_plan_and_set(tiny_report):
         low, high = row["ci95"]
         assert low <= row["accuracy"] <= high and row["n"] == 40 and row["device"] == "cpu"
         assert row["latency_ms_p50"] <= row["latency_ms_p95"] and row["throughput_per_s"] > 0
-        assert row["speedup"] == pytest.approx(row["fp32_latency_ms_p50"] / row["latency_ms_p50"])
+        low, high = row["speedup_ci95"]
+        assert low <= row["speedup"] <= high
+        assert row["lost"] + row["gained"] <= row["flips"] and row["timing_repeats"] >= 20
+        assert row["accuracy_delta"] == pytest.approx((row["gained"] - row["lost"]) / row["n"])
         json.dumps(row)  # plain JSON values only
     fp32 = rows[0]
     assert fp32["agreement"] == 1.0 and fp32["flips"] == 0 and fp32["speedup"] == 1.0 and fp32["size_ratio"] == 1.0
@@ -59,7 +62,8 @@ def test_fp32_is_timed_as_the_reference_even_when_not_listed(tiny_distilbert, to
     rows = run_comparison(tiny_distilbert, tokenizer, [resolve_plan_item("int8", tiny_distilbert)], ["nyt"],
                           limit=8, bench_seconds=0.01).rows
     assert [(r["plan"], r["data"]) for r in rows] == [("int8", "nyt[:8]")]
-    assert rows[0]["speedup"] == pytest.approx(rows[0]["fp32_latency_ms_p50"] / rows[0]["latency_ms_p50"])
+    assert rows[0]["speedup_ci95"][0] <= rows[0]["speedup"] <= rows[0]["speedup_ci95"][1]
+    assert rows[0]["fp32_latency_ms_p50"] > 0
     assert rows[0]["size_ratio"] < 0.5
 
 
@@ -120,10 +124,10 @@ def test_disagreements_list_exactly_the_disputed_examples():
 # ---- findings follow the numbers ------------------------------------------------------------------
 def _row(**changes) -> dict:
     row = {"plan": "int4", "data": "embedded", "n": 1056, "device": "cpu", "threads": 2, "tokens": 32,
-           "accuracy": 0.80, "accuracy_delta": -0.004, "accuracy_delta_ci95": [-0.011, 0.003], "mcnemar_p": 0.52,
-           "flips": 9, "latency_ms_p50": 61.0, "latency_ms_p95": 70.0, "fp32_latency_ms_p50": 60.0,
-           "fp32_latency_ms_p95": 66.0, "size_bytes": 15_000_000, "fp32_size_bytes": 90_000_000,
-           "plan_json": {"*": "int4"}}
+           "accuracy": 0.80, "accuracy_delta": -4 / 1056, "accuracy_delta_ci95": [-0.011, 0.003], "mcnemar_p": 0.52,
+           "flips": 14, "lost": 9, "gained": 5, "latency_ms_p50": 61.0, "latency_ms_p95": 70.0,
+           "fp32_latency_ms_p50": 60.0, "fp32_latency_ms_p95": 66.0, "size_bytes": 15_000_000,
+           "fp32_size_bytes": 90_000_000, "plan_json": {"*": "int4"}}
     row.update(changes)
     return row
 
@@ -141,29 +145,51 @@ def test_accuracy_finding_follows_the_interval_and_the_test():
     assert "exactly FP32's prediction on all 1056" in accuracy_finding(_row(flips=0))
 
 
-def test_speed_finding_needs_a_difference_beyond_the_spread():
-    slower = speed_finding(_row(plan="fp16", latency_ms_p50=414.0, latency_ms_p95=430.0))
-    assert slower.startswith("FP16 is 6.9x slower than FP32 on this CPU") and "2 threads" in slower
-    assert speed_finding(_row(latency_ms_p50=30.0, latency_ms_p95=33.0)).startswith("INT4 is 2.0x faster")
-    assert "25% slower" in speed_finding(_row(latency_ms_p50=75.0, latency_ms_p95=80.0))
-    noise = speed_finding(_row(latency_ms_p50=64.0, latency_ms_p95=75.0))  # 64 ms lies inside FP32's 60-66 band
+def test_speed_finding_needs_a_difference_beyond_the_noise():
+    slower = speed_finding(_row(plan="fp16", latency_ms_p50=414.0, speedup=0.145, speedup_ci95=[0.13, 0.16]))
+    assert slower.startswith("FP16 is 6.9x slower than FP32 on this CPU") and "[0.13, 0.16]" in slower
+    assert "2 threads" in slower
+    assert speed_finding(_row(speedup=2.0, speedup_ci95=[1.8, 2.3])).startswith("INT4 is 2.0x faster")
+    assert "25% slower" in speed_finding(_row(speedup=0.8, speedup_ci95=[0.75, 0.9]))
+    noise = speed_finding(_row(speedup=0.95, speedup_ci95=[0.7, 1.2]))
     assert "within timing noise" in noise and "slower" not in noise
-    assert "this GPU" in speed_finding(_row(device="cuda", latency_ms_p50=30.0, latency_ms_p95=31.0))
+    assert "this GPU" in speed_finding(_row(device="cuda", speedup=2.0, speedup_ci95=[1.9, 2.1]))
+    # rows without a paired interval fall back to the p50-p95 bands
+    assert "6.9x slower" in speed_finding(_row(plan="fp16", latency_ms_p50=414.0, latency_ms_p95=430.0))
+    assert "within timing noise" in speed_finding(_row(latency_ms_p50=64.0, latency_ms_p95=75.0))
+
+
+def test_median_interval_covers_the_median():
+    values = np.arange(1.0, 27.0)
+    low, high = median_interval(values)
+    assert low < np.median(values) < high and (low, high) == (8.0, 19.0)
+    assert median_interval(np.array([3.0, 1.0])) == (1.0, 3.0)  # too few rounds: the whole range
 
 
 def test_size_and_domain_findings_follow_the_numbers():
     assert "6.0x smaller than FP32 (15.0 MB vs 90.0 MB" in size_finding(_row())
     assert "20% smaller" in size_finding(_row(size_bytes=72_000_000))
-    home = _row(accuracy_delta=-0.004, accuracy_delta_ci95=[-0.011, 0.003])
-    similar = domain_finding(home, _row(data="amazon", accuracy_delta=-0.01, accuracy_delta_ci95=[-0.02, 0.0]))
+    home = _row(lost=10, gained=12, accuracy_delta=2 / 1056)
+
+    def away(lost: int, gained: int) -> dict:
+        return _row(data="amazon", n=3610, lost=lost, gained=gained, accuracy_delta=(gained - lost) / 3610)
+
+    similar = domain_finding(home, away(40, 38))
     assert "inside the interval" in similar and "amazon (out of domain)" in similar
-    worse = domain_finding(home, _row(data="amazon", accuracy_delta=-0.06, accuracy_delta_ci95=[-0.075, -0.045]))
-    assert "loses significantly more on out-of-domain amazon" in worse and "-5.6" in worse
+    worse = domain_finding(home, away(250, 40))
+    assert "loses significantly more on out-of-domain amazon" in worse and "-6.0" in worse
+    assert "loses significantly less" in domain_finding(_row(lost=60, gained=10, accuracy_delta=-50 / 1056),
+                                                         away(40, 40))
+    # a handful of flips: the normal interval alone could mislead, the exact test keeps it from a claim
+    few = domain_finding(_row(lost=0, gained=1, accuracy_delta=1 / 1056), away(3, 0))
+    assert "significantly" not in few and ("inside the interval" in few or "borderline" in few)
+    assert domain_finding(_row(lost=0, gained=0, accuracy_delta=0.0), away(0, 0)) is None
 
 
 def test_findings_cover_each_quantized_plan_and_skip_fp32():
     rows = [_row(plan="fp32", plan_json={}, accuracy_delta=0.0, accuracy_delta_ci95=[0.0, 0.0], flips=0),
-            _row(), _row(data="amazon", accuracy_delta=-0.06, accuracy_delta_ci95=[-0.075, -0.045], mcnemar_p=1e-6)]
+            _row(), _row(data="amazon", n=3610, lost=250, gained=33, accuracy_delta=-217 / 3610,
+                         accuracy_delta_ci95=[-0.075, -0.045], mcnemar_p=1e-6)]
     sentences = findings(rows)
     assert not any(s.startswith("FP32") for s in sentences)
     assert sum("INT4" in s for s in sentences) == len(sentences) == 5  # speed, 2 accuracy, domain, size
