@@ -1,60 +1,86 @@
-"""What every page shares: the process-wide model and evaluators, the sidebar's choices, the current plan.
+"""What every page shares: the process-wide model and evaluators, the sidebar's one source of truth for
+the chosen model and set, the current plan, the job queue, and colours.
 
 Layout only: every figure comes from `engine` (through `cache` where it is expensive).
 """
 from __future__ import annotations
 
+import uuid
+from typing import Any, Callable
+
 import streamlit as st
 
-import cache
-from engine.data import DataError, available_sets, load_csv, load_dataset
-from engine.evaluation import Evaluator, get_evaluator
-from engine.layers import inventory
-from engine.models import REGISTRY, fingerprint, load_model_or_fallback
-from engine.plan import FP32, Plan
+from cache.scheduler import SCHEDULER
+from engine.core.data import DataError, EvalSet, available_sets, load_csv, load_dataset
+from engine.core.errors import EngineError
+from engine.core.plan import FP32, Plan
+from engine.evaluation.evaluate import get_evaluator
+from engine.evaluation.evaluator import Evaluator
+from engine.model.inventory import inventory
+from engine.model.loading import REGISTRY, load_model_or_fallback
 
-PRECISION_COLORS = {"fp32": "#d9d9d9", "fp16": "#9ecae1", "bf16": "#6baed6", "int8": "#fdae6b", "int4": "#e6550d"}
+PRECISION_COLORS = {"fp32": "#d9d9d9", "fp16": "#9ecae1", "bf16": "#6baed6", "int8": "#fdae6b", "int4": "#a63603"}
+TEXT_ON = {"fp32": "#222", "fp16": "#222", "bf16": "#222", "int8": "#222", "int4": "#fff"}  # readable on each
+OTHER = "other…"
+state = st.session_state
 
 
-@st.cache_resource(show_spinner="Loading the model…")
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def shared_model(name: str):
-    """(model, tokenizer, warning): loaded once per process, shared read-only by every session."""
-    return load_model_or_fallback(name)
+    """(model, tokenizer, warning): loaded once per process, shared read-only by every session. A model
+    that cannot be used falls back to the embedded one, with the reason as the warning."""
+    return load_model_or_fallback(name, any_error=True)
 
 
 @st.cache_resource(show_spinner="Tokenizing the evaluation set and running FP32 once…", max_entries=6)
-def _shared_evaluator(model_name: str, data_name: str, limit: int | None) -> Evaluator:
+def _shared_evaluator(model_name: str, data_fingerprint: str, _data: EvalSet) -> Evaluator:
     model, tokenizer, _ = shared_model(model_name)
-    return get_evaluator(model, tokenizer, dataset(data_name), keep_states=True)
+    return get_evaluator(model, tokenizer, _data, keep_states=True)
 
 
-def shared_evaluator(model_name: str, data_name: str) -> Evaluator:
-    """The process-wide evaluator (tokenized batches, FP32 baseline and its states) for a model and set."""
-    return _shared_evaluator(model_name, data_name, st.session_state.get("limit"))
-
-
-def dataset(name: str):
-    """The chosen set; a session's "limit" (used by tests and quick looks) keeps only its first rows."""
-    uploaded = st.session_state.get("uploaded_sets", {})
-    data = uploaded[name] if name in uploaded else load_dataset(name)
-    return data.head(st.session_state.get("limit"))
+def session_id() -> str:
+    return state.setdefault("session_id", uuid.uuid4().hex)
 
 
 def model_name() -> str:
-    return st.session_state.get("model_name", "embedded")
+    """The model the pages show: the one asked for, or "embedded" after a fallback."""
+    asked = state.get("model_name", "embedded")
+    return "embedded" if shared_model(asked)[2] else asked
 
 
 def data_name() -> str:
-    return st.session_state.get("data_name", "embedded")
+    return state.get("data_name", "embedded")
+
+
+def dataset(name: str | None = None) -> EvalSet:
+    """The chosen set (an upload by its name); a session's "limit" (tests, quick looks) keeps its first rows."""
+    name = name or data_name()
+    uploaded = state.get("uploaded_sets", {})
+    data = uploaded[name] if name in uploaded else load_dataset(name)
+    return data.head(state.get("limit"))
 
 
 def model_and_tokenizer():
-    model, tokenizer, _ = shared_model(model_name())
+    model, tokenizer, _ = shared_model(state.get("model_name", "embedded"))
     return model, tokenizer
 
 
+def evaluator_for(data: EvalSet) -> Evaluator:
+    """The process-wide evaluator of the chosen model on `data`."""
+    return _shared_evaluator(state.get("model_name", "embedded"), data.fingerprint, data)
+
+
 def evaluator() -> Evaluator:
-    return shared_evaluator(model_name(), data_name())
+    return evaluator_for(dataset())
+
+
+def safe_evaluator() -> Evaluator | None:
+    """The evaluator for the chosen model and set, or None after showing why it cannot be built."""
+    try:
+        return evaluator()
+    except EngineError as error:
+        st.error(f"Cannot evaluate {model_name()} on {data_name()}: {error}")
+        return None
 
 
 def layer_names() -> list[str]:
@@ -64,65 +90,104 @@ def layer_names() -> list[str]:
 
 def current_plan() -> Plan:
     """The layer map's plan for this session (FP32 until the person changes it)."""
-    return st.session_state.get("plan", FP32)
+    return state.get("plan", FP32)
 
 
 def set_current_plan(plan: Plan) -> None:
-    st.session_state["plan"] = plan
-
-
-def result_key(plan: Plan, kernels: str = "simulated", device: str = "cpu", **extra) -> dict:
-    """The parts that determine an evaluation result, for `cache.memo`."""
-    model, _ = model_and_tokenizer()
-    return {"model": fingerprint(model), "data": dataset(data_name()).fingerprint, "plan": plan.key(),
-            "kernels": kernels, "device": device, **extra}
-
-
-def sidebar() -> None:
-    """The model and dataset pickers, and a CSV upload for a user's own labelled set."""
-    with st.sidebar:
-        st.header("Model and data")
-        models = list(REGISTRY)
-        current = model_name()
-        choice = st.selectbox("Model", models + (["other…"] if current in models else [current, "other…"]),
-                              index=(models.index(current) if current in models else len(models)),
-                              help="embedded works offline; others come from the HuggingFace Hub or a local folder")
-        if choice == "other…":
-            typed = st.text_input("Hub id or local folder", placeholder="org/model or /path/to/folder")
-            if typed:
-                st.session_state["model_name"] = typed.strip()
-        else:
-            st.session_state["model_name"] = choice
-        _, _, warning = shared_model(model_name())
-        if warning:
-            st.warning(warning)
-        sets = dict(available_sets())
-        sets.update({name: "uploaded CSV" for name in st.session_state.get("uploaded_sets", {})})
-        names = list(sets)
-        chosen = st.selectbox("Evaluation set", names, index=names.index(data_name()) if data_name() in names else 0,
-                              format_func=lambda n: f"{n}: {sets[n]}")
-        st.session_state["data_name"] = chosen
-        upload = st.file_uploader("Or upload a CSV (columns text,label)", type=["csv"])
-        if upload is not None:
-            try:
-                data = load_csv(upload.name, upload.getvalue())
-                st.session_state.setdefault("uploaded_sets", {})[data.name] = data
-                st.session_state["data_name"] = data.name
-            except DataError as error:
-                st.error(str(error))
-
-
-def safe_evaluator() -> Evaluator | None:
-    """The evaluator for the chosen model and set, or None after showing why it cannot be built."""
-    try:
-        return evaluator()
-    except (DataError, ValueError) as error:
-        st.error(f"Cannot evaluate {model_name()} on {data_name()}: {error}")
-        return None
+    state["plan"] = plan
 
 
 def fmt_ci(accuracy: float, ci95) -> str:
     return f"{accuracy:.1%} [{ci95[0]:.1%}, {ci95[1]:.1%}]"
 
 
-__all__ = ["cache"]
+# ---- the sidebar: one source of truth ----------------------------------------------------------
+def _pick_model() -> None:
+    choice = state["sidebar_model"]
+    if choice != OTHER:
+        state["model_name"] = choice
+    elif state.get("sidebar_model_typed"):
+        state["model_name"] = state["sidebar_model_typed"].strip()
+
+
+def _typed_model() -> None:
+    typed = state.get("sidebar_model_typed", "").strip()
+    if typed:
+        state["model_name"] = typed
+
+
+def _pick_set() -> None:
+    state["data_name"] = state["sidebar_data"]
+
+
+def _take_upload() -> None:
+    upload = state.get("sidebar_upload")
+    if upload is None:
+        return
+    try:
+        data = load_csv(upload.name, upload.getvalue())
+    except DataError as error:
+        state["upload_error"] = str(error)
+        return
+    state.pop("upload_error", None)
+    state.setdefault("uploaded_sets", {})[data.name] = data
+    state["data_name"] = data.name  # an upload selects itself once; the dropdown decides after that
+
+
+def sidebar() -> None:
+    """The model and data pickers, and a CSV upload for a user's own labelled set."""
+    with st.sidebar:
+        st.header("Model and data")
+        models = list(REGISTRY)
+        asked = state.get("model_name", "embedded")
+        state.setdefault("sidebar_model", asked if asked in models else OTHER)
+        st.selectbox("Model", models + [OTHER], key="sidebar_model", on_change=_pick_model,
+                     help="embedded works offline; others come from the HuggingFace Hub or a local folder")
+        if state["sidebar_model"] == OTHER:
+            st.text_input("Hub id or local folder", key="sidebar_model_typed", on_change=_typed_model,
+                          placeholder="org/model or /path/to/folder")
+        _, _, warning = shared_model(asked)
+        if warning:
+            st.warning(warning)
+        sets = dict(available_sets()) | {name: "uploaded CSV" for name in state.get("uploaded_sets", {})}
+        names = list(sets)
+        if state.get("sidebar_data") != data_name() and data_name() in names:
+            state["sidebar_data"] = data_name()
+        st.selectbox("Evaluation set", names, key="sidebar_data", on_change=_pick_set,
+                     format_func=lambda n: f"{n}: {sets[n]}")
+        st.file_uploader("Or upload a CSV (columns text,label)", type=["csv"], key="sidebar_upload",
+                         on_change=_take_upload,
+                         help="label: a class name of the model or an integer class id; a tenth of the rows "
+                              "(at most 256) is held out for calibration and not evaluated")
+        if state.get("upload_error"):
+            st.error(state["upload_error"])
+        load = SCHEDULER.load()
+        if load["running"] or load["queued"]:
+            st.caption(f"Server: {load['running']} evaluation(s) running, {load['queued']} queued "
+                       f"({load['workers']} worker x {load['threads']} threads).")
+
+
+# ---- the job queue -------------------------------------------------------------------------------
+def run_job(kind: str, label: str, work: Callable[[Any], Any], box=None, tag: str | None = None,
+            show_progress: Callable[[Any], None] | None = None) -> Any:
+    """Run `work(job)` through the server's one queue, showing this session its place and an estimate while
+    it waits, and the work's own progress while it runs. A tagged job survives a rerun of this session (the
+    rerun finds it again); an untagged one left behind by a rerun is cancelled."""
+    box = box or st.empty()
+    job = SCHEDULER.submit(session_id(), kind, work, label, tag)
+    try:
+        while not job.done_event.wait(0.2):
+            if job.started is None:
+                ahead, eta = SCHEDULER.position(job), SCHEDULER.wait_estimate(job)
+                box.info(f"{label}: waiting for the server, {ahead} job(s) ahead"
+                         + (f", about {eta:.0f} s" if eta is not None else ""))
+            elif show_progress is not None and job.progress is not None:
+                show_progress(job.progress)
+    finally:
+        if not job.done and tag is None:
+            SCHEDULER.cancel(job)
+    box.empty()
+    SCHEDULER.claim(job)
+    if job.error is not None:
+        raise job.error
+    return job.result

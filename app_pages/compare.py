@@ -6,14 +6,16 @@ import plotly.express as px
 import streamlit as st
 import torch
 
-import cache
-from engine.compare import (PRESETS, disagreements, display_name, findings, resolve_plan_item, run_comparison,
-                            to_csv, to_markdown)
-from engine.data import VENDORED, DataError
-from engine.evaluation import EvalError
-from engine.models import fingerprint, hub_reachable
-from engine.plan import FP32, PlanError, parse_plan
 from app_pages import common
+from cache import keys, lookup, put
+from engine.analysis.compare import disagreements, run_comparison
+from engine.analysis.findings import findings
+from engine.analysis.presets import PRESETS, display_name, resolve_plan_item
+from engine.analysis.report import to_csv, to_markdown
+from engine.core.data import VENDORED
+from engine.core.errors import EngineError
+from engine.core.hub import hub_reachable
+from engine.core.plan import FP32, parse_plan
 
 
 @st.cache_data(ttl=600, show_spinner=False)
@@ -21,143 +23,154 @@ def _hub() -> bool:
     return hub_reachable()
 
 
-st.title("Precision comparison")
-st.markdown("What each precision gains and loses on this model, these sets and this machine: accuracy with "
-            "its 95% interval, agreement with FP32, real-kernel size and latency. The findings below are "
-            "computed from the numbers, and a difference inside its interval is never called one.")
-model, tokenizer = common.model_and_tokenizer()
+def choices(model):
+    """(plans, sets, device) chosen in the two columns; stops the page on a plan that cannot be used."""
+    left, right = st.columns(2)
+    with left:
+        presets = st.multiselect("Precisions", list(PRESETS), default=["fp32", "fp16", "int8", "int4"],
+                                 format_func=lambda p: f"{display_name(p)}: {PRESETS[p]}", key="compare_presets")
+        current = common.current_plan()
+        use_current = current.key() != FP32.key() and st.checkbox(
+            "The layer map's current plan", value=True, key="compare_current",
+            help=f"{len(current.compact(common.layer_names()).rules)} layers quantized")
+        uploads = st.file_uploader("Plan JSON files", type=["json"], accept_multiple_files=True, key="compare_uploads")
+    with right:
+        set_options = list(VENDORED) + (["sst2"] if _hub() else []) + list(st.session_state.get("uploaded_sets", {}))
+        sets = st.multiselect("Evaluation sets", set_options, default=["embedded", "amazon"], key="compare_sets",
+                              help="embedded is the in-domain test split; amazon, tweets and nyt are out of domain")
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        device = st.radio("Device", devices, horizontal=True, key="compare_device")
+        if len(devices) == 1:
+            st.caption("No CUDA GPU here: every timing is on this CPU's real kernels.")
+    try:
+        plans = [resolve_plan_item(name, model) for name in presets]
+        if use_current:
+            plans.append(("layer map", current))
+        for upload in uploads or []:
+            plan = parse_plan(upload.getvalue().decode("utf-8"))
+            plan.resolve(common.layer_names())
+            plans.append((Path(upload.name).stem, plan))
+        chosen_sets = [common.dataset(name) for name in sets]
+    except (EngineError, UnicodeDecodeError) as error:
+        st.error(f"Cannot use that choice: {error}")
+        st.stop()
+    return plans, chosen_sets, device
 
-left, right = st.columns(2)
-with left:
-    presets = st.multiselect("Precisions", list(PRESETS), default=["fp32", "fp16", "int8", "int4"],
-                             format_func=lambda p: f"{display_name(p)}: {PRESETS[p]}", key="compare_presets")
-    current = common.current_plan()
-    use_current = current.key() != FP32.key() and st.checkbox(
-        "The layer map's current plan", value=True, key="compare_current",
-        help=f"{len(current.compact(common.layer_names()).rules)} layers quantized")
-    uploads = st.file_uploader("Plan JSON files", type=["json"], accept_multiple_files=True, key="compare_uploads")
-with right:
-    uploaded_sets = list(st.session_state.get("uploaded_sets", {}))
-    set_options = list(VENDORED) + (["sst2"] if _hub() else []) + uploaded_sets
-    sets = st.multiselect("Evaluation sets", set_options, default=["embedded", "amazon"], key="compare_sets",
-                          help="embedded is the in-domain test split; amazon, tweets and nyt are out of domain")
-    if not _hub():
-        st.caption("SST-2 needs the HuggingFace Hub, which this machine cannot reach.")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    device = st.radio("Device", devices, horizontal=True, key="compare_device")
-    if len(devices) == 1:
-        st.caption("No CUDA GPU here: every timing is on this CPU's real kernels.")
 
-plans = []
-try:
-    plans = [resolve_plan_item(name, model) for name in presets]
-    if use_current:
-        plans.append(("layer map", current))
-    for upload in uploads or []:
-        plan = parse_plan(upload.getvalue().decode("utf-8"))
-        plan.resolve(common.layer_names())
-        plans.append((Path(upload.name).stem, plan))
-except (PlanError, UnicodeDecodeError) as error:
-    st.error(f"Cannot use that plan: {error}")
-    st.stop()
-
-limit = st.session_state.get("limit")
-try:
-    chosen_sets = [common.dataset(name) for name in sets]
-except DataError as error:
-    st.error(str(error))
-    st.stop()
-parts = {"model": fingerprint(model), "data": [d.fingerprint for d in chosen_sets],
-         "plans": [(label, plan.key()) for label, plan in plans], "device": device, "limit": limit}
-stored = cache.lookup(cache.make_key("compare", **parts))
-clicked = st.button("Run comparison", type="primary", disabled=not plans or not sets)
-
-if stored is None and clicked:
+def run(model, tokenizer, plans, sets, device) -> dict | None:
+    """The comparison, from the cache or run through the server's queue when asked for."""
+    key = keys.comparison(model, [d.fingerprint for d in sets], [(label, p.key()) for label, p in plans], device,
+                          st.session_state.get("limit"), ["torch"])
+    stored = lookup(key)
+    if stored is not None:
+        return stored
+    if not st.button("Run comparison", type="primary", disabled=not plans or not sets):
+        st.info("Choose plans and sets, then press **Run comparison**. Results are kept: the same choices answer "
+                "at once, in any session.")
+        return None
     bar = st.progress(0.0, text="Starting…")
+    quick = st.session_state.get("limit") is not None
 
-    def compute() -> dict:
-        report = run_comparison(model, tokenizer, plans, chosen_sets, device,
-                                progress=lambda fraction, text: bar.progress(fraction, text=text),
-                                bench_seconds=0.1 if limit else 1.0)
+    def work(job):
+        report = run_comparison(model, tokenizer, plans, sets, device, bench_seconds=0.1 if quick else 1.0,
+                                progress=lambda fraction, text: setattr(job, "progress", (fraction, text)))
         return {"rows": report.rows, "disagreements": disagreements(report.outcomes), "machine": report.machine}
 
     try:
-        stored = cache.memo("compare", compute, **parts)
-    except (PlanError, DataError, EvalError) as error:
+        stored = common.run_job("compare", "Comparing", work,
+                                show_progress=lambda p: bar.progress(p[0], text=p[1]))
+    except EngineError as error:
         st.error(f"The comparison cannot run: {error}")
-        st.stop()
+        return None
     bar.empty()
+    put(key, stored)
+    return stored
 
-if stored is None:
-    st.info("Choose plans and sets, then press **Run comparison**. Results are kept: the same choices answer at once.")
-    st.stop()
 
-rows = stored["rows"]
-st.subheader("Results")
-st.caption(f"Measured on {stored['machine']} ({rows[0]['device']}); latency at batch 1 and {rows[0]['tokens']} tokens, "
-           f"throughput at batch {rows[0]['throughput_batch']}, all plans timed in interleaved rounds; speedup is "
-           "the median of the per-round ratios to FP32, with its 95% interval.")
-table = pd.DataFrame([{
-    "plan": display_name(r["plan"]), "set": r["data"], "n": r["n"],
-    "accuracy": common.fmt_ci(r["accuracy"], r["ci95"]),
-    "Δ vs FP32 (points)": f"{100 * r['accuracy_delta']:+.1f} [{100 * r['accuracy_delta_ci95'][0]:+.1f}, "
-                          f"{100 * r['accuracy_delta_ci95'][1]:+.1f}]",
-    "agreement": f"{r['agreement']:.1%}", "flips": r["flips"], "McNemar p": r["mcnemar_p"], "KL": r["kl"],
-    "size (MB)": r["size_bytes"] / 1e6, "size ratio": r["size_ratio"],
-    "p50 (ms)": r["latency_ms_p50"], "p95 (ms)": r["latency_ms_p95"], "speedup": r["speedup"],
-    "speedup 95% CI": f"[{r['speedup_ci95'][0]:.2f}, {r['speedup_ci95'][1]:.2f}]",
-    "throughput (/s)": r["throughput_per_s"],
-    "peak memory (MB)": None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 1e6,
-} for r in rows])
-st.dataframe(table, hide_index=True, width="stretch",
-             column_config={"McNemar p": st.column_config.NumberColumn(format="%.3g"),
-                            "KL": st.column_config.NumberColumn(format="%.2e"),
-                            **{c: st.column_config.NumberColumn(format="%.2f")
-                               for c in ("size (MB)", "size ratio", "p50 (ms)", "p95 (ms)", "speedup",
-                                         "throughput (/s)", "peak memory (MB)")}})
-for note in sorted({note for r in rows for note in r.get("kernel_notes", [])}):
-    st.caption(f"Kernel note: {note}")
+def table(rows: list[dict]) -> None:
+    st.caption(f"Latency at batch 1 and {rows[0]['tokens']} tokens, throughput at batch {rows[0]['throughput_batch']}, "
+               "all plans timed interleaved round by round in one run; speedup is the median of the per-round "
+               "ratios to FP32, with its 95% interval.")
+    frame = pd.DataFrame([{
+        "plan": display_name(r["plan"]), "set": r["data"], "n": r["n"],
+        "accuracy": common.fmt_ci(r["accuracy"], r["ci95"]),
+        "Δ vs FP32 (points)": f"{100 * r['accuracy_delta']:+.1f} [{100 * r['accuracy_delta_ci95'][0]:+.1f}, "
+                              f"{100 * r['accuracy_delta_ci95'][1]:+.1f}]",
+        "agreement": f"{r['agreement']:.1%}", "flips": r["flips"], "McNemar p": r["mcnemar_p"], "KL": r["kl"],
+        "size (MB)": r["size_bytes"] / 1e6, "size ratio": r["size_ratio"], "p50 (ms)": r["latency_ms_p50"],
+        "speedup": f"{r['speedup']:.2f}x [{r['speedup_ci95'][0]:.2f}, {r['speedup_ci95'][1]:.2f}]",
+        "throughput (/s)": r["throughput_per_s"],
+    } for r in rows])
+    st.dataframe(frame, hide_index=True, width="stretch",
+                 column_config={"McNemar p": st.column_config.NumberColumn(format="%.3g"),
+                                "KL": st.column_config.NumberColumn(format="%.2e"),
+                                **{c: st.column_config.NumberColumn(format="%.2f")
+                                   for c in ("size (MB)", "size ratio", "p50 (ms)", "throughput (/s)")}})
+    for note in sorted({note for r in rows for note in r.get("kernel_notes", [])}):
+        st.caption(f"Kernel note: {note}")
 
-frame = pd.DataFrame([{
-    "plan": display_name(r["plan"]), "set": r["data"], "accuracy (%)": 100 * r["accuracy"],
-    "ci_plus": 100 * (r["ci95"][1] - r["accuracy"]), "ci_minus": 100 * (r["accuracy"] - r["ci95"][0]),
-    "delta (points)": 100 * r["accuracy_delta"],
-    "delta_plus": 100 * (r["accuracy_delta_ci95"][1] - r["accuracy_delta"]),
-    "delta_minus": 100 * (r["accuracy_delta"] - r["accuracy_delta_ci95"][0]),
-    "latency p50 (ms)": r["latency_ms_p50"], "size (MB)": r["size_bytes"] / 1e6, "fp32": r["plan_json"] == {},
-} for r in rows])
 
-charts = st.columns(2)
-accuracy = px.scatter(frame, x="plan", y="accuracy (%)", color="set", error_y="ci_plus", error_y_minus="ci_minus",
-                      title="Accuracy with 95% interval")
-accuracy.update_layout(scattermode="group")
-charts[0].plotly_chart(accuracy, width="stretch")
-tradeoff = px.scatter(frame, x="latency p50 (ms)", y="accuracy (%)", size="size (MB)", color="plan", symbol="set",
-                      title="Accuracy against latency (marker area: size)", hover_data=["size (MB)"])
-charts[1].plotly_chart(tradeoff, width="stretch")
+def charts(rows: list[dict]) -> None:
+    frame = pd.DataFrame([{
+        "plan": display_name(r["plan"]), "set": r["data"], "accuracy (%)": 100 * r["accuracy"],
+        "ci_plus": 100 * (r["ci95"][1] - r["accuracy"]), "ci_minus": 100 * (r["accuracy"] - r["ci95"][0]),
+        "delta (points)": 100 * r["accuracy_delta"],
+        "delta_plus": 100 * (r["accuracy_delta_ci95"][1] - r["accuracy_delta"]),
+        "delta_minus": 100 * (r["accuracy_delta"] - r["accuracy_delta_ci95"][0]),
+        "latency p50 (ms)": r["latency_ms_p50"], "size (MB)": r["size_bytes"] / 1e6, "fp32": r["plan_json"] == {},
+    } for r in rows])
+    low = min(100 * r["ci95"][0] for r in rows)
+    high = max(100 * r["ci95"][1] for r in rows)
+    span = [max(0.0, low - 2), min(100.0, high + 2)]  # the axis spans the data, not 0-100%
+    columns = st.columns(2)
+    accuracy = px.scatter(frame, x="plan", y="accuracy (%)", color="set", error_y="ci_plus",
+                          error_y_minus="ci_minus", title="Accuracy with 95% interval")
+    accuracy.update_layout(scattermode="group", yaxis_range=span)
+    columns[0].plotly_chart(accuracy, width="stretch")
+    tradeoff = px.scatter(frame, x="latency p50 (ms)", y="accuracy (%)", size="size (MB)", color="plan", symbol="set",
+                          title="Accuracy against latency (marker area: size)", hover_data=["size (MB)"],
+                          log_x=True)
+    tradeoff.update_layout(yaxis_range=span)
+    columns[1].plotly_chart(tradeoff, width="stretch")
+    quantized = frame[~frame["fp32"]]
+    if not quantized.empty:
+        drop = px.scatter(quantized, x="set", y="delta (points)", color="plan", error_y="delta_plus",
+                          error_y_minus="delta_minus",
+                          title="Accuracy change against FP32 per set (paired bootstrap 95% interval)")
+        drop.add_hline(y=0, line_dash="dot")
+        drop.update_layout(scattermode="group")
+        st.plotly_chart(drop, width="stretch")
 
-quantized = frame[~frame["fp32"]]
-if not quantized.empty:
-    drop = px.scatter(quantized, x="set", y="delta (points)", color="plan", error_y="delta_plus",
-                      error_y_minus="delta_minus",
-                      title="Accuracy change against FP32 per set (paired bootstrap 95% interval)")
-    drop.add_hline(y=0, line_dash="dot")
-    drop.update_layout(scattermode="group")
-    st.plotly_chart(drop, width="stretch")
 
-st.subheader("Findings")
-sentences = findings(rows)
-st.markdown("\n".join(f"- {s}" for s in sentences) if sentences else "Add a plan other than FP32 to compare.")
+def report(stored: dict) -> None:
+    rows = stored["rows"]
+    st.subheader("Results")
+    st.caption(f"Measured on {stored['machine']} ({rows[0]['device']}).")
+    table(rows)
+    charts(rows)
+    st.subheader("Findings")
+    sentences = findings(rows)
+    st.markdown("\n".join(f"- {s}" for s in sentences) if sentences else "Add a plan other than FP32 to compare.")
+    st.subheader("Examples on which the plans disagree")
+    disputed = stored["disagreements"]
+    if disputed:
+        st.caption(f"{len(disputed)} examples (up to 50 per set), widest spread of the probability of FP32's "
+                   "class first.")
+        st.dataframe(pd.DataFrame(disputed), hide_index=True, width="stretch")
+    else:
+        st.caption("Every plan predicts the same class as FP32 on every example.")
+    downloads = st.columns(2)
+    downloads[0].download_button("Download CSV", to_csv(rows), "comparison.csv", "text/csv")
+    downloads[1].download_button("Download Markdown report", to_markdown(rows, sentences, stored["machine"]),
+                                 "comparison.md", "text/markdown")
 
-st.subheader("Examples on which the plans disagree")
-disputed = stored["disagreements"]
-if disputed:
-    st.caption(f"{len(disputed)} examples (up to 50 per set), widest spread of P(positive) first.")
-    st.dataframe(pd.DataFrame(disputed), hide_index=True, width="stretch")
-else:
-    st.caption("Every plan predicts the same label as FP32 on every example.")
 
-downloads = st.columns(2)
-downloads[0].download_button("Download CSV", to_csv(rows), "comparison.csv", "text/csv")
-downloads[1].download_button("Download Markdown report", to_markdown(rows, sentences, stored["machine"]),
-                             "comparison.md", "text/markdown")
+st.title("Precision comparison")
+st.markdown("What each precision gains and loses on this model, these sets and this machine: accuracy with its 95% "
+            "interval, agreement with FP32, real-kernel size and latency. The findings below are computed from the "
+            "numbers, and a difference inside its interval is never called one.")
+model, tokenizer = common.model_and_tokenizer()
+plans, sets, device = choices(model)
+stored = run(model, tokenizer, plans, sets, device)
+if stored is not None:
+    report(stored)

@@ -1,137 +1,229 @@
-"""The layer map: click a layer to change its precision and watch accuracy, latency and size move."""
+"""The layer map: click a layer to change its precision and watch accuracy, agreement, size and latency move."""
 from __future__ import annotations
 
 import json
+import time
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-import cache
-from engine.evaluation import Session
-from engine.layers import ROLES, inventory
-from engine.measure import bench, model_size_bytes
-from engine.models import fingerprint
-from engine.plan import FP32, PRECISIONS, Plan, PlanError
-from engine.toggle import layer_bytes, next_precision, set_layers
 from app_pages import common
+from app_pages.layer_grid import layer_grid, new_clicks
+from cache import results
+from engine.analysis.toggle import next_precision, set_layers
+from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
+from engine.core.stats import SIGNIFICANCE
+from engine.evaluation.evaluator import Cancelled
+from engine.evaluation.session import Session
+from engine.model.families import ALL_ROLES
+from engine.runtime.latency import describe
 
 BENCH_TOKENS = 32
-CLICK_ACTIONS = {"cycle FP32 → INT8 → INT4": None, **{f"set {p.upper()}": p for p in PRECISIONS}}
-
-st.title("Layer map")
-st.caption("Each cell is one layer. Click a cell to change its precision; the figures below update from the "
-           "first layer that changed, with a running estimate while the rest of the set is evaluated.")
-
-evaluator = common.safe_evaluator()
-if evaluator is None:
-    st.stop()
-model, tokenizer = common.model_and_tokenizer()
-layers = inventory(model)
-names = [layer.name for layer in layers]
-by_name = {layer.name: layer for layer in layers}
+CLICK_ACTIONS = {"cycle FP32 → INT8 → INT4": "cycle", **{f"set {p.upper()}": p for p in PRECISIONS}}
 state = st.session_state
-state.setdefault("plan_undo", [])
-state.setdefault("plan_history", [])
-state.setdefault("layer_effects", {})
-state.setdefault("grid_key", 0)
 
 
-def engine_session() -> Session:
+def engine_session(evaluator) -> Session:
     """This browser session's incremental state: its own plan and trace, never shared."""
     session = state.get("lm_session")
     if session is None or session.evaluator is not evaluator:
-        session = Session(evaluator)
-        state["lm_session"] = session
+        if session is not None:
+            session.close()
+        session = state["lm_session"] = Session(evaluator)
     return session
 
 
-def change_plan(plan: Plan) -> None:
+def change_plan(plan: Plan, layer: str | None = None) -> None:
+    """Make `plan` current and queue it for evaluation (every change is evaluated, in order)."""
     current = common.current_plan()
-    if plan.key() != current.key():
-        state["plan_undo"].append(current)
-        common.set_current_plan(plan)
-
-
-def evaluate(plan: Plan, show_partial) -> dict:
-    """The plan's figures: from the disk cache when seen before, else incrementally from the last plan."""
-    return cache.memo("layer-map-eval", lambda: engine_session().update(plan, progress=show_partial).summary(),
-                      **common.result_key(plan, batch=evaluator.batch_size))
-
-
-def measured_size(plan: Plan) -> int:
-    return cache.memo("size", lambda: model_size_bytes(model, plan), model=fingerprint(model), plan=plan.key())
-
-
-def measured_latency(plan: Plan, batch: int) -> dict:
-    return cache.memo("bench", lambda: bench(model, tokenizer, plan, batch, BENCH_TOKENS, min_seconds=0.5),
-                      model=fingerprint(model), plan=plan.key(), batch=batch, tokens=BENCH_TOKENS, device="cpu")
-
-
-# ---- the grid ---------------------------------------------------------------------------------
-def grid_figure(plan: Plan) -> go.Figure:
-    resolved = plan.resolve(names, strict=False)
-    effects = state["layer_effects"]
-    xs, ys, colors, texts, hovers, custom = [], [], [], [], [], []
-    rows = [f"block {b}" for b in sorted({layer.block for layer in layers if layer.block is not None})]
-    for layer in layers:
-        precision = resolved[layer.name]
-        if layer.block is not None:
-            x, y = layer.role, f"block {layer.block}"
-        else:
-            x, y = ({"embedding": ROLES[0]}.get(layer.role, ROLES[0] if layer.role == "pooler" else ROLES[1]),
-                    "embedding" if layer.role == "embedding" else "head")
-        effect = effects.get(layer.name, "not measured yet")
-        xs.append(x)
-        ys.append(y)
-        colors.append(common.PRECISION_COLORS[precision])
-        texts.append(precision.upper() if layer.block is not None else f"{layer.role}<br>{precision.upper()}")
-        hovers.append(f"<b>{layer.name}</b><br>role {layer.role}, shape {tuple(layer.shape)}<br>"
-                      f"{layer.params:,} parameters, {layer_bytes(layer, precision, plan.group_size):,} bytes at "
-                      f"{precision.upper()}<br>last effect: {effect}")
-        custom.append(layer.name)
-    figure = go.Figure(go.Scatter(
-        x=xs, y=ys, mode="markers+text", text=texts, customdata=custom, hovertext=hovers, hoverinfo="text",
-        marker=dict(symbol="square", size=46, color=colors, line=dict(color="#555", width=1)),
-        textfont=dict(size=10)))
-    figure.update_layout(
-        height=90 + 62 * (len(rows) + 2), margin=dict(l=10, r=10, t=30, b=10), showlegend=False, dragmode=False,
-        xaxis=dict(categoryorder="array", categoryarray=list(ROLES), side="top", fixedrange=True),
-        yaxis=dict(categoryorder="array", categoryarray=list(reversed(["embedding"] + rows + ["head"])),
-                   fixedrange=True), clickmode="event+select")
-    return figure
-
-
-def legend() -> None:
-    st.markdown(" ".join(f"<span style='background:{color};padding:2px 8px;border-radius:3px;margin-right:4px'>"
-                         f"{precision.upper()}</span>" for precision, color in common.PRECISION_COLORS.items()),
-                unsafe_allow_html=True)
-
-
-def handle_click(event, action: str | None) -> None:
-    points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else \
-        getattr(getattr(event, "selection", None), "points", []) or []
-    if not points:
+    if plan.key() == current.key():
         return
-    name = points[0].get("customdata")
-    name = name[0] if isinstance(name, list) else name
-    if name not in by_name:
-        return
-    current = common.current_plan()
-    precision = action or next_precision(current.resolve(names, strict=False)[name])
-    change_plan(set_layers(current, names, [name], precision))
-    state["last_toggled"] = name
-    state["grid_key"] += 1  # a fresh chart key clears the selection, so the next click registers
+    state["plan_undo"].append(current)
+    common.set_current_plan(plan)
+    state["lm_pending"].append({"plan": plan, "layer": layer})
 
 
-# ---- controls ---------------------------------------------------------------------------------
-def bulk_controls() -> None:
+# ---- the grid -----------------------------------------------------------------------------------
+def grid_cells(layers, plan: Plan, effects: dict) -> tuple[list[str], list[str], list[dict]]:
+    """Rows (before the blocks, each block, the head), columns (roles, numbered when a block has several
+    layers of one role) and one cell per layer."""
+    resolved = plan.resolve([layer.name for layer in layers], strict=False)
     blocks = sorted({layer.block for layer in layers if layer.block is not None})
+    shared = max((layer.shared for layer in layers), default=1)
+    block_row = (lambda b: f"blocks 0-{shared - 1} (shared)") if shared > 1 else (lambda b: f"block {b}")
+    cells, seen = [], {}
+    for layer in layers:
+        row = "input" if layer.role in ("embedding", "embedding-proj") else \
+            "head" if layer.block is None else block_row(layer.block)
+        seen[(row, layer.role)] = seen.get((row, layer.role), 0) + 1
+        column = layer.role if seen[(row, layer.role)] == 1 else f"{layer.role}·{seen[(row, layer.role)]}"
+        precision = resolved[layer.name]
+        tip = (f"{layer.name}\nrole {layer.role}, shape {tuple(layer.shape)}\n{layer.params:,} parameters, "
+               f"{layer.bytes_at(precision, plan.group_size):,} bytes at {precision.upper()}"
+               + (f"\nshared by {layer.shared} blocks" if layer.shared > 1 else "")
+               + f"\nlast effect: {effects.get(layer.name, 'not measured yet')}")
+        cells.append({"layer": layer.name, "row": row, "col": column, "precision": precision, "tip": tip,
+                      "label": "" if layer.block is not None else layer.role})
+    order = {role: i for i, role in enumerate(ALL_ROLES)}
+    columns = sorted({cell["col"] for cell in cells}, key=lambda c: (order.get(c.split("·")[0], 99), c))
+    rows = ["input"] + list(dict.fromkeys(block_row(b) for b in blocks)) + ["head"]
+    return rows, columns, cells
+
+
+def grid_section(layers) -> None:
+    label = st.radio("A click", list(CLICK_ACTIONS), horizontal=True, key="click_action")
+    action = CLICK_ACTIONS[label]
+    names = [layer.name for layer in layers]
+    rows, columns, cells = grid_cells(layers, common.current_plan(), state["layer_effects"])
+    clicks = layer_grid("lm_grid", rows, columns, cells, common.PRECISION_COLORS, common.TEXT_ON, action,
+                        state["lm_acked"])
+    clicked, state["lm_acked"] = new_clicks(clicks, state["lm_acked"])
+    for name in clicked:
+        if name not in names:
+            continue
+        current = common.current_plan()
+        precision = next_precision(current.resolve(names, strict=False)[name]) if action == "cycle" else action
+        change_plan(set_layers(current, names, [name], precision), name)
+    if clicked:
+        st.rerun()  # redraw the grid from the server's plan, acknowledging the clicks
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+def evaluate_pending(evaluator) -> None:
+    """Evaluate every queued change in order (each incremental from the last), from the cache when seen."""
+    session = engine_session(evaluator)
+    box, bar = st.empty(), st.empty()
+    while state["lm_pending"]:
+        entry = state["lm_pending"][0]
+        plan = entry["plan"]
+        summary = results.cached_evaluation(evaluator, plan)
+        if summary is None:
+            waiting = len(state["lm_pending"])
+
+            def show(partial, waiting=waiting) -> None:
+                bar.progress(partial.done / partial.total, text=f"Evaluated {partial.done} of {partial.total}"
+                             + (f" · {waiting - 1} more change(s) queued" if waiting > 1 else ""))
+                box.info(f"Estimate after {partial.done} of {partial.total} sentences: accuracy "
+                         f"{common.fmt_ci(partial.accuracy, partial.ci95)}, agreement with FP32 "
+                         f"{partial.agreement:.1%} ({partial.elapsed_s:.2f} s)")
+
+            def work(job, plan=plan):
+                result = session.update(plan, progress=lambda p: setattr(job, "progress", p),
+                                        cancelled=job.cancelled)
+                return result.summary()
+
+            try:
+                summary = common.run_job("layer-map", "Updating the figures", work, box, tag=plan.key(),
+                                         show_progress=show)
+            except Cancelled:
+                box.warning("The update was cancelled; change a layer to start again.")
+                state["lm_pending"].clear()
+                return
+            results.store_evaluation(evaluator, plan, summary)
+        record(plan, summary, entry["layer"])
+        state["lm_pending"].pop(0)
+    box.empty()
+    bar.empty()
+
+
+def record(plan: Plan, summary: dict, layer: str | None) -> None:
+    """Add the plan to the history and note the effect of the clicked layer."""
+    history = state["plan_history"]
+    previous = history[-1] if history else None
+    if previous is None or previous["key"] != plan.key():
+        model, _ = common.model_and_tokenizer()
+        history.append({"key": plan.key(), "plan": plan, "label": f"#{len(history) + 1}",
+                        "accuracy": summary["accuracy"], "low": summary["ci95"][0], "high": summary["ci95"][1],
+                        "size_mb": results.size(model, plan) / 1e6, "flips": summary["flips"], "kl": summary["kl"],
+                        "changed": layer or "several layers"})
+    if layer and previous is not None:
+        state["layer_effects"][layer] = (f"{(summary['accuracy'] - previous['accuracy']) * 100:+.2f} pts accuracy, "
+                                         f"KL {summary['kl']:.1e}")
+
+
+# ---- figures ------------------------------------------------------------------------------------
+def results_section(evaluator, plan: Plan) -> None:
+    summary = results.cached_evaluation(evaluator, plan)
+    if summary is None:
+        return
+    model, _ = common.model_and_tokenizer()
+    baseline = evaluator.baseline.comparison
+    history = state["plan_history"]
+    previous = history[-2] if len(history) > 1 and history[-1]["key"] == plan.key() else None
+    size, fp32_size = results.size(model, plan), results.size(model, FP32)
+    accuracy, low, high = summary["accuracy"], *summary["ci95"]
+    columns = st.columns(4)
+    columns[0].metric(f"Accuracy (n = {summary['n']:,})", f"{accuracy:.1%}",
+                      f"{(accuracy - baseline.accuracy) * 100:+.2f} pts vs FP32", delta_color="normal",
+                      help="95% Wilson interval below")
+    columns[0].caption(f"95% CI [{low:.1%}, {high:.1%}]"
+                       + (f" · {(accuracy - previous['accuracy']) * 100:+.2f} pts vs {previous['label']}"
+                          if previous else ""))
+    columns[1].metric("Agreement with FP32", f"{summary['agreement']:.1%}", f"{summary['flips']} flips",
+                      delta_color="off", help=f"McNemar p = {summary['mcnemar_p']:.3g} against FP32")
+    columns[2].metric("Mean KL from FP32", f"{summary['kl']:.2e}",
+                      f"{summary['kl'] - previous['kl']:+.1e} vs {previous['label']}" if previous else None,
+                      delta_color="inverse")
+    columns[3].metric("Size (real format)", f"{size / 1e6:.1f} MB", f"{size / fp32_size:.0%} of FP32",
+                      delta_color="off")
+    if summary["mcnemar_p"] >= SIGNIFICANCE:
+        st.caption(f"The accuracy change against FP32 is not significant (McNemar p = {summary['mcnemar_p']:.2f}).")
+    flips_view(evaluator, summary)
+
+
+def flips_view(evaluator, summary: dict) -> None:
+    if not summary["flipped"]:
+        return
+    data = evaluator.dataset
+    classes = evaluator.classes
+    fp32 = evaluator.baseline.probs
+    with st.expander(f"The {summary['flips']} sentences whose prediction flipped against FP32"):
+        rows = [{"text": data.texts[i], "label": classes.display(int(evaluator.labels[i])),
+                 "FP32": f"{classes.display(int(fp32[i].argmax()))} ({fp32[i].max():.2f})",
+                 "plan": f"{classes.display(summary['predicted'][i])} ({summary['confidence'][i]:.2f})"}
+                for i in summary["flipped"]]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+
+def latency_section(plan: Plan) -> None:
+    """Real-kernel latency of the plan and of FP32, timed interleaved in one run; a cached figure says when
+    and under what load it was taken."""
+    model, tokenizer = common.model_and_tokenizer()
+    data = common.dataset()  # read here: session state is this thread's, not the worker's
+    st.markdown(f"**Latency on real kernels** (torch, this CPU, {BENCH_TOKENS}-token inputs; the plan and FP32 "
+                "timed interleaved in one run)")
+    columns = st.columns(2)
+    for column, batch in zip(columns, (1, 32)):
+        measured = results.cached_latency(model, plan, FP32, batch, BENCH_TOKENS)
+        fresh = column.button(f"Measure batch {batch} {'again' if measured else 'now'}", key=f"lm_measure_{batch}")
+        if (measured is None and batch == 1) or fresh:
+            measured = common.run_job("latency", f"Timing batch {batch}", lambda job, batch=batch: results.latency(
+                model, tokenizer, plan, FP32, batch, BENCH_TOKENS, fresh=True, data=data), column.empty())
+        if measured is None:
+            column.caption(f"Batch {batch}: not measured yet (about 10 s).")
+            continue
+        age = time.time() - measured["measured_at"]
+        when = "just now" if age < 60 else f"{age / 60:.0f} min ago" if age < 3600 else f"{age / 3600:.1f} h ago"
+        low, high = measured["speedup_ci95"]
+        column.metric(f"Batch {batch}, p50", f"{measured['latency_ms_p50']:.1f} ms",
+                      f"{measured['speedup']:.2f}x FP32 [{low:.2f}, {high:.2f}]", delta_color="off",
+                      help=f"FP32 {measured['reference_latency_ms_p50']:.1f} ms in the same run; p95 "
+                           f"{measured['latency_ms_p95']:.1f} ms over {measured['repeats']} rounds")
+        column.caption(f"Measured {when} on {describe(measured['machine'])} (load then "
+                       f"{measured['load_average'][0]}–{measured['load_average'][1]}).")
+
+
+# ---- controls and history -----------------------------------------------------------------------
+def bulk_controls(layers) -> None:
+    names = [layer.name for layer in layers]
     with st.expander("Bulk changes, undo, reset, import and export", expanded=False):
         c1, c2, c3 = st.columns(3)
         precision = c1.selectbox("Precision", PRECISIONS, index=3, key="bulk_precision")
+        blocks = sorted({layer.block for layer in layers if layer.block is not None})
         block = c2.selectbox("Block", ["—"] + [str(b) for b in blocks], key="bulk_block")
-        role = c3.selectbox("Role", ["—"] + list(ROLES) + ["embedding", "pooler", "classifier"], key="bulk_role")
+        roles = list(dict.fromkeys(layer.role for layer in layers))
+        role = c3.selectbox("Role", ["—"] + roles, key="bulk_role")
         b1, b2, b3, b4, b5 = st.columns(5)
         current = common.current_plan()
         if b1.button("Apply to block", disabled=block == "—", width="stretch"):
@@ -144,7 +236,9 @@ def bulk_controls() -> None:
             change_plan(set_layers(current, names, names, precision))
             st.rerun()
         if b4.button("Undo", disabled=not state["plan_undo"], width="stretch"):
-            common.set_current_plan(state["plan_undo"].pop())
+            plan = state["plan_undo"].pop()
+            common.set_current_plan(plan)
+            state["lm_pending"].append({"plan": plan, "layer": None})
             st.rerun()
         if b5.button("Reset to FP32", width="stretch"):
             change_plan(FP32)
@@ -164,95 +258,7 @@ def bulk_controls() -> None:
                 st.error(f"That plan cannot be used: {error}")
 
 
-# ---- figures ----------------------------------------------------------------------------------
-def delta(value: float, reference: float | None, unit: str = "pts", scale: float = 100.0) -> str | None:
-    if reference is None:
-        return None
-    return f"{(value - reference) * scale:+.2f} {unit}"
-
-
-def show_results(plan: Plan) -> None:
-    baseline = evaluator.baseline.summary()
-    partial_box = st.empty()
-    progress = st.empty()
-
-    def show_partial(partial) -> None:
-        progress.progress(partial.done / partial.total, text=f"Evaluated {partial.done} of {partial.total}…")
-        partial_box.info(f"Estimate after {partial.done} of {partial.total} sentences: accuracy "
-                         f"{common.fmt_ci(partial.accuracy, partial.ci95)}, agreement with FP32 "
-                         f"{partial.agreement:.1%} ({partial.elapsed_s:.2f} s)")
-
-    result = evaluate(plan, show_partial)
-    partial_box.empty()
-    progress.empty()
-    previous = state.get("previous_result")
-    size = measured_size(plan)
-    fp32_size = measured_size(FP32)
-    record(plan, result, size)
-
-    columns = st.columns(4)
-    columns[0].metric(f"Accuracy, 95% CI [{result['ci95'][0]:.1%}, {result['ci95'][1]:.1%}]", f"{result['accuracy']:.1%}",
-                      delta(result["accuracy"], baseline["accuracy"]) + " vs FP32", delta_color="normal",
-                      help=f"n = {result['n']:,}. Against the previous plan: "
-                           f"{delta(result['accuracy'], previous['accuracy']) if previous else 'n/a'}")
-    columns[1].metric("Agreement with FP32", f"{result['agreement']:.1%}", f"{result['flips']} flips",
-                      delta_color="off", help=f"McNemar p = {result['mcnemar_p']:.3g} against FP32")
-    columns[2].metric("Mean KL from FP32", f"{result['kl']:.2e}",
-                      f"{result['kl'] - previous['kl']:+.1e} vs previous" if previous else None, delta_color="inverse")
-    columns[3].metric("Size (real format)", f"{size / 1e6:.1f} MB", f"{size / fp32_size:.0%} of FP32",
-                      delta_color="off")
-    if abs(result["accuracy"] - baseline["accuracy"]) * result["n"] < 1 or result["mcnemar_p"] >= 0.05:
-        st.caption(f"The accuracy change against FP32 is not significant (McNemar p = {result['mcnemar_p']:.2f}).")
-    flips_view(result)
-    state["previous_result"] = result
-    latency_view(plan)
-
-
-def flips_view(result: dict) -> None:
-    if not result["flipped"]:
-        return
-    data = common.dataset(common.data_name())
-    baseline_probs = evaluator.baseline.probs[:, 1]
-    with st.expander(f"The {result['flips']} sentences whose prediction flipped against FP32"):
-        rows = [{"text": data.texts[i], "label": "positive" if data.labels[i] else "negative",
-                 "FP32 P(positive)": round(float(baseline_probs[i]), 3),
-                 "plan P(positive)": round(float(result["positive_probs"][i]), 3)} for i in result["flipped"]]
-        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-
-
-def latency_view(plan: Plan) -> None:
-    """Real-kernel latency, measured after the accuracy is shown; an estimate is labelled as one."""
-    st.markdown("**Latency on real kernels** (this CPU, 32-token inputs)")
-    columns = st.columns(2)
-    for column, batch in zip(columns, (1, 32)):
-        key = f"latency_{batch}"
-        box = column.empty()
-        last = state.get(key)
-        if last is not None:
-            box.metric(f"Batch {batch}, p50 (estimate: previous plan, measuring…)", f"{last['latency_ms_p50']:.1f} ms")
-        measured = measured_latency(plan, batch)
-        reference = measured_latency(FP32, batch)
-        box.metric(f"Batch {batch}, p50 ({measured['threads']} threads)", f"{measured['latency_ms_p50']:.1f} ms",
-                   f"{measured['latency_ms_p50'] / reference['latency_ms_p50']:.2f}x FP32"
-                   + (f", {measured['latency_ms_p50'] - last['latency_ms_p50']:+.1f} ms vs previous" if last else ""),
-                   delta_color="off", help=f"p95 {measured['latency_ms_p95']:.1f} ms over {measured['repeats']} runs")
-        state[key] = measured
-
-
-def record(plan: Plan, result: dict, size: int) -> None:
-    history = state["plan_history"]
-    if not history or history[-1]["key"] != plan.key():
-        history.append({"key": plan.key(), "plan": plan, "label": f"#{len(history) + 1}",
-                        "accuracy": result["accuracy"], "low": result["ci95"][0], "high": result["ci95"][1],
-                        "size_mb": size / 1e6, "flips": result["flips"], "kl": result["kl"]})
-    toggled = state.pop("last_toggled", None)
-    previous = state.get("previous_result")
-    if toggled and previous:
-        state["layer_effects"][toggled] = (f"{(result['accuracy'] - previous['accuracy']) * 100:+.2f} pts accuracy, "
-                                           f"KL {result['kl']:.1e}")
-
-
-def history_view() -> None:
+def history_section() -> None:
     history = state["plan_history"]
     if len(history) < 2:
         return
@@ -263,32 +269,36 @@ def history_view() -> None:
         error_y=dict(type="data", symmetric=False, array=frame["high"] - frame["accuracy"],
                      arrayminus=frame["accuracy"] - frame["low"])))
     figure.update_layout(height=320, xaxis_title="size (MB, real format)", yaxis_title="accuracy (95% CI)",
-                         margin=dict(l=10, r=10, t=10, b=10))
-    st.plotly_chart(figure, width="stretch")
-    st.dataframe(frame, hide_index=True, width="stretch")
+                         yaxis_tickformat=".1%", margin=dict(l=10, r=10, t=10, b=10))
+    st.plotly_chart(figure, width="stretch", key=f"lm_history_{len(history)}")
+    st.dataframe(frame, hide_index=True, width="stretch",
+                 column_config={"accuracy": st.column_config.NumberColumn(format="percent"),
+                                "low": None, "high": None, "kl": st.column_config.NumberColumn(format="%.2e"),
+                                "size_mb": st.column_config.NumberColumn("size (MB)", format="%.1f")})
     choice = st.selectbox("Restore a plan", [h["label"] for h in history], index=len(history) - 1)
     if st.button("Restore"):
         change_plan(next(h["plan"] for h in history if h["label"] == choice))
         st.rerun()
 
 
-@st.fragment
-def layer_map() -> None:
-    action_label = st.radio("A click", list(CLICK_ACTIONS), horizontal=True, key="click_action")
-    legend()
-    event = st.plotly_chart(grid_figure(common.current_plan()), on_select="rerun", selection_mode="points",
-                            key=f"grid_{state['grid_key']}", width="stretch",
-                            config={"displayModeBar": False})
-    before = common.current_plan().key()
-    handle_click(event, CLICK_ACTIONS[action_label])
-    if common.current_plan().key() != before:
-        st.rerun(scope="fragment")
-    plan = common.current_plan()
-    with st.expander("Current plan (JSON)"):
-        st.code(json.dumps(plan.to_json(), indent=2) if plan.rules else '"fp32"', language="json")
-    show_results(plan)
-
-
-bulk_controls()
-layer_map()
-history_view()
+# ---- the page -----------------------------------------------------------------------------------
+st.title("Layer map")
+st.caption("Each cell is one layer. Click a cell to change its precision; every click is evaluated, from the "
+           "first layer that changed, with a running estimate while the rest of the set is evaluated.")
+evaluator = common.safe_evaluator()
+if evaluator is None:
+    st.stop()
+for name, default in (("plan_undo", []), ("plan_history", []), ("layer_effects", {}), ("lm_pending", []),
+                      ("lm_acked", (None, 0))):
+    state.setdefault(name, default)
+if not state["plan_history"]:
+    state["lm_pending"].insert(0, {"plan": common.current_plan(), "layer": None})
+grid_section(evaluator.layers)
+evaluate_pending(evaluator)
+plan = common.current_plan()
+with st.expander("Current plan (JSON)"):
+    st.code(json.dumps(plan.to_json(), indent=2) if plan.rules else '"fp32"', language="json")
+results_section(evaluator, plan)
+latency_section(plan)
+bulk_controls(evaluator.layers)
+history_section()

@@ -9,13 +9,13 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-import cache
-from engine import robustness as rob
-from engine.data import DataError, available_sets
-from engine.models import fingerprint
-from engine.perturb import KINDS, PerturbError, highlight_html, perturb, words
-from engine.plan import Plan, PlanError
 from app_pages import common
+from cache import keys, remember
+from engine.analysis import attack, predict as pred
+from engine.analysis.perturb import KINDS, PerturbError, highlight_html, perturb, words
+from engine.core.errors import EngineError
+from engine.core.plan import Plan, PlanError
+from engine.core.data import available_sets
 
 EXAMPLES = {
     "Mixed feelings": "A warm, funny film whose clumsy last act almost undoes all the good will it earns.",
@@ -26,6 +26,8 @@ EXAMPLES = {
 }
 COLORS = {"fp32": "#525252", "int8": common.PRECISION_COLORS["int8"], "int4": common.PRECISION_COLORS["int4"],
           "current": "#3182bd"}
+CLASS_COLORS = ("#d73027", "#1a9850", "#4575b4", "#fdae61", "#8073ac", "#35978f", "#bf812d", "#878787")
+SENTIMENT_COLORS = {"negative": "#d73027", "positive": "#1a9850", "neutral": "#878787"}
 RATE_OPTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
 LONG_TEXT_TOKENS = 128  # above this, word importance waits for a click (each word costs a forward)
 
@@ -40,21 +42,23 @@ def _names(plans: dict[str, Plan]) -> dict[str, str]:
 @st.cache_data(max_entries=512, show_spinner=False)
 def _predictions(model_name: str, text: str, plans: dict[str, Plan]) -> dict[str, dict]:
     model, tokenizer, _ = common.shared_model(model_name)
-    return rob.predict_all(model, tokenizer, text, plans)
+    return pred.predict_all(model, tokenizer, text, plans)
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def _occlusion(model_name: str, text: str, plan: Plan) -> list[dict]:
     model, tokenizer, _ = common.shared_model(model_name)
-    return rob.occlusion(model, tokenizer, text, plan)
+    return pred.occlusion(model, tokenizer, text, plan)
 
 
 def _probability_bar(prediction: dict) -> go.Figure:
+    """Every class's probability as one stacked bar (sentiment classes in their usual colours)."""
     figure = go.Figure()
-    for label, color in (("negative", "#d73027"), ("positive", "#1a9850")):
-        p = prediction["probs"][label]
+    for index, (label, p) in enumerate(prediction["probs"].items()):
+        color = SENTIMENT_COLORS.get(label, CLASS_COLORS[index % len(CLASS_COLORS)])
         figure.add_bar(x=[p], y=[""], orientation="h", name=label, marker_color=color,
-                       text=f"{label} {p:.0%}", textposition="inside", hovertemplate=f"{label}: {p:.4f}<extra></extra>")
+                       text=f"{label} {p:.0%}" if p >= 0.12 else "", textposition="inside",
+                       hovertemplate=f"{label}: {p:.4f}<extra></extra>")
     figure.update_layout(barmode="stack", height=70, margin=dict(l=0, r=0, t=0, b=0), showlegend=False,
                          xaxis=dict(range=[0, 1], visible=False), yaxis=dict(visible=False))
     return figure
@@ -71,7 +75,7 @@ def show_predictions(predictions: dict[str, dict], names: dict[str, str], sectio
             st.caption(f"confidence {p['confidence']:.1%}")
             st.plotly_chart(_probability_bar(p), width="stretch", config={"displayModeBar": False},
                             key=f"bar-{section}-{key}")
-    message = rob.disagreement(predictions, names)
+    message = pred.disagreement(predictions, names)
     if message:
         st.warning(message)
 
@@ -79,7 +83,7 @@ def show_predictions(predictions: dict[str, dict], names: dict[str, str], sectio
 def notices(text: str, prediction: dict) -> None:
     """Plain words for input the model cannot really read: empty, unknown tokens only, truncated."""
     if not text.strip():
-        st.info("The text is empty, so every model sees only its special tokens [CLS] [SEP]: the answers below "
+        st.info("The text is empty, so every model sees only its special tokens: the answers below "
                 "are the models' default leanings, not a reading of a review. Type a review or pick an example.")
     elif prediction.get("truncated"):
         st.info(f"This review is longer than the model can read ({prediction['note']}); everything after "
@@ -89,7 +93,7 @@ def notices(text: str, prediction: dict) -> None:
 
 
 def _plans() -> dict[str, Plan]:
-    plans = rob.reference_plans(common.current_plan())
+    plans = pred.reference_plans(common.current_plan())
     try:
         plans["current"].resolve(common.layer_names())
     except PlanError as error:
@@ -129,11 +133,15 @@ def flip_section(text: str, plans: dict[str, Plan], names: dict[str, str]) -> No
     if st.button("Find a flip", type="primary", disabled=not words(text) or not kinds):
         model, tokenizer = common.model_and_tokenizer()
         bar = st.progress(0.0, text="ranking words")
-        compute = lambda: rob.flip_search(model, tokenizer, text, target, plans, budget, kinds, int(seed),  # noqa: E731
-                                          keep_ends, progress=lambda f, m: bar.progress(min(f, 1.0), text=m))
-        st.session_state["flip_result"] = cache.memo(
-            "flip-search", compute, model=fingerprint(model), text=text, target=target, budget=budget, kinds=kinds,
-            seed=int(seed), keep_ends=keep_ends, plans={k: p.key() for k, p in plans.items()})
+
+        def work(job):
+            return attack.flip_search(model, tokenizer, text, target, plans, budget, kinds, int(seed), keep_ends,
+                                      progress=lambda f, m: setattr(job, "progress", (min(f, 1.0), m)))
+
+        key = keys.flip_search(model, text, target, budget, kinds, int(seed), keep_ends,
+                               {k: p.key() for k, p in plans.items()})
+        st.session_state["flip_result"] = remember(key, lambda: common.run_job(
+            "flip-search", "Searching for a flip", work, show_progress=lambda p: bar.progress(p[0], text=p[1])))
         bar.empty()
     result = st.session_state.get("flip_result")
     if result is None or result.perturbation.text != text or set(result.after) != set(plans):
@@ -209,42 +217,50 @@ def batch_section(plans: dict[str, Plan], names: dict[str, str]) -> None:
             st.error("Pick at least one perturbation kind and one rate.")
             return
         try:
-            data = rob.sample(common.dataset(data_name), int(size), int(seed))
-        except (DataError, ValueError) as error:
+            data = attack.sample(common.dataset(data_name), int(size), int(seed))
+        except (EngineError, ValueError) as error:
             st.error(f"Cannot use {data_name}: {error}")
             return
         model, tokenizer = common.model_and_tokenizer()
-        key = dict(model=fingerprint(model), data=data.fingerprint, kinds=kinds, rates=sorted(rates),
-                   seed=int(seed), keep_ends=keep_ends, n=len(data), plans={k: p.key() for k, p in plans.items()})
+        settings = dict(kinds=kinds, rates=sorted(rates), seed=int(seed), keep_ends=keep_ends, n=len(data),
+                        plans={k: p.key() for k, p in plans.items()})
         bar = st.progress(0.0, text="starting")
-        update = lambda f, m: bar.progress(min(f, 1.0), text=m)  # noqa: E731
-        sweep = cache.memo("robustness-sweep", lambda: rob.sweep(model, tokenizer, data, kinds, rates, plans,
-                                                                  int(seed), keep_ends, progress=update), **key)
-        attack = None
+
+        def queued(what: str, compute):
+            return common.run_job(what, f"Running the {what}", lambda job: compute(
+                lambda f, m: setattr(job, "progress", (min(f, 1.0), m))),
+                show_progress=lambda p: bar.progress(p[0], text=p[1]))
+
+        sweep = remember(keys.robustness(model, data.fingerprint, "sweep", **settings), lambda: queued(
+            "robustness sweep", lambda progress: attack.sweep(model, tokenizer, data, kinds, rates, plans,
+                                                                int(seed), keep_ends, progress=progress)))
+        attacked = None
         if attack_n:
-            attack_data = rob.sample(data, int(attack_n), int(seed))
-            attack = cache.memo("robustness-attack", lambda: rob.attack_success(
-                model, tokenizer, attack_data, plans, None, budget, KINDS, int(seed), keep_ends, progress=update),
-                **key | {"data": attack_data.fingerprint, "n": len(attack_data), "budget": budget})
+            attack_data = attack.sample(data, int(attack_n), int(seed))
+            attacked = remember(
+                keys.robustness(model, attack_data.fingerprint, "attack", **settings, budget=budget),
+                lambda: queued("flip search", lambda progress: attack.attack_success(
+                    model, tokenizer, attack_data, plans, None, budget, KINDS, int(seed), keep_ends,
+                    progress=progress)))
         bar.empty()
-        st.session_state["rob_sweep_result"] = (sweep, attack, data_name)
+        st.session_state["rob_sweep_result"] = (sweep, attacked, data_name)
     stored = st.session_state.get("rob_sweep_result")
     if stored is None:
         return
-    sweep, attack, data_name = stored
+    sweep, attacked, data_name = stored
     st.markdown(f"**{data_name}**, {sweep['n']} texts, seed {sweep['seed']}: clean accuracy " + ", ".join(
         f"{names.get(k, k)} {common.fmt_ci(v['accuracy'], v['ci95'])}" for k, v in sweep["clean"].items()))
     st.plotly_chart(sweep_figure(sweep, names, "accuracy", "ci95", "Accuracy against perturbation rate"),
                     width="stretch", key="sweep-accuracy")
     st.plotly_chart(sweep_figure(sweep, names, "flip_rate", "flip_ci95", "Flip rate (answer changed vs clean text)"),
                     width="stretch", key="sweep-flips")
-    if attack is not None:
-        st.markdown(f"**Flip search** on {attack['n']} texts, budget {attack['budget']} edits, all kinds")
+    if attacked is not None:
+        st.markdown(f"**Flip search** on {attacked['n']} texts, budget {attacked['budget']} edits, all kinds")
         st.dataframe([{"precision": names.get(r["precision"], r["precision"]),
                        "success rate [95% CI]": common.fmt_ci(r["success_rate"], r["ci95"]),
                        "flipped": f"{r['successes']} of {r['n']}",
                        "mean edits (flips)": None if r["mean_edits"] is None else round(r["mean_edits"], 2),
-                       "mean queries": round(r["mean_queries"], 1)} for r in attack["rows"]],
+                       "mean queries": round(r["mean_queries"], 1)} for r in attacked["rows"]],
                      hide_index=True, width="stretch")
     st.caption("Overlapping intervals mean the data do not separate those precisions.")
 
@@ -287,8 +303,9 @@ if noisy != perturbation.perturbed:
 show_predictions(_predictions(model_name, noisy, plans), names, "noisy", reference=clean)
 
 st.subheader("Why: word importance")
-st.caption("Occlusion: each word is removed in turn; green words raise the positive probability, red ones lower "
-           "it, and the stronger the colour the larger the change. Hover a word for its value.")
+st.caption("Occlusion: each word is removed in turn; green words support the class that precision predicts, red "
+           "ones argue against it, and the stronger the colour the larger the change in its probability. Hover a "
+           "word for its value.")
 which = st.radio("Explain", ["the review", "the perturbed text"], horizontal=True)
 explained = text if which == "the review" else noisy
 explained_tokens = _predictions(model_name, explained, plans)["fp32"]["tokens"]
@@ -298,9 +315,11 @@ elif explained_tokens <= LONG_TEXT_TOKENS or st.toggle(
         f"Score the words of this long text ({explained_tokens} tokens; one forward per word, slower)"):
     for key, plan in plans.items():
         scores = _occlusion(model_name, explained, plan)
-        show_html(f"<b>{html.escape(names[key])}</b>: {rob.importance_html(explained, scores)}")
-    if len(words(explained)) > rob.MAX_OCCLUDED:
-        st.caption(f"Only the first {rob.MAX_OCCLUDED} words the model reads are scored.")
+        predicted = scores[0]["class"] if scores else ""
+        show_html(f"<b>{html.escape(names[key])}</b> (for {html.escape(predicted)}): "
+                  f"{pred.importance_html(explained, scores)}")
+    if len(words(explained)) > pred.MAX_OCCLUDED:
+        st.caption(f"Only the first {pred.MAX_OCCLUDED} words the model reads are scored.")
 
 flip_section(text, plans, names)
 batch_section(plans, names)

@@ -2,69 +2,27 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-import cache
-from engine import search as amp
-from engine import sensitivity as sens
-from engine.layers import HEAD_ROLES, ROLES
-from engine.measure import model_size_bytes
-from engine.plan import FP32, Plan
 from app_pages import common
+from cache import keys, lookup, remember, results
+from engine.analysis import search as amp
+from engine.analysis import sensitivity as sens
+from engine.core.plan import FP32, Plan
+from engine.core.stats import SIGNIFICANCE
+from engine.model.families import ALL_ROLES
 
 DIRECTION_TEXT = {"one": "only this layer quantized", "all-but-one": "every layer quantized but this one"}
 BUDGET_TEXT = {"max_drop": "maximum accuracy drop (points)", "not_worse": "not significantly worse than FP32",
                "target_bytes": "target size (MB)", "latency_ms": "latency target (ms, batch 1)"}
 OUTSIDE = "outside blocks"
+CHUNK_S = {"one": 3.0, "all-but-one": 30.0}  # work per queued job, so other sessions' clicks get their turn
 state = st.session_state
-
-st.title("Layer sensitivity and automatic mixed precision")
-st.markdown(
-    "Which layers can take INT4? Each layer is quantized **alone** (or every layer **but** it) and the whole "
-    "set is evaluated: accuracy with its 95% interval, flips against FP32, KL and McNemar's p. Single-layer "
-    "drops are small, often smaller than their interval: read the intervals before the colours. The search then "
-    "builds mixed plans from the sweep, **verifies every candidate by a real evaluation**, and shows the "
-    "Pareto front of size against accuracy."
-)
-
-evaluator = common.safe_evaluator()
-if evaluator is None:
-    st.stop()
-model, tokenizer = common.model_and_tokenizer()
-layers = evaluator.layers
-names = [layer.name for layer in layers]
-baseline = evaluator.baseline.comparison
-
-
-base_key = common.result_key(FP32)  # model and dataset fingerprints, kernels, device
-
-
-def row_key(layer: str, precision: str, direction: str) -> dict:
-    return {**base_key, "plan": sens.layer_plan(layer, precision, direction).key(), "layer": layer,
-            "precision": precision, "direction": direction}
-
-
-def known_rows(precisions, direction: str) -> dict[tuple[str, str], sens.Row]:
-    """The rows of this sweep already in the cache (from any session, or a stopped run)."""
-    out = {}
-    for name in names:
-        for precision in precisions:
-            found = cache.lookup(cache.make_key("sensitivity-row", **row_key(name, precision, direction)))
-            if found is not None:
-                out[(name, precision)] = sens.Row.from_dict(found)
-    return out
-
-
-@st.cache_data(show_spinner="Measuring each layer's output SQNR on 64 train sentences…", max_entries=4)
-def proxy(model_key: str) -> dict[tuple[str, str], float]:
-    def compute() -> list:
-        return [[n, p, v] for (n, p), v in sens.sqnr_proxy(model, tokenizer).items()]
-    pairs = cache.memo("sensitivity-sqnr", compute, model=model_key, sentences=sens.PROXY_SENTENCES)
-    return {(n, p): v for n, p, v in pairs}
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -77,70 +35,75 @@ def stop_sweep() -> None:
     state["sens_stop"] = True
 
 
-# ---- the sweep ------------------------------------------------------------------------------
-st.header("Sweep")
-controls = st.columns([2, 3])
-precisions = controls[0].multiselect("Precisions", sens.SWEEP_PRECISIONS, default=list(sens.SWEEP_PRECISIONS),
-                                     key="sens_precisions")
-direction = controls[1].radio("Direction", sens.DIRECTIONS, horizontal=True, key="sens_direction",
-                              format_func=lambda d: f"{d}: {DIRECTION_TEXT[d]}")
-sqnr = proxy(base_key["model"])
+def known_rows(evaluator, precisions, direction: str) -> dict[tuple[str, str], sens.Row]:
+    """The rows of this sweep already in the cache (from any session, the CLI or the grid)."""
+    out = {}
+    for layer in evaluator.layers:
+        for precision in precisions:
+            found = lookup(keys.sweep_row(evaluator, layer.name, precision, direction))
+            if found is not None:
+                out[(layer.name, precision)] = sens.Row.from_dict(found)
+    return out
 
 
-@st.fragment
-def sweep_panel() -> None:
-    """Run / Stop with live progress; only this part reruns while the sweep goes on."""
+def estimated_seconds(evaluator, missing: list[tuple[str, str]], direction: str) -> float:
+    """A sweep's cost from this set's measured FP32 pass: each row runs the model from its layer's cut."""
+    full, cuts = evaluator.baseline.seconds, evaluator.cuts
+    last = max(evaluator.last_cut, 1)
+    rows = sum((last - cuts[name] + sens.HEAD_WORK) / last for name, _ in missing) * full
+    return rows + (full * len({p for _, p in missing}) if direction == "all-but-one" else 0.0)
+
+
+def sweep_panel(evaluator, model, tokenizer, precisions, direction: str) -> None:
+    """Run / Stop with live progress; rows are computed in short queued jobs and stored as they finish."""
     if not precisions:
         st.info("Choose at least one precision.")
         return
-    known = known_rows(precisions, direction)
-    total = len(names) * len(precisions)
+    known = known_rows(evaluator, precisions, direction)
+    total = len(evaluator.layers) * len(precisions)
+    missing = [(layer.name, p) for layer in evaluator.layers for p in precisions if (layer.name, p) not in known]
     buttons = st.columns([1, 1, 4])
     run = buttons[0].button("Resume sweep" if 0 < len(known) < total else "Run sweep", type="primary",
-                            disabled=len(known) == total, key="sens_run")
+                            disabled=not missing, key="sens_run")
     buttons[1].button("Stop", on_click=stop_sweep, key="sens_stop_button",
                       help="stops after the row under way; finished rows are kept for every session")
     buttons[2].caption(f"{len(known)} of {total} rows done on {len(evaluator.labels):,} sentences "
-                       f"({evaluator.dataset.name}); each row is stored as soon as it is finished.")
+                       f"({evaluator.dataset.name})"
+                       + (f"; the rest will take about {fmt_seconds(estimated_seconds(evaluator, missing, direction))}"
+                          if missing else "") + ". Each row is stored as soon as it is finished.")
     if not run:
-        if state.get("sens_stop") and len(known) < total:
-            st.warning(f"Stopped: {len(known)} rows kept. Resume to compute the other {total - len(known)}.")
+        if state.get("sens_stop") and missing:
+            st.warning(f"Stopped: {len(known)} rows kept. Resume to compute the other {len(missing)}.")
         return
     state["sens_stop"] = False
     bar = st.progress(len(known) / total, text="Starting…")
+    sqnr = results.sqnr_proxy(model, tokenizer, evaluator, sens.check_precisions(precisions))
+    started, computed = time.perf_counter(), 0
+    while len(known) < total and not state.get("sens_stop"):
+        def work(job):
+            began = time.perf_counter()
+            return results.sweep(evaluator, precisions, direction, sqnr,
+                                 should_stop=lambda: job.cancelled() or time.perf_counter() - began > CHUNK_S[direction],
+                                 progress=lambda p: setattr(job, "progress", p))
 
-    def on_row(row: sens.Row) -> None:
-        cache.memo("sensitivity-row", row.as_dict, **row_key(row.layer, row.precision, row.direction))
+        def show(p) -> None:
+            last = f" · last: {p.row.layer.split('.', 1)[-1]} {p.row.precision}" if p.row else ""
+            bar.progress(p.fraction, text=f"{p.done}/{p.total} rows · {fmt_seconds(time.perf_counter() - started)} "
+                                          f"elapsed · about {fmt_seconds(p.eta_s)} left{last}")
 
-    def progress(p: sens.SweepProgress) -> None:
-        last = f" · last: {p.row.layer.split('.', 1)[-1]} {p.row.precision}" if p.row else ""
-        bar.progress(p.fraction, text=f"{p.done}/{p.total} rows · {fmt_seconds(p.elapsed_s)} elapsed · "
-                                      f"about {fmt_seconds(p.eta_s)} left{last}")
-
-    result = sens.sweep(evaluator, precisions, direction, sqnr, done=known,
-                        should_stop=lambda: bool(state.get("sens_stop")), on_row=on_row, progress=progress)
-    state["sens_last_run"] = (result.computed, result.seconds, result.stopped)
+        result = common.run_job("sensitivity", "Sweeping", work, show_progress=show)
+        computed += result.computed
+        known = known_rows(evaluator, precisions, direction)
+    state["sens_last_run"] = (computed, time.perf_counter() - started, bool(state.get("sens_stop")))
     st.rerun()
 
 
-sweep_panel()
-if "sens_last_run" in state:
-    computed, seconds, stopped = state["sens_last_run"]
-    if computed:
-        st.caption(f"Last run: {computed} rows in {seconds:.0f} s ({seconds / computed:.1f} s a row)"
-                   + (", stopped." if stopped else "."))
-
-rows_by_direction = {d: known_rows(sens.SWEEP_PRECISIONS, d) for d in sens.DIRECTIONS}
-rows = list(rows_by_direction[direction].values())
-rows = [r for r in rows if r.precision in precisions]
-
-
-# ---- heatmaps -------------------------------------------------------------------------------
-def heatmap(chosen: list[sens.Row], precision: str, direction: str) -> go.Figure:
-    """Blocks by roles, colour = accuracy drop; the embedding and the head in a row of their own."""
-    columns = list(ROLES) + ["embedding"] + list(HEAD_ROLES)
-    n_blocks = evaluator.n_blocks
-    labels = [f"block {b}" for b in range(n_blocks)] + [OUTSIDE]
+# ---- views of the rows ---------------------------------------------------------------------------
+def heatmap(evaluator, chosen: list[sens.Row], precision: str, direction: str) -> go.Figure:
+    """Blocks by roles, colour = accuracy drop; the layers outside the blocks in a row of their own."""
+    present = {r.role for r in chosen}
+    columns = [role for role in ALL_ROLES if role in present]
+    labels = [f"block {b}" for b in range(evaluator.stages.n_blocks)] + [OUTSIDE]
     z = [[None] * len(columns) for _ in labels]
     text = [[""] * len(columns) for _ in labels]
     hover = [["no layer here"] * len(columns) for _ in labels]
@@ -163,27 +126,29 @@ def heatmap(chosen: list[sens.Row], precision: str, direction: str) -> go.Figure
     return figure
 
 
-available = [(d, p) for d in sens.DIRECTIONS for p in precisions
-             if any(r.precision == p for r in rows_by_direction[d].values())]
-if not available:
-    st.info("No rows yet: run the sweep above.")
-else:
+def heatmaps_section(evaluator, rows_by_direction: dict, precisions) -> None:
+    baseline = evaluator.baseline.comparison
+    available = [(d, p) for d in sens.DIRECTIONS for p in precisions
+                 if any(r.precision == p for r in rows_by_direction[d].values())]
+    if not available:
+        st.info("No rows yet: run the sweep above.")
+        return
     st.header("Heatmaps")
     st.caption("Colour: accuracy points lost against FP32 "
                f"({common.fmt_ci(baseline.accuracy, baseline.ci95)}); red = worse. Hover for the interval, "
                f"flips, KL and McNemar's p. One sentence is {100 / baseline.n:.2f} points on this set.")
     figures = st.columns(min(2, len(available)))
     for i, (d, p) in enumerate(available):
-        figures[i % len(figures)].plotly_chart(heatmap(list(rows_by_direction[d].values()), p, d), width="stretch",
-                                               key=f"sens_heat_{d}_{p}")
+        figures[i % len(figures)].plotly_chart(heatmap(evaluator, list(rows_by_direction[d].values()), p, d),
+                                               width="stretch", key=f"sens_heat_{d}_{p}")
 
-if rows:
-    # ---- ranked table -----------------------------------------------------------------------
+
+def ranked_section(rows: list[sens.Row]) -> None:
     st.header("Ranked")
     table = pd.DataFrame([{"layer": r.layer, "precision": r.precision, "drop (points)": r.drop,
                            "accuracy": r.accuracy, "95% CI": f"[{r.ci95[0]:.1%}, {r.ci95[1]:.1%}]",
                            "flips": r.flips, "KL (nats)": r.kl, "McNemar p": r.mcnemar_p,
-                           "SQNR (dB)": r.sqnr_db, "significant": r.mcnemar_p < 0.05} for r in rows])
+                           "SQNR (dB)": r.sqnr_db, "significant": r.mcnemar_p < SIGNIFICANCE} for r in rows])
     table = table.sort_values(["drop (points)", "KL (nats)"], ascending=False)
     st.dataframe(table, hide_index=True, width="stretch", column_config={
         "accuracy": st.column_config.NumberColumn(format="percent"),
@@ -192,10 +157,12 @@ if rows:
         "McNemar p": st.column_config.NumberColumn(format="%.3f"),
         "SQNR (dB)": st.column_config.NumberColumn(format="%.1f")})
     significant = int(table["significant"].sum())
-    st.caption(f"{significant} of {len(rows)} rows differ from FP32 at McNemar's 5% level (no correction for "
-               f"{len(rows)} tests: expect about {0.05 * len(rows):.0f} by chance when nothing differs).")
+    st.caption(f"{significant} of {len(rows)} rows differ from FP32 at McNemar's {SIGNIFICANCE:.0%} level (no "
+               f"correction for {len(rows)} tests: expect about {SIGNIFICANCE * len(rows):.0f} by chance when "
+               "nothing differs).")
 
-    # ---- proxy against measured ---------------------------------------------------------------
+
+def proxy_section(rows: list[sens.Row], precisions) -> None:
     st.header("Cheap proxy against the measurement")
     agreement = sens.proxy_agreement(rows)
     scatter = go.Figure()
@@ -203,10 +170,12 @@ if rows:
         chosen = [r for r in rows if r.precision == precision and r.sqnr_db is not None and math.isfinite(r.sqnr_db)]
         scatter.add_trace(go.Scatter(
             x=[r.sqnr_db for r in chosen], y=[max(r.kl, 1e-12) for r in chosen], mode="markers",
-            name=precision.upper(), marker={"color": common.PRECISION_COLORS[precision], "size": 9},
+            name=precision.upper(), marker={"color": common.PRECISION_COLORS[precision], "size": 9,
+                                            "line": {"color": "#333", "width": 1}},
             hovertext=[f"{r.layer}<br>drop {r.drop:+.2f} points" for r in chosen]))
-    scatter.update_layout(xaxis_title="layer output SQNR on 64 train sentences (dB)",
-                          yaxis_title="end-to-end KL against FP32 (nats, log)", yaxis_type="log", height=420)
+    scatter.update_layout(xaxis_title=f"layer output SQNR on {sens.PROXY_SENTENCES} calibration sentences (dB)",
+                          yaxis_title="end-to-end KL against FP32 (nats, log)", yaxis_type="log", yaxis_dtick=1,
+                          yaxis_exponentformat="power", height=420)
     st.plotly_chart(scatter, width="stretch", key="sens_scatter")
     if agreement:
         st.markdown(" · ".join(f"**{name}**: Spearman ρ = {a['rho']:+.2f} (p = {a['p']:.2g}, n = {a['n']})"
@@ -214,7 +183,8 @@ if rows:
         st.caption("A useful proxy has ρ near −1 (higher SQNR, smaller KL). The proxy costs seconds for every "
                    "layer; where ρ is weak, trust the measured rows.")
 
-    # ---- per block --------------------------------------------------------------------------
+
+def blocks_section(rows: list[sens.Row], precisions) -> None:
     st.header("Per block")
     summary = pd.DataFrame(sens.block_summary(rows))
     bars = go.Figure()
@@ -228,61 +198,53 @@ if rows:
     st.plotly_chart(bars, width="stretch", key="sens_blocks")
 
 
-# ---- the search -----------------------------------------------------------------------------
-st.header("Search: the smallest plan for a budget")
-single = rows_by_direction["one"]
-complete = all((n, p) in single for n in names for p in sens.SWEEP_PRECISIONS)
-if not complete:
-    st.info("The search builds on the single-layer sweep at both INT8 and INT4: run it above "
-            f"(direction one, both precisions; {len(single)} of {2 * len(names)} rows done).")
-    st.stop()
+# ---- the search ------------------------------------------------------------------------------------
+def search_section(evaluator, model, tokenizer, single: dict) -> dict | None:
+    """The budget controls and the search's outcome (from the cache, or run through the queue)."""
+    st.header("Search: the smallest plan for a budget")
+    names = [layer.name for layer in evaluator.layers]
+    if not all((n, p) in single for n in names for p in sens.SWEEP_PRECISIONS):
+        st.info("The search builds on the single-layer sweep at both INT8 and INT4: run it above "
+                f"(direction one, both precisions; {len(single)} of {2 * len(names)} rows done).")
+        return None
+    fp32_bytes = results.size(model, FP32)
+    controls = st.columns([2, 2, 1])
+    kind = controls[0].radio("Budget", amp.BUDGETS, format_func=BUDGET_TEXT.get, key="sens_budget")
+    value: float | None = None
+    if kind == "max_drop":
+        value = controls[1].number_input("Points", 0.0, 100.0, 1.0, 0.1, key="sens_drop")
+    elif kind == "target_bytes":
+        value = controls[1].number_input("MB", 0.1, fp32_bytes / 1e6, round(fp32_bytes / 4e6, 1), 0.5,
+                                         key="sens_mb") * 1e6
+    elif kind == "latency_ms":
+        value = controls[1].number_input("ms", 0.1, 10000.0, 20.0, 1.0, key="sens_ms")
+    measure_latency = controls[2].checkbox("Time the front", value=True, key="sens_latency",
+                                           help="real kernels, batch 1, 32 tokens, after warm-up")
+    budget = amp.Budget(kind, value)
+    key = keys.search(evaluator, [kind, value], measure_latency or kind == "latency_ms", amp.LADDER, amp.MAX_REFINE)
+    outcome = lookup(key)
+    if outcome is None:
+        if not st.button("Search", type="primary", key="sens_search"):
+            st.caption("Every candidate plan is evaluated for real (about 20 evaluations of the set, "
+                       f"~{fmt_seconds(20 * evaluator.baseline.seconds)}); the result is stored for every session.")
+            return None
+        bar = st.progress(0.0, text="Verifying candidates…")
 
-fp32_bytes = model_size_bytes(model, FP32)
-search_controls = st.columns([2, 2, 1])
-kind = search_controls[0].radio("Budget", amp.BUDGETS, format_func=BUDGET_TEXT.get, key="sens_budget")
-value: float | None = None
-if kind == "max_drop":
-    value = search_controls[1].number_input("Points", 0.0, 100.0, 1.0, 0.1, key="sens_drop")
-elif kind == "target_bytes":
-    value = search_controls[1].number_input("MB", 0.1, fp32_bytes / 1e6, round(fp32_bytes / 4e6, 1), 0.5,
-                                            key="sens_mb") * 1e6
-elif kind == "latency_ms":
-    value = search_controls[1].number_input("ms", 0.1, 10000.0, 20.0, 1.0, key="sens_ms")
-measure_latency = search_controls[2].checkbox("Time the front", value=True, key="sens_latency",
-                                              help="real kernels, batch 1, 32 tokens, after warm-up")
-budget = amp.Budget(kind, value)
-search_key = dict(base_key, budget=[kind, value], latency=measure_latency or kind == "latency_ms",
-                  ladder=amp.LADDER, refine=amp.MAX_REFINE)
-outcome = cache.lookup(cache.make_key("sensitivity-search", **search_key))
-if outcome is None and st.button("Search", type="primary", key="sens_search"):
-    bar = st.progress(0.0, text="Verifying candidates…")
+        def work(job) -> dict:
+            try:
+                return amp.search(evaluator, model, tokenizer, list(single.values()), budget, latency=measure_latency,
+                                  progress=lambda text, count: setattr(job, "progress", (text, count))).as_dict()
+            except amp.SearchError as error:
+                return {"error": str(error)}
 
-    def progress(text: str, count: int) -> None:
-        bar.progress(min(count / 30, 0.99), text=f"{count} plans verified · {text}")
-
-    def compute() -> dict:
-        try:
-            return amp.search(evaluator, model, tokenizer, list(single.values()), budget,
-                              latency=measure_latency, progress=progress).as_dict()
-        except amp.SearchError as error:
-            return {"error": str(error)}
-    outcome = cache.memo("sensitivity-search", compute, **search_key)
-    bar.empty()
-if outcome is None:
-    st.caption("Every candidate plan is evaluated for real (a minute or two on the full set); the result is "
-               "stored for every session.")
-    st.stop()
-if "error" in outcome:
-    st.error(outcome["error"])
-    st.stop()
-
-st.success(f"Chosen for '{outcome['budget']['text']}': {outcome['size_bytes'] / 1e6:.2f} MB, accuracy "
-           f"{common.fmt_ci(outcome['accuracy'], outcome['ci95'])}, drop {outcome['drop']:+.2f} points "
-           f"(McNemar p = {outcome['mcnemar_p']:.3f}); " + ", ".join(f"{n} {p.upper()}" for p, n in
-                                                               sorted(outcome["layers"].items())) + ".")
-st.caption(f"{outcome['evaluations']} plans verified in {outcome['seconds']:.0f} s. Uniform INT8 is "
-           f"{outcome['references']['int8']['size_bytes'] / 1e6:.2f} MB at "
-           f"{common.fmt_ci(outcome['references']['int8']['accuracy'], outcome['references']['int8']['ci95'])}.")
+        outcome = remember(key, lambda: common.run_job(
+            "search", "Searching", work,
+            show_progress=lambda p: bar.progress(min(p[1] / 30, 0.99), text=f"{p[1]} plans verified · {p[0]}")))
+        bar.empty()
+    if "error" in outcome:
+        st.error(outcome["error"])
+        return None
+    return outcome
 
 
 def error_bars(points: list[dict]) -> dict:
@@ -290,30 +252,58 @@ def error_bars(points: list[dict]) -> dict:
             "arrayminus": [p["accuracy"] - p["ci95"][0] for p in points], "thickness": 1}
 
 
-pareto = go.Figure()
-others = outcome["candidates"]
-pareto.add_trace(go.Scatter(x=[c["size_bytes"] / 1e6 for c in others], y=[c["accuracy"] for c in others],
-                            mode="markers", name="verified candidates", marker={"color": "#bbbbbb", "size": 7},
-                            hovertext=[c["source"] for c in others]))
-front = outcome["front"]
-pareto.add_trace(go.Scatter(x=[c["size_bytes"] / 1e6 for c in front], y=[c["accuracy"] for c in front],
-                            mode="lines+markers", name="Pareto front", line={"color": "#3182bd"},
-                            error_y=error_bars(front), hovertext=[c["source"] for c in front]))
-for name, reference in outcome["references"].items():
-    pareto.add_trace(go.Scatter(x=[reference["size_bytes"] / 1e6], y=[reference["accuracy"]], mode="markers+text",
-                                name=f"uniform {name.upper()}", text=[name.upper()], textposition="top center",
-                                marker={"symbol": "diamond", "size": 13, "color": common.PRECISION_COLORS[name],
-                                        "line": {"color": "black", "width": 1}}))
-pareto.add_trace(go.Scatter(x=[outcome["size_bytes"] / 1e6], y=[outcome["accuracy"]], mode="markers",
-                            name="chosen", marker={"symbol": "star", "size": 18, "color": "#31a354"}))
-pareto.update_layout(xaxis_title="size (MB, serialized with real kernels)", yaxis_title="accuracy",
-                     yaxis_tickformat=".1%", height=440)
-st.plotly_chart(pareto, width="stretch", key="sens_pareto")
+def outcome_section(outcome: dict) -> None:
+    st.success(f"Chosen for '{outcome['budget']['text']}': {outcome['size_bytes'] / 1e6:.2f} MB, accuracy "
+               f"{common.fmt_ci(outcome['accuracy'], outcome['ci95'])}, drop {outcome['drop']:+.2f} points "
+               f"(McNemar p = {outcome['mcnemar_p']:.3f}); "
+               + ", ".join(f"{n} {p.upper()}" for p, n in sorted(outcome["layers"].items())) + ".")
+    int8 = outcome["references"]["int8"]
+    st.caption(f"{outcome['evaluations']} plans verified in {outcome['seconds']:.0f} s. Uniform INT8 is "
+               f"{int8['size_bytes'] / 1e6:.2f} MB at {common.fmt_ci(int8['accuracy'], int8['ci95'])}.")
+    pareto = go.Figure()
+    others, front = outcome["candidates"], outcome["front"]
+    pareto.add_trace(go.Scatter(x=[c["size_bytes"] / 1e6 for c in others], y=[c["accuracy"] for c in others],
+                                mode="markers", name="verified candidates", marker={"color": "#bbbbbb", "size": 7},
+                                hovertext=[c["source"] for c in others]))
+    pareto.add_trace(go.Scatter(x=[c["size_bytes"] / 1e6 for c in front], y=[c["accuracy"] for c in front],
+                                mode="lines+markers", name="Pareto front", line={"color": "#3182bd"},
+                                error_y=error_bars(front), hovertext=[c["source"] for c in front]))
+    for name, reference in outcome["references"].items():
+        pareto.add_trace(go.Scatter(x=[reference["size_bytes"] / 1e6], y=[reference["accuracy"]],
+                                    mode="markers+text", name=f"uniform {name.upper()}", text=[name.upper()],
+                                    textposition="top center",
+                                    marker={"symbol": "diamond", "size": 13, "color": common.PRECISION_COLORS[name],
+                                            "line": {"color": "black", "width": 1}}))
+    pareto.add_trace(go.Scatter(x=[outcome["size_bytes"] / 1e6], y=[outcome["accuracy"]], mode="markers",
+                                name="chosen", marker={"symbol": "star", "size": 18, "color": "#31a354"}))
+    pareto.update_layout(xaxis_title="size (MB, serialized with real kernels)", yaxis_title="accuracy",
+                         yaxis_tickformat=".1%", height=440)
+    st.plotly_chart(pareto, width="stretch", key="sens_pareto")
+    st.subheader("Errors compound")
+    columns = st.columns(2)
+    columns[0].plotly_chart(compounding_chart(others, "drop", "predicted_drop", "accuracy drop (points)", False),
+                            width="stretch", key="sens_compounding")
+    columns[1].plotly_chart(compounding_chart(others, "kl", "predicted_kl", "KL (nats, log)", True),
+                            width="stretch", key="sens_compounding_kl")
+    st.caption("Above the dotted line, a plan lost more than its layers did one at a time. Single-layer drops are "
+               "mostly a sentence or two either way (noise), so their sum predicts little; the KL, which counts "
+               "every change in confidence, shows the compounding more clearly.")
+    timed = outcome["latency_front"]
+    if timed:
+        latency = go.Figure(go.Scatter(x=[c["latency_ms_p50"] for c in timed], y=[c["accuracy"] for c in timed],
+                                       mode="lines+markers", error_y=error_bars(timed),
+                                       hovertext=[f"{c['size_bytes'] / 1e6:.1f} MB" for c in timed]))
+        latency.update_layout(title="Latency against accuracy (front plans)", xaxis_title="latency p50 (ms, batch 1)",
+                              yaxis_title="accuracy", yaxis_tickformat=".1%", height=380)
+        st.plotly_chart(latency, width="stretch", key="sens_latency_chart")
+        st.caption("Latency is measured on this machine's real torch kernels (INT4 is unpacked per call on CPU, so "
+                   "it saves bytes, not time; ONNX Runtime runs it with a real int4 kernel).")
+    front_plans(front)
 
 
-def compounding_chart(measured: str, summed: str, unit: str, log: bool) -> go.Figure:
+def compounding_chart(plans_seen: list[dict], measured: str, summed: str, unit: str, log: bool) -> go.Figure:
     """Each verified plan's measured effect against the sum of its layers' single-layer effects."""
-    plans = [c for c in others if c.get(summed) is not None and (not log or (c[summed] > 0 and c[measured] > 0))]
+    plans = [c for c in plans_seen if c.get(summed) is not None and (not log or (c[summed] > 0 and c[measured] > 0))]
     values = [c[summed] for c in plans] + [c[measured] for c in plans]
     figure = go.Figure(go.Scatter(x=[c[summed] for c in plans], y=[c[measured] for c in plans], mode="markers",
                                   marker={"size": 9, "color": "#3182bd"}, name="verified plans",
@@ -325,41 +315,63 @@ def compounding_chart(measured: str, summed: str, unit: str, log: bool) -> go.Fi
     figure.update_layout(xaxis_title=f"sum of the layers' single-layer {unit}", yaxis_title=f"measured {unit}",
                          xaxis_type="log" if log else "linear", yaxis_type="log" if log else "linear",
                          height=380, showlegend=False)
+    if log:
+        figure.update_xaxes(dtick=1, exponentformat="power")
+        figure.update_yaxes(dtick=1, exponentformat="power")
     return figure
 
 
-st.subheader("Errors compound")
-compound_columns = st.columns(2)
-compound_columns[0].plotly_chart(compounding_chart("drop", "predicted_drop", "accuracy drop (points)", False),
-                                 width="stretch", key="sens_compounding")
-compound_columns[1].plotly_chart(compounding_chart("kl", "predicted_kl", "KL (nats, log)", True),
-                                 width="stretch", key="sens_compounding_kl")
-st.caption("Above the dotted line, a plan lost more than its layers did one at a time. Single-layer drops are "
-           "mostly a sentence or two either way (noise), so their sum predicts little; the KL, which counts "
-           "every change in confidence, shows the compounding more clearly.")
-timed = outcome["latency_front"]
-if timed:
-    latency = go.Figure(go.Scatter(x=[c["latency_ms_p50"] for c in timed], y=[c["accuracy"] for c in timed],
-                                   mode="lines+markers", error_y=error_bars(timed),
-                                   hovertext=[f"{c['size_bytes'] / 1e6:.1f} MB" for c in timed]))
-    latency.update_layout(title="Latency against accuracy (front plans)", xaxis_title="latency p50 (ms, batch 1)",
-                          yaxis_title="accuracy", yaxis_tickformat=".1%", height=380)
-    st.plotly_chart(latency, width="stretch", key="sens_latency_chart")
-    st.caption("Latency is measured on this machine's real kernels (INT4 is unpacked per call on CPU, so it "
-               "saves bytes, not time).")
+def front_plans(front: list[dict]) -> None:
+    st.subheader("Front plans")
+    for i, candidate in enumerate(front):
+        line = st.columns([4, 1])
+        counts = ", ".join(f"{n} {p.upper()}" for p, n in sorted(candidate["layers"].items()))
+        latency_text = "" if candidate["latency_ms_p50"] is None else f" · {candidate['latency_ms_p50']:.1f} ms"
+        line[0].markdown(f"**{candidate['size_bytes'] / 1e6:.2f} MB** · "
+                         f"{common.fmt_ci(candidate['accuracy'], candidate['ci95'])}"
+                         f" · drop {candidate['drop']:+.2f} (sum of single drops {candidate['predicted_drop']:+.2f})"
+                         f"{latency_text} · {counts}")
+        if line[1].button("Open in layer map", key=f"sens_apply_{i}"):
+            common.set_current_plan(Plan.from_json(candidate["plan"]))
+            state.setdefault("lm_pending", []).append({"plan": common.current_plan(), "layer": None})
+            try:
+                st.switch_page("app_pages/layer_map.py")
+            except StreamlitAPIException:
+                line[1].success("Sent: open the layer map page.")
 
-st.subheader("Front plans")
-for i, candidate in enumerate(front):
-    line = st.columns([4, 1])
-    counts = ", ".join(f"{n} {p.upper()}" for p, n in sorted(candidate["layers"].items()))
-    latency_text = "" if candidate["latency_ms_p50"] is None else f" · {candidate['latency_ms_p50']:.1f} ms"
-    line[0].markdown(f"**{candidate['size_bytes'] / 1e6:.2f} MB** · "
-                     f"{common.fmt_ci(candidate['accuracy'], candidate['ci95'])}"
-                     f" · drop {candidate['drop']:+.2f} (sum of single drops {candidate['predicted_drop']:+.2f})"
-                     f"{latency_text} · {counts}")
-    if line[1].button("Open in layer map", key=f"sens_apply_{i}"):
-        common.set_current_plan(Plan.from_json(candidate["plan"]))
-        try:
-            st.switch_page("app_pages/layer_map.py")
-        except StreamlitAPIException:
-            line[1].success("Sent: open the layer map page.")
+
+# ---- the page ---------------------------------------------------------------------------------------
+st.title("Layer sensitivity and automatic mixed precision")
+st.markdown(
+    "Which layers can take INT4? Each layer is quantized **alone** (or every layer **but** it) and the whole "
+    "set is evaluated: accuracy with its 95% interval, flips against FP32, KL and McNemar's p. Single-layer "
+    "drops are small, often smaller than their interval: read the intervals before the colours. The search then "
+    "builds mixed plans from the sweep, **verifies every candidate by a real evaluation**, and shows the "
+    "Pareto front of size against accuracy."
+)
+evaluator = common.safe_evaluator()
+if evaluator is None:
+    st.stop()
+model, tokenizer = common.model_and_tokenizer()
+st.header("Sweep")
+controls = st.columns([2, 3])
+precisions = controls[0].multiselect("Precisions", sens.SWEEP_PRECISIONS, default=list(sens.SWEEP_PRECISIONS),
+                                     key="sens_precisions")
+direction = controls[1].radio("Direction", sens.DIRECTIONS, horizontal=True, key="sens_direction",
+                              format_func=lambda d: f"{d}: {DIRECTION_TEXT[d]}")
+sweep_panel(evaluator, model, tokenizer, precisions, direction)
+if "sens_last_run" in state:
+    computed, seconds, stopped = state["sens_last_run"]
+    if computed:
+        st.caption(f"Last run: {computed} rows in {seconds:.0f} s ({seconds / computed:.1f} s a row)"
+                   + (", stopped." if stopped else "."))
+rows_by_direction = {d: known_rows(evaluator, sens.SWEEP_PRECISIONS, d) for d in sens.DIRECTIONS}
+rows = [r for r in rows_by_direction[direction].values() if r.precision in precisions]
+heatmaps_section(evaluator, rows_by_direction, precisions)
+if rows:
+    ranked_section(rows)
+    proxy_section(rows, precisions)
+    blocks_section(rows, precisions)
+outcome = search_section(evaluator, model, tokenizer, rows_by_direction["one"])
+if outcome is not None:
+    outcome_section(outcome)

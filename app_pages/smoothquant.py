@@ -1,107 +1,135 @@
-"""SmoothQuant: see the activation outliers, move alpha, watch W8A8 accuracy respond."""
+"""SmoothQuant: see the activation outliers, move alpha, watch W8A8 accuracy respond.
+
+The page opens on what is cheap or known: calibration statistics, the outlier view and, where a sweep or
+per-layer search is cached, the best alpha found; evaluations run when asked for, with their cost
+estimated from this set's measured FP32 pass, on a quick sample first if the person wants.
+"""
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-import cache
-from engine import smoothquant as sq
-from engine.layers import inventory
-from engine.models import fingerprint
-from engine.plan import Plan
 from app_pages import common
+from cache import keys, lookup, remember
+from engine.analysis import smoothquant as sq
+from engine.analysis.smoothquant_export import export
+from engine.core.plan import Plan
+from engine.core.stats import paired_gain
+from engine.quant.smoothing import EPS
 
-ACTS = {"static": "static · per-tensor scale calibrated on the train split",
+ACTS = {"static": "static · per-tensor scale calibrated on held-out rows",
         "token": "dynamic · per-token scales at run time",
         "dynamic": "dynamic · per-tensor (torch's CPU kernel)"}
 SWEEP_ACTS = ("static", "token")
-ROLE_COLORS = {"query": "#6baed6", "key": "#4292c6", "value": "#2171b5", "attention-out": "#9e9ac8",
-               "ffn-in": "#fdae6b", "ffn-out": "#e6550d", "pooler": "#74c476", "classifier": "#31a354"}
-
-st.title("SmoothQuant")
-st.markdown(
-    "A few input channels of an encoder's Linears carry activations tens of times larger than the rest, "
-    "and one int8 scale per tensor spends its range on them. SmoothQuant divides each input channel by "
-    "**s = max|X|^α / max|W|^(1−α)** and multiplies the weight by the same s: the float model is unchanged, "
-    "the difficulty moves into the per-channel int8 weights. Move α and watch W8A8 accuracy respond."
-)
-
-evaluator = common.safe_evaluator()
-if evaluator is None:
-    st.stop()
-model, tokenizer = common.model_and_tokenizer()
-
-controls = st.columns([2, 3, 1])
-act = controls[0].radio("Activation scales", list(ACTS), format_func=ACTS.get, key="sq_act")
-alpha = controls[1].slider("α (migration strength)", 0.0, 1.0, 0.5, 0.05, key="sq_alpha",
-                           help="0: the weights are flattened (max|W| = 1 per channel) and the activations keep all "
-                                "the difficulty; 1: the activations are flattened (max|X| = 1 per channel)")
-calib = controls[2].selectbox("Calibration sentences", (32, 64, 128, 256, 512), index=2, key="sq_calib",
-                              help="from the train split (never the evaluation set), fixed seed")
-with st.spinner(f"Calibrating on {calib} train sentences…"):
-    calibration = sq.calibrate(model, tokenizer, calib)
+QUICK = 200
+state = st.session_state
 
 
-def evaluated(plan: Plan, label: str):
-    """The plan's result on the chosen set: from the cache, or one evaluation with a live estimate."""
+def known_best(evaluator, calib: int, act: str) -> float | None:
+    """The best alpha a cached sweep found for this set, activation scheme and calibration, if any."""
+    sweep = lookup(keys.smoothquant(evaluator, "sweep", calib=calib, grid=sq.ALPHA_GRID, acts=SWEEP_ACTS))
+    if sweep and act in sweep:
+        return float(sq.best_row(sweep[act])["alpha"])
+    return None
+
+
+def evaluated(evaluator, plan: Plan, label: str):
+    """The plan's result on the evaluator's set: from the cache, or one queued evaluation with a live estimate."""
     def compute():
         bar = st.progress(0.0, text=f"Evaluating {label}…")
 
-        def progress(partial):
-            bar.progress(partial.done / partial.total,
-                         text=f"{label}: {partial.done}/{partial.total} · running accuracy "
-                              f"{common.fmt_ci(partial.accuracy, partial.ci95)}")
-        result, _ = evaluator.run(plan, progress=progress)
+        def work(job):
+            return evaluator.run(plan, progress=lambda p: setattr(job, "progress", p), cancelled=job.cancelled)[0]
+
+        result = common.run_job("smoothquant", f"Evaluating {label}", work, show_progress=lambda p: bar.progress(
+            p.done / p.total, text=f"{label}: {p.done}/{p.total} · running accuracy {common.fmt_ci(p.accuracy, p.ci95)}"))
         bar.empty()
         return result
-    return cache.memo("smoothquant-eval", compute, **common.result_key(plan, calib_seed=sq.CALIB_SEED))
+    return remember(keys.smoothquant(evaluator, "eval", plan=plan.key(), batch=evaluator.batch_size), compute)
 
 
-def metric(column, title: str, result, base=None) -> None:
+def metric(evaluator, column, title: str, result, base=None) -> None:
     comparison = result.comparison
     column.markdown(f"**{title}**")
-    column.metric(f"Accuracy (n = {comparison.n:,})", common.fmt_ci(comparison.accuracy, comparison.ci95),
-                  help="95% Wilson interval")
+    column.metric(f"Accuracy (n = {comparison.n:,})", f"{comparison.accuracy:.1%}", help="95% Wilson interval below")
+    column.caption(f"95% CI [{comparison.ci95[0]:.1%}, {comparison.ci95[1]:.1%}]")
     if base is not None:
-        difference, interval = sq.gain(evaluator.labels, base.predictions, result.predictions)
+        difference, interval = paired_gain(evaluator.labels, base.predictions, result.predictions)
         column.caption(f"vs W8A8 without smoothing: {difference:+.1%} [{interval[0]:+.1%}, {interval[1]:+.1%}] "
                        "(paired bootstrap 95%)")
     column.caption(f"agreement with FP32 {comparison.agreement:.1%} · {comparison.flips} flips · "
                    f"KL {comparison.kl:.2e} nats")
 
 
-plan = sq.smoothed_plan(alpha, act, calib)
-w8a8 = evaluated(sq.smoothed_plan(None, act, calib), "W8A8 without smoothing")
-smoothed = evaluated(plan, f"SmoothQuant α = {alpha:.2f}")
-columns = st.columns(3)
-metric(columns[0], "FP32", evaluator.baseline)
-metric(columns[1], f"W8A8 ({act})", w8a8)
-metric(columns[2], f"W8A8 + SmoothQuant α = {alpha:.2f}", smoothed, base=w8a8)
+def controls(evaluator) -> tuple[str, float, int, bool]:
+    columns = st.columns([2, 3, 1, 1])
+    act = columns[0].radio("Activation scales", list(ACTS), format_func=ACTS.get, key="sq_act")
+    calib = columns[2].selectbox("Calibration sentences", (32, 64, 128, 256), index=2, key="sq_calib",
+                                 help=f"from {evaluator.dataset.calibration_source or 'no calibration rows'}, "
+                                      "never the evaluated rows; fixed seed")
+    best = known_best(evaluator, calib, act)
+    if "sq_alpha" not in state or state.get("sq_alpha_for") != (act, calib):
+        state["sq_alpha"] = best if best is not None else 0.75  # the best measured on the embedded model
+        state["sq_alpha_for"] = (act, calib)
+    alpha = columns[1].slider("α (migration strength)", 0.0, 1.0, step=0.05, key="sq_alpha",
+                              help="0: the weights are flattened (max|W| = 1 per channel) and the activations keep "
+                                   "all the difficulty; 1: the activations are flattened (max|X| = 1 per channel)")
+    columns[1].caption("Opened at the best α of this set's cached sweep." if best is not None else
+                       "Opened at α = 0.75, the best measured on the embedded model; run the sweep below for this "
+                       "set's own.")
+    quick = columns[3].toggle(f"Quick: first {QUICK}", value=len(evaluator.labels) > QUICK, key="sq_quick",
+                              help="evaluate the first sentences only, to look before paying for the whole set")
+    return act, alpha, calib, quick
 
-with st.expander("Check the invariant: smoothing alone leaves FP32's logits unchanged"):
-    if st.button("Check at this α", key="sq_invariant"):
-        difference = sq.max_logit_diff(evaluator, alpha, calib, run=lambda p: evaluated(p, "smoothing alone"))
-        (st.success if difference < 1e-4 else st.error)(
-            f"max |logit(smoothed, FP32 weights) − logit(FP32)| = {difference:.2e} over {len(evaluator.labels):,} "
-            "examples (float error; the bound is 1e-4)")
-action = st.columns(2)
-if action[0].button("Send this plan to the layer map", key="sq_send",
-                    help="the layer map starts from uniform W8A8 with this smoothing; toggle layers from there"):
-    common.set_current_plan(plan)
-    action[0].success(f"Layer map plan: {plan.label()} (W8A8, {act}, α = {alpha:.2f})")
-action[1].download_button(
-    "Export smoothed W8A8 model (safetensors)", data=lambda: sq.export(model, plan, calibration),
-    file_name=f"smoothquant-a{alpha:.2f}-{act}.safetensors", mime="application/octet-stream", key="sq_export",
-    help="simulated (quantize-dequantized) weights with each layer's in_scale; the plan, the static scales, "
-         "the form of each layer and the calibration statistics are in the file's metadata")
 
-# ---- sweep ---------------------------------------------------------------------------------
-st.header("Accuracy against α")
-sweep_key = common.result_key(sq.smoothed_plan(None, "static", calib), grid=sq.ALPHA_GRID, acts=SWEEP_ACTS)
-sweep = cache.lookup(cache.make_key("smoothquant-sweep", **sweep_key))
-if sweep is None:
-    st.caption(f"{len(sq.ALPHA_GRID)} values of α (step 0.05) for static and per-token dynamic scales: "
-               f"{2 * len(sq.ALPHA_GRID) + 2} evaluations, each stored for every session once done.")
-    if st.button("Run the sweep", key="sq_sweep", type="primary"):
+def evaluation_panel(evaluator, act: str, alpha: float, calib: int) -> None:
+    plan = sq.smoothed_plan(alpha, act, calib)
+    estimate = 2 * evaluator.baseline.seconds
+    known = all(lookup(keys.smoothquant(evaluator, "eval", plan=p.key(), batch=evaluator.batch_size)) is not None
+                for p in (plan, sq.smoothed_plan(None, act, calib)))
+    if not known and not st.button(f"Evaluate W8A8 with and without smoothing at α = {alpha:.2f} "
+                                   f"(about {estimate:.0f} s)", type="primary", key="sq_evaluate"):
+        return
+    w8a8 = evaluated(evaluator, sq.smoothed_plan(None, act, calib), "W8A8 without smoothing")
+    smoothed = evaluated(evaluator, plan, f"SmoothQuant α = {alpha:.2f}")
+    columns = st.columns(3)
+    metric(evaluator, columns[0], "FP32", evaluator.baseline)
+    metric(evaluator, columns[1], f"W8A8 ({act})", w8a8)
+    metric(evaluator, columns[2], f"W8A8 + SmoothQuant α = {alpha:.2f}", smoothed, base=w8a8)
+    with st.expander("Check the invariant: smoothing alone leaves FP32's logits unchanged"):
+        if st.button("Check at this α", key="sq_invariant"):
+            difference = sq.max_logit_diff(evaluator, alpha, calib,
+                                           run=lambda p: evaluated(evaluator, p, "smoothing alone"))
+            (st.success if difference < 1e-4 else st.error)(
+                f"max |logit(smoothed, FP32 weights) − logit(FP32)| = {difference:.2e} over "
+                f"{len(evaluator.labels):,} examples (float error; the bound is 1e-4)")
+
+
+def actions(evaluator, model, calibration, act: str, alpha: float, calib: int) -> None:
+    plan = sq.smoothed_plan(alpha, act, calib)
+    columns = st.columns(2)
+    if columns[0].button("Send this plan to the layer map", key="sq_send",
+                         help="the layer map starts from uniform W8A8 with this smoothing; toggle layers from there"):
+        common.set_current_plan(plan)
+        state.setdefault("lm_pending", []).append({"plan": plan, "layer": None})
+        columns[0].success(f"Layer map plan: {plan.label()} (W8A8, {act}, α = {alpha:.2f})")
+    columns[1].download_button(
+        "Export smoothed W8A8 model (safetensors)", data=lambda: export(model, plan, calibration),
+        file_name=f"smoothquant-a{alpha:.2f}-{act}.safetensors", mime="application/octet-stream", key="sq_export",
+        help="simulated (quantize-dequantized) weights with each layer's in_scale; the plan, the static scales, "
+             "the form of each layer and the calibration statistics are in the file's metadata")
+
+
+def sweep_panel(evaluator, calib: int) -> None:
+    st.header("Accuracy against α")
+    key = keys.smoothquant(evaluator, "sweep", calib=calib, grid=sq.ALPHA_GRID, acts=SWEEP_ACTS)
+    sweep = lookup(key)
+    if sweep is None:
+        runs = len(SWEEP_ACTS) * (len(sq.ALPHA_GRID) + 1)
+        st.caption(f"{len(sq.ALPHA_GRID)} values of α (step 0.05) for static and per-token scales: {runs} "
+                   f"evaluations of {len(evaluator.labels):,} sentences, about {runs * evaluator.baseline.seconds:.0f} "
+                   "s from this set's measured FP32 pass. Each is stored for every session once done.")
+        if not st.button("Run the sweep", key="sq_sweep", type="primary"):
+            return
         bar = st.progress(0.0, text="Sweeping α…")
 
         def compute():
@@ -110,11 +138,10 @@ if sweep is None:
                 def progress(fraction, text, index=index, scheme=scheme):
                     bar.progress((index + fraction) / len(SWEEP_ACTS), text=f"{ACTS[scheme]}: {text}")
                 rows[scheme] = sq.alpha_rows(evaluator, sq.ALPHA_GRID, scheme, calib, invariant=False,
-                                             progress=progress, run=lambda p: evaluated(p, "sweep"))
+                                             progress=progress, run=lambda p: evaluated(evaluator, p, "sweep"))
             return rows
-        sweep = cache.memo("smoothquant-sweep", compute, **sweep_key)
+        sweep = remember(key, compute)
         bar.empty()
-if sweep is not None:
     figure = go.Figure()
     colors = {"static": "#e6550d", "token": "#3182bd"}
     for scheme, rows in sweep.items():
@@ -131,7 +158,7 @@ if sweep is not None:
                                     marker={"symbol": "star", "size": 16, "color": colors[scheme]},
                                     hovertext=f"best α = {best['alpha']:.2f}"))
     figure.add_hline(y=evaluator.baseline.comparison.accuracy, line_color="black", annotation_text="FP32")
-    figure.update_layout(xaxis_title="α", yaxis_title="accuracy", yaxis_tickformat=".0%", height=420,
+    figure.update_layout(xaxis_title="α", yaxis_title="accuracy", yaxis_tickformat=".1%", height=420,
                          legend={"orientation": "h", "y": -0.2})
     st.plotly_chart(figure, width="stretch")
     for scheme, rows in sweep.items():
@@ -141,80 +168,116 @@ if sweep is not None:
                     f"{common.fmt_ci(best['w8a8_accuracy'], best['w8a8_ci95'])} without smoothing; gain "
                     f"{best['gain']:+.1%} [{best['gain_ci95'][0]:+.1%}, {best['gain_ci95'][1]:+.1%}]"
                     + (" — the interval includes 0: not a measurable gain." if best["gain_ci95"][0] <= 0 else "."))
-    st.caption("Shaded: 95% Wilson intervals. The best α is the highest point; where the curve sits inside "
-               "its neighbours' intervals, the choice between them is noise.")
+    st.caption("Shaded: 95% Wilson intervals. Where the curve sits inside its neighbours' intervals, the choice "
+               "between those α is noise.")
 
-# ---- automatic per-layer alpha ---------------------------------------------------------------
-st.header("Automatic α per layer")
-st.caption("For each layer (q/k/v together, since they share one divisor), the α in 0…1 (step 0.05) that "
-           f"minimizes that layer's W8A8 output error on the calibration activations ({ACTS[act]}).")
-auto_key = {"model": fingerprint(model), "calibration": calibration.key, "act": act, "grid": sq.ALPHA_GRID}
-alphas = cache.lookup(cache.make_key("smoothquant-auto", **auto_key))
-if alphas is None and st.button("Find α per layer", key="sq_auto", help="21 values of α for each layer"):
-    search_bar = st.progress(0.0, text="Searching α per layer…")
-    alphas = cache.memo("smoothquant-auto", lambda: sq.auto_alphas(
-        model, calibration, act, progress=lambda done: search_bar.progress(done, text="Searching α per layer…")),
-        **auto_key)
-    search_bar.empty()
-if alphas is not None:
-    roles = {layer.name: layer.role for layer in inventory(model)}
+
+def auto_panel(evaluator, model, calibration, act: str, calib: int) -> None:
+    st.header("Automatic α per layer")
+    st.caption("For each group of layers reading one input (q/k/v together, since they share one divisor), the α in "
+               f"0…1 (step 0.05) that minimizes the group's W8A8 output error on the calibration activations "
+               f"({ACTS[act]}). Cheap: no evaluation of the set.")
+    key = keys.smoothquant(evaluator, "auto", calibration=calibration.key, act=act, grid=sq.ALPHA_GRID)
+    alphas = lookup(key)
+    if alphas is None and st.button("Find α per layer", key="sq_auto"):
+        bar = st.progress(0.0, text="Searching α per layer…")
+        alphas = remember(key, lambda: sq.auto_alphas(model, calibration, act,
+                                                      progress=lambda done: bar.progress(done, text="Searching α…")))
+        bar.empty()
+    if alphas is None:
+        return
+    roles = {layer.name: layer.role for layer in evaluator.layers}
     names = list(alphas)
-    bars = go.Figure(go.Bar(x=names, y=[alphas[n] for n in names], hovertext=[roles[n] for n in names],
-                            marker_color=[ROLE_COLORS.get(roles[n], "#999") for n in names]))
+    bars = go.Figure(go.Bar(x=names, y=[alphas[n] for n in names], hovertext=[roles[n] for n in names]))
     bars.update_layout(yaxis_title="α", yaxis_range=[0, 1.05], xaxis_tickangle=-60, height=380,
                        xaxis={"tickfont": {"size": 9}})
     st.plotly_chart(bars, width="stretch")
     auto_plan = sq.smoothed_plan(alphas, act, calib)
-    auto = evaluated(auto_plan, "per-layer α")
-    auto_columns = st.columns(3)
-    metric(auto_columns[0], "W8A8 + per-layer α", auto, base=w8a8)
-    if auto_columns[1].button("Send the per-layer plan to the layer map", key="sq_send_auto"):
+    if st.button(f"Evaluate the per-layer plan (about {evaluator.baseline.seconds:.0f} s)", key="sq_auto_eval"):
+        metric(evaluator, st.columns(3)[0], "W8A8 + per-layer α", evaluated(evaluator, auto_plan, "per-layer α"),
+               base=evaluated(evaluator, sq.smoothed_plan(None, act, calib), "W8A8 without smoothing"))
+    if st.button("Send the per-layer plan to the layer map", key="sq_send_auto"):
         common.set_current_plan(auto_plan)
-        auto_columns[1].success(f"Layer map plan: {auto_plan.label()}")
+        state.setdefault("lm_pending", []).append({"plan": auto_plan, "layer": None})
+        st.success(f"Layer map plan: {auto_plan.label()}")
 
-# ---- outliers ---------------------------------------------------------------------------------
-st.header("Outliers of one layer")
-linear_names = list(calibration.low)
-chosen = st.selectbox("Layer", linear_names, index=linear_names.index(sq.most_outlying(calibration)),
-                      key="sq_layer", help="preselected: the input with the largest max/median channel range")
-view = sq.outlier_view(model, calibration, chosen, alpha, act)
-st.caption(f"{view['role']} · {view['form']} · α = {alpha:.2f}")
-outlier_columns = st.columns(2)
-for column, (kind, title) in zip(outlier_columns, (("x", "Input: max|X| per channel"),
-                                                    ("w", "Weight: max|W| per input channel"))):
-    figure = go.Figure()
-    channels = np.arange(len(view[f"{kind}_before"]))
-    figure.add_trace(go.Scatter(x=channels, y=view[f"{kind}_before"], mode="lines", name="before"))
-    figure.add_trace(go.Scatter(x=channels, y=view[f"{kind}_after"], mode="lines", name=f"after (α = {alpha:.2f})"))
-    figure.update_layout(title=title, xaxis_title="input channel", yaxis_type="log", height=320,
-                         legend={"orientation": "h", "y": -0.3})
-    column.plotly_chart(figure, width="stretch")
-sqnr_columns = st.columns(2)
-sqnr_columns[0].metric("W8A8 SQNR before smoothing", f"{view['sqnr_before_db']:.1f} dB")
-sqnr_columns[1].metric("W8A8 SQNR after smoothing", f"{view['sqnr_after_db']:.1f} dB",
-                       delta=f"{view['sqnr_after_db'] - view['sqnr_before_db']:+.1f} dB")
 
-# ---- heatmap ----------------------------------------------------------------------------------
-st.header("Activation ranges by layer and channel")
-ranges = sq.activation_ranges(model, calibration)
-width = st.radio("Inputs of width", sorted(ranges), horizontal=True, key="sq_width",
-                 format_func=lambda w: f"{w} channels ({len(ranges[w][0])} inputs)")
-labels, matrix = ranges[width]
-heatmap = go.Figure(go.Heatmap(z=np.log10(np.maximum(matrix, sq.EPS)), y=labels, colorscale="Viridis",
-                               colorbar={"title": "log10 max|X|"},
-                               hovertemplate="%{y} · channel %{x}<br>log10 max|X| = %{z:.2f}<extra></extra>"))
-heatmap.update_layout(xaxis_title="channel", height=max(300, 22 * len(labels)), yaxis_autorange="reversed")
-st.plotly_chart(heatmap, width="stretch")
-st.caption("Bright vertical lines are outlier channels: the same channel is large in every layer that reads "
-           "the residual stream.")
+def outliers_panel(model, calibration, alpha: float, act: str) -> None:
+    st.header("Outliers of one layer")
+    linear_names = list(calibration.low)
+    chosen = st.selectbox("Layer", linear_names, index=linear_names.index(sq.most_outlying(calibration)),
+                          key="sq_layer", help="preselected: the input with the largest max/median channel range")
+    view = sq.outlier_view(model, calibration, chosen, alpha, act)
+    st.caption(f"{view['role']} · {view['form']} · α = {alpha:.2f}")
+    columns = st.columns(2)
+    for column, (kind, title) in zip(columns, (("x", "Input: max|X| per channel"),
+                                               ("w", "Weight: max|W| per input channel"))):
+        figure = go.Figure()
+        channels = np.arange(len(view[f"{kind}_before"]))
+        figure.add_trace(go.Scatter(x=channels, y=view[f"{kind}_before"], mode="lines", name="before"))
+        figure.add_trace(go.Scatter(x=channels, y=view[f"{kind}_after"], mode="lines",
+                                    name=f"after (α = {alpha:.2f})"))
+        figure.update_layout(title=title, xaxis_title="input channel", yaxis_type="log", yaxis_dtick=1, height=320,
+                             legend={"orientation": "h", "y": -0.3})
+        column.plotly_chart(figure, width="stretch")
+    sqnr = st.columns(2)
+    sqnr[0].metric("W8A8 SQNR before smoothing", f"{view['sqnr_before_db']:.1f} dB")
+    sqnr[1].metric("W8A8 SQNR after smoothing", f"{view['sqnr_after_db']:.1f} dB",
+                   delta=f"{view['sqnr_after_db'] - view['sqnr_before_db']:+.1f} dB")
 
-# ---- where s went ------------------------------------------------------------------------------
-st.header("Where each layer's factor went")
-st.caption("In a post-LayerNorm encoder the LayerNorm output is also the residual stream, so 1/s cannot be folded "
-           "into it: q/k/v (one shared divisor) and ffn-in get an explicit input scale; attention-out's 1/s is "
-           "folded into the value projection's output rows (softmax(QKᵀ)V is linear in V); ffn-out follows GELU "
-           "and the head follows tanh/ReLU: explicit scales. The word embeddings are not smoothed (no activation "
-           "goes into them). SQNR: each layer's W8A8 output against FP32 on the calibration activations.")
-st.dataframe(sq.sqnr_table(model, calibration, plan), hide_index=True, width="stretch",
-             column_config={"sqnr_before_db": st.column_config.NumberColumn("SQNR before (dB)", format="%.1f"),
-                            "sqnr_after_db": st.column_config.NumberColumn("SQNR after (dB)", format="%.1f")})
+
+def heatmap_panel(model, calibration) -> None:
+    st.header("Activation ranges by layer and channel")
+    ranges = sq.activation_ranges(model, calibration)
+    width = st.radio("Inputs of width", sorted(ranges), horizontal=True, key="sq_width",
+                     format_func=lambda w: f"{w} channels ({len(ranges[w][0])} inputs)")
+    labels, matrix = ranges[width]
+    heatmap = go.Figure(go.Heatmap(z=np.log10(np.maximum(matrix, EPS)), y=labels, colorscale="Viridis",
+                                   colorbar={"title": "log10 max|X|"},
+                                   hovertemplate="%{y} · channel %{x}<br>log10 max|X| = %{z:.2f}<extra></extra>"))
+    heatmap.update_layout(xaxis_title="channel", height=max(300, 22 * len(labels)), yaxis_autorange="reversed")
+    st.plotly_chart(heatmap, width="stretch")
+    st.caption("Bright vertical lines are outlier channels: the same channel is large in every layer that reads "
+               "the residual stream.")
+
+
+def forms_panel(model, calibration, plan: Plan) -> None:
+    st.header("Where each layer's factor went")
+    st.caption("Folded into a norm where the norm feeds only that layer group (pre-LN decoders: the residual takes "
+               "the norm's input); into V's output rows for the attention output (softmax(QKᵀ)V is linear in V); "
+               "into the up projection for a gated MLP's down projection; otherwise an explicit divide of the input "
+               "(post-LN encoders, whose LayerNorm output is also the residual stream, and inputs after GELU). Every "
+               "fold was checked to leave this model's FP32 logits unchanged before it was used. SQNR: each layer's "
+               "W8A8 output against FP32 on the calibration activations.")
+    st.dataframe(sq.sqnr_table(model, calibration, plan), hide_index=True, width="stretch",
+                 column_config={"sqnr_before_db": st.column_config.NumberColumn("SQNR before (dB)", format="%.1f"),
+                                "sqnr_after_db": st.column_config.NumberColumn("SQNR after (dB)", format="%.1f")})
+
+
+st.title("SmoothQuant")
+st.markdown("A few input channels carry activations tens of times larger than the rest, and one int8 scale per "
+            "tensor spends its range on them. SmoothQuant divides each input channel by **s = max|X|^α / "
+            "max|W|^(1−α)** and multiplies the weight by the same s: the float model is unchanged, the difficulty "
+            "moves into the per-channel int8 weights. Move α and watch W8A8 accuracy respond.")
+full = common.safe_evaluator()
+if full is None:
+    st.stop()
+model, tokenizer = common.model_and_tokenizer()
+act, alpha, calib, quick = controls(full)
+evaluator = common.evaluator_for(full.dataset.head(QUICK)) if quick else full
+if not full.dataset.calibration:
+    st.error("This set has no calibration rows (too small to hold any out), so static scales and SmoothQuant "
+             "cannot be calibrated on it; choose a larger set.")
+    st.stop()
+with st.spinner(f"Calibrating on {calib} held-out sentences…"):
+    calibration = sq.calibration_for(full, calib)
+st.caption(f"Calibrated on {calibration.n} sentences ({calibration.tokens:,} tokens) from "
+           f"{full.dataset.calibration_source}; evaluating {len(evaluator.labels):,} sentences"
+           + (" (quick sample)." if quick else "."))
+evaluation_panel(evaluator, act, alpha, calib)
+actions(evaluator, model, calibration, act, alpha, calib)
+outliers_panel(model, calibration, alpha, act)
+sweep_panel(evaluator, calib)
+auto_panel(evaluator, model, calibration, act, calib)
+heatmap_panel(model, calibration)
+forms_panel(model, calibration, sq.smoothed_plan(alpha, act, calib))

@@ -1,9 +1,11 @@
-"""The one memoization layer: results of expensive engine calls, on disk, shared by every session.
+"""The one memoization layer: results of expensive engine calls, on disk, shared by every session,
+the CLI and the grid. Every key is built in `cache.keys`, so a sweep run from the CLI and the same
+sweep on a page share rows.
 
-Keys hash the engine version with everything that determines a result (model fingerprint,
-dataset fingerprint, plan key, kernels, device, the function and its arguments), so a changed
-weight file or dataset is never served a stale result. The store is size-bounded, and a corrupt
-or locked store is set aside and rebuilt with a warning rather than crashing a page.
+Keys hash the engine version with everything that determines a result (model fingerprint, dataset
+fingerprint, plan key, kernels, device, the function and its arguments), so a changed weight file or
+dataset is never served a stale result. The store is size-bounded, and a corrupt or locked store is
+set aside and rebuilt with a warning rather than crashing a page.
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ from typing import Callable, TypeVar
 
 import diskcache
 
-from engine.evaluation import ENGINE_VERSION
+from engine.evaluation.evaluator import ENGINE_VERSION
 
 T = TypeVar("T")
 SIZE_LIMIT = 2 * 1024**3
+MISSING = object()
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _stores: dict[str, diskcache.Cache] = {}
@@ -62,24 +65,28 @@ def make_key(namespace: str, **parts) -> str:
     return f"{namespace}:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
-def lookup(key: str):
-    """The stored value, or None (also when the store cannot be read: the caller recomputes)."""
+def lookup(key: str, default=None):
+    """The stored value, or `default` (also when the store cannot be read: the caller recomputes)."""
     try:
-        return store().get(key)
+        return store().get(key, default=default)
     except Exception as error:
         log.warning("cache read failed (%s); recomputing", error)
-        return None
+        return default
 
 
-def memo(namespace: str, compute: Callable[[], T], **parts) -> T:
-    """compute() once per key across sessions and restarts; a failing store only costs recomputation."""
-    key = make_key(namespace, **parts)
-    found = lookup(key)
-    if found is not None:
-        return found
-    value = compute()
+def put(key: str, value) -> None:
+    """Store `value`; a failing store costs only recomputation later."""
     try:
         store().set(key, value)
     except Exception as error:
         log.warning("cache write failed (%s); result not stored", error)
+
+
+def remember(key: str, compute: Callable[[], T]) -> T:
+    """compute() once per key (from `cache.keys`) across sessions and restarts; a stored None is an answer."""
+    found = lookup(key, MISSING)
+    if found is not MISSING:
+        return found
+    value = compute()
+    put(key, value)
     return value

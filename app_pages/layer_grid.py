@@ -1,0 +1,107 @@
+"""The layer map's grid: one cell per layer, a click cycles its precision, and no click is ever lost.
+
+A custom component (Streamlit components v2: inline HTML and JS, no build step). Every click is
+appended to a log that the browser sends whole as the component's state, numbered within a page
+load (its epoch), so reruns that Streamlit coalesces still carry every click; the page applies the
+clicks it has not seen yet, in order. The browser also shows each click at once (the cell takes
+its next precision) until the server's plan catches up.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+_CSS = """
+.grid { display: grid; gap: 4px; font-family: var(--st-font); font-size: 12px; }
+.head { font-weight: 600; text-align: center; padding: 2px; color: var(--st-text-color); }
+.row { font-weight: 600; align-self: center; text-align: right; padding-right: 6px; color: var(--st-text-color); }
+.cell { border: 1px solid #555; border-radius: 4px; min-height: 34px; display: flex; align-items: center;
+        justify-content: center; cursor: pointer; user-select: none; text-align: center; line-height: 1.15; }
+.cell:hover { outline: 2px solid var(--st-primary-color); }
+.cell.pending { outline: 2px dashed var(--st-primary-color); }
+.empty { min-height: 34px; }
+"""
+
+_JS = """
+const epoch = Math.random().toString(36).slice(2);
+const logs = new Map();
+
+export default function(component) {
+  const { data, parentElement, setStateValue } = component;
+  const name = data.instance;
+  if (!logs.has(name)) logs.set(name, []);
+  const log = logs.get(name);
+  const pending = log.filter(c => c.seq > (data.acked_epoch === epoch ? data.acked : 0));
+  const shown = {};
+  for (const cell of data.cells) shown[cell.layer] = cell.precision;
+  for (const click of pending) shown[click.layer] = nextPrecision(shown[click.layer], data.action);
+
+  const grid = document.createElement("div");
+  grid.className = "grid";
+  grid.style.gridTemplateColumns = `max-content repeat(${data.columns.length}, minmax(56px, 1fr))`;
+  grid.appendChild(div("", "head"));
+  for (const column of data.columns) grid.appendChild(div(column, "head"));
+  for (const row of data.rows) {
+    grid.appendChild(div(row, "row"));
+    for (const column of data.columns) {
+      const cell = data.cells.find(c => c.row === row && c.col === column);
+      if (!cell) { grid.appendChild(div("", "empty")); continue; }
+      const precision = shown[cell.layer];
+      const box = div(`${cell.label}${cell.label ? "<br>" : ""}<b>${precision.toUpperCase()}</b>`, "cell");
+      box.style.background = data.colors[precision];
+      box.style.color = data.text[precision];
+      box.title = cell.tip;
+      box.dataset.layer = cell.layer;
+      if (pending.some(c => c.layer === cell.layer)) box.classList.add("pending");
+      box.onclick = () => {
+        log.push({ seq: log.length + 1, layer: cell.layer });
+        setStateValue("clicks", { epoch, log: log.slice(-200), total: log.length });
+        box.classList.add("pending");
+        const next = nextPrecision(shown[cell.layer], data.action);
+        shown[cell.layer] = next;
+        box.style.background = data.colors[next];
+        box.style.color = data.text[next];
+        box.querySelector("b").textContent = next.toUpperCase();
+      };
+      grid.appendChild(box);
+    }
+  }
+  parentElement.replaceChildren(grid);
+
+  function div(html, className) {
+    const element = document.createElement("div");
+    element.className = className;
+    element.innerHTML = html;
+    return element;
+  }
+  function nextPrecision(current, action) {
+    if (action !== "cycle") return action;
+    const cycle = ["fp32", "int8", "int4"];
+    const index = cycle.indexOf(current);
+    return index < 0 ? "fp32" : cycle[(index + 1) % cycle.length];
+  }
+}
+"""
+
+_GRID = st.components.v2.component("quantization_lens.layer_grid", css=_CSS, js=_JS)
+
+
+def layer_grid(key: str, rows: list[str], columns: list[str], cells: list[dict], colors: dict, text: dict,
+               action: str, acked: tuple[str | None, int]) -> dict | None:
+    """Mount the grid; returns the click log {"epoch", "log": [{"seq", "layer"}], "total"} or None.
+
+    `cells`: {"layer", "row", "col", "label", "precision", "tip"}; `action`: "cycle" or a precision;
+    `acked`: (epoch, seq) of the last click the page has applied.
+    """
+    result = _GRID(key=key, data={"instance": key, "rows": rows, "columns": columns, "cells": cells, "colors": colors,
+                                  "text": text, "action": action, "acked_epoch": acked[0], "acked": acked[1]},
+                   default={"clicks": None}, on_clicks_change=lambda: None)
+    return getattr(result, "clicks", None)
+
+
+def new_clicks(clicks: dict | None, acked: tuple[str | None, int]) -> tuple[list[str], tuple[str | None, int]]:
+    """The layers clicked since `acked`, in click order, and the new acknowledgement."""
+    if not clicks:
+        return [], acked
+    epoch, seen = clicks["epoch"], acked[1] if acked[0] == clicks["epoch"] else 0
+    fresh = [click["layer"] for click in clicks["log"] if click["seq"] > seen]
+    return fresh, (epoch, clicks["total"])

@@ -1,0 +1,67 @@
+"""Every memoization key: what determines each kind of result. Pages, the CLI and the grid build keys
+only here, so the same question asked anywhere finds the same answer."""
+from __future__ import annotations
+
+from engine.core.plan import Plan
+from engine.model.loading import fingerprint
+
+from cache import make_key
+
+
+def evaluation(model_fp: str, data_fp: str, plan: Plan, kernels: str = "simulated", device: str = "cpu",
+               batch: int = 32) -> str:
+    """A plan's evaluation on a set (EvalResult.summary())."""
+    return make_key("evaluation", model=model_fp, data=data_fp, plan=plan.key(), kernels=kernels, device=device,
+                    batch=batch)
+
+
+def evaluator_evaluation(evaluator, plan: Plan, kernels: str = "simulated") -> str:
+    model_fp, data_fp, device = evaluator.key
+    return evaluation(model_fp, data_fp, plan, kernels, device, evaluator.batch_size)
+
+
+def sweep_row(evaluator, layer: str, precision: str, direction: str) -> str:
+    """One sensitivity row (a layer at a precision, alone or all but it)."""
+    model_fp, data_fp, device = evaluator.key
+    return make_key("sensitivity-row", model=model_fp, data=data_fp, device=device, batch=evaluator.batch_size,
+                    layer=layer, precision=precision, direction=direction)
+
+
+def sqnr(model, data_fp: str, precisions: tuple[str, ...]) -> str:
+    return make_key("sqnr-proxy", model=fingerprint(model), data=data_fp, precisions=list(precisions))
+
+
+def size(model, plan: Plan) -> str:
+    return make_key("size", model=fingerprint(model), plan=plan.precisions_only().key())
+
+
+def latency(model, plan: Plan, reference: Plan, batch: int, tokens: int, device: str, runtime: str = "torch") -> str:
+    return make_key("latency", model=fingerprint(model), plan=plan.key(), reference=reference.key(), batch=batch,
+                    tokens=tokens, device=device, runtime=runtime)
+
+
+def comparison(model, data_fps: list[str], plans: list[tuple[str, str]], device: str, limit: int | None,
+               runtimes: list[str]) -> str:
+    return make_key("compare", model=fingerprint(model), data=data_fps, plans=plans, device=device, limit=limit,
+                    runtimes=runtimes)
+
+
+def flip_search(model, text: str, target: str, budget: int, kinds: list[str], seed: int, keep_ends: bool,
+                plans: dict[str, str]) -> str:
+    return make_key("flip-search", model=fingerprint(model), text=text, target=target, budget=budget, kinds=kinds,
+                    seed=seed, keep_ends=keep_ends, plans=plans)
+
+
+def robustness(model, data_fp: str, what: str, **settings) -> str:
+    return make_key(f"robustness-{what}", model=fingerprint(model), data=data_fp, **settings)
+
+
+def smoothquant(evaluator, what: str, **settings) -> str:
+    model_fp, data_fp, device = evaluator.key
+    return make_key(f"smoothquant-{what}", model=model_fp, data=data_fp, device=device, **settings)
+
+
+def search(evaluator, budget: list, latency: bool, ladder: int, refine: int) -> str:
+    model_fp, data_fp, device = evaluator.key
+    return make_key("search", model=model_fp, data=data_fp, device=device, budget=budget, latency=latency,
+                    ladder=ladder, refine=refine)

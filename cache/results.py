@@ -1,0 +1,88 @@
+"""Memoized engine results, the same for every page, the CLI and the grid.
+
+Latency is the exception to "compute once": a timing belongs to the moment and the load it was
+taken under, so a cached one carries when and under what load it was measured, and callers show
+that (or measure afresh).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from engine.analysis import sensitivity
+from engine.analysis.benchmark import bench_against
+from engine.core.plan import Plan
+from engine.evaluation.evaluator import Evaluator
+from engine.runtime.size import model_size_bytes
+
+from cache import keys, lookup, put, remember
+
+
+def evaluation(evaluator: Evaluator, plan: Plan, kernels: str = "simulated",
+               compute: Callable[[], dict] | None = None) -> dict:
+    """The plan's EvalResult.summary() on the evaluator's set: from the cache, else `compute()` (default:
+    a full run), stored for every later caller."""
+    return remember(keys.evaluator_evaluation(evaluator, plan, kernels),
+                    compute or (lambda: evaluator.run(plan, kernels)[0].summary()))
+
+
+def cached_evaluation(evaluator: Evaluator, plan: Plan, kernels: str = "simulated") -> dict | None:
+    return lookup(keys.evaluator_evaluation(evaluator, plan, kernels))
+
+
+def size(model, plan: Plan) -> int:
+    return remember(keys.size(model, plan), lambda: model_size_bytes(model, plan))
+
+
+def sqnr_proxy(model, tokenizer, evaluator: Evaluator, precisions: tuple[str, ...]) -> dict:
+    """The sweep's SQNR proxy on the evaluated source's calibration texts."""
+    return remember(keys.sqnr(model, evaluator.dataset.fingerprint, precisions),
+                    lambda: sensitivity.sqnr_proxy(model, tokenizer, sensitivity.proxy_texts(evaluator), precisions))
+
+
+def sweep(evaluator: Evaluator, precisions, direction: str, sqnr: dict | None = None,
+          should_stop: Callable[[], bool] | None = None,
+          progress: Callable[[sensitivity.SweepProgress], None] | None = None,
+          on_row: Callable[[sensitivity.Row], None] | None = None) -> sensitivity.SweepResult:
+    """A sensitivity sweep whose rows are memoized one by one: rows computed before (by any page, the
+    CLI or the grid) are reused, and a stopped sweep keeps every row it finished."""
+    precisions = sensitivity.check_precisions(precisions)
+    done = {}
+    for layer in evaluator.layers:
+        for precision in precisions:
+            row = lookup(keys.sweep_row(evaluator, layer.name, precision, direction))
+            if row is not None:
+                done[(layer.name, precision)] = sensitivity.Row.from_dict(row)
+
+    def store(row: sensitivity.Row) -> None:
+        put(keys.sweep_row(evaluator, row.layer, row.precision, row.direction), row.as_dict())
+        if on_row is not None:
+            on_row(row)
+
+    return sensitivity.sweep(evaluator, precisions, direction, sqnr, done, should_stop, store, progress)
+
+
+def latency(model, tokenizer, plan: Plan, reference: Plan, batch: int, tokens: int, device: str = "cpu",
+            fresh: bool = False, data=None) -> dict:
+    """The plan's latency and its paired speedup over `reference`, both timed interleaved in one run.
+
+    Cached with the time and load of the measurement; `fresh` measures again (and replaces it)."""
+    key = keys.latency(model, plan, reference, batch, tokens, device)
+    if not fresh:
+        found = lookup(key)
+        if found is not None:
+            return found
+    timed = bench_against(model, tokenizer, {"plan": plan, "reference": reference}, "reference", batch, tokens,
+                          device, data=data)
+    value = {**timed["plan"], "reference_latency_ms_p50": timed["reference"]["latency_ms_p50"],
+             "measured_at": time.time()}
+    put(key, value)
+    return value
+
+
+def store_evaluation(evaluator: Evaluator, plan: Plan, summary: dict, kernels: str = "simulated") -> None:
+    put(keys.evaluator_evaluation(evaluator, plan, kernels), summary)
+
+
+def cached_latency(model, plan: Plan, reference: Plan, batch: int, tokens: int, device: str = "cpu") -> dict | None:
+    return lookup(keys.latency(model, plan, reference, batch, tokens, device))

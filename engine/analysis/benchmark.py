@@ -1,0 +1,66 @@
+"""Latency of a plan on real kernels: one plan alone (the `bench` command), or plans against their
+reference, interleaved in one run so that the ratio shown compares like with like."""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from engine.core.data import EvalSet, load_dataset
+from engine.core.plan import Plan
+from engine.quant.prepare import build
+from engine.runtime.device import model_on, resolve_device
+from engine.runtime.latency import bench_inputs, interleaved, machine, paired_speedup, peak_memory, summary, time_call
+from engine.runtime.size import model_size_bytes
+
+BENCH_TOKENS = 32
+
+
+def real_model(model: nn.Module, tokenizer, plan: Plan, device: torch.device, data: EvalSet | None = None) -> nn.Module:
+    """The plan on the device's real kernels (calibrated on `data`'s pool, the embedded set's by default)."""
+    source = data if data is not None else load_dataset("embedded")
+    return build(model_on(model, device), tokenizer, plan, "real", source.calibration, source.calibration_source)
+
+
+def bench(model: nn.Module, tokenizer, plan: Plan, batch: int = 1, tokens: int = BENCH_TOKENS, device: str = "cpu",
+          min_seconds: float = 1.0, data: EvalSet | None = None) -> dict:
+    """Latency p50/p95 and throughput of the plan on real kernels, after warm-up."""
+    if batch < 1 or tokens < 2:
+        raise ValueError("batch must be at least 1 and tokens at least 2")
+    target = resolve_device(device)
+    real = real_model(model, tokenizer, plan, target, data)
+    inputs = bench_inputs(tokenizer, load_dataset("embedded").texts, batch, tokens, target)
+    sync = torch.cuda.synchronize if target.type == "cuda" else None
+    with torch.inference_mode():
+        times = time_call(lambda: real(**inputs), repeats=10 if batch > 1 else 20, min_seconds=min_seconds, sync=sync)
+        peak = peak_memory(lambda: real(**inputs), target)
+    return {**summary(times, batch), "size_bytes": model_size_bytes(model, plan), "threads": torch.get_num_threads(),
+            "batch": batch, "tokens": tokens, "runtime": "torch", "device": str(target), "peak_memory_bytes": peak,
+            "machine": machine(target)}
+
+
+def bench_against(model: nn.Module, tokenizer, plans: Mapping[str, Plan], reference: str, batch: int = 1,
+                  tokens: int = BENCH_TOKENS, device: str = "cpu", repeats: int = 20, min_seconds: float = 0.5,
+                  data: EvalSet | None = None, progress: Callable[[float], None] | None = None) -> dict[str, dict]:
+    """Every plan's latency and its paired speedup over `reference` (one of `plans`), all timed
+    interleaved round by round in this one run, with the machine's load recorded."""
+    target = resolve_device(device)
+    reals = {label: real_model(model, tokenizer, plan, target, data) for label, plan in plans.items()}
+    inputs = bench_inputs(tokenizer, load_dataset("embedded").texts, batch, tokens, target)
+    sync = torch.cuda.synchronize if target.type == "cuda" else None
+    before = machine(target)
+    with torch.inference_mode():
+        times = interleaved({label: (lambda net=net: net(**inputs)) for label, net in reals.items()}, repeats,
+                            min_seconds, sync, progress)
+    after = machine(target)
+    out = {}
+    for label, plan in plans.items():
+        speedup, interval = paired_speedup(times[reference], times[label])
+        out[label] = {**summary(times[label], batch), "speedup": speedup, "speedup_ci95": list(interval),
+                      "reference": reference, "size_bytes": model_size_bytes(model, plan), "batch": batch,
+                      "tokens": tokens, "threads": torch.get_num_threads(), "runtime": "torch",
+                      "device": str(target), "load_average": [before["load_average"], after["load_average"]],
+                      "machine": after}
+    return out
+

@@ -1,0 +1,174 @@
+"""Precision comparison: plans side by side on several evaluation sets, accuracy and latency.
+
+Accuracy comes from the one evaluation path, whose simulated kernels reproduce the CPU's real
+kernels exactly, with a Wilson interval, McNemar p and a paired bootstrap interval for the change
+against FP32. Latency and throughput are measured on real kernels once per plan, all plans
+interleaved round by round in one run (engine.analysis.benchmark.bench_against), so a busy machine
+slows every plan alike and FP32 stays a fair reference; size is the serialized real format.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+from torch import nn
+
+from engine.analysis.benchmark import BENCH_TOKENS, bench_against, real_model
+from engine.analysis.presets import display_name
+from engine.core.data import EvalSet, load_dataset
+from engine.core.kernels import kernel_notes
+from engine.core.plan import FP32, Plan, PlanError
+from engine.core.stats import bootstrap_diff_interval
+from engine.evaluation.evaluate import get_evaluator
+from engine.evaluation.evaluator import EvalResult
+from engine.model.inventory import inventory
+from engine.runtime.device import resolve_device
+from engine.runtime.latency import describe, machine
+
+CONTRACT_FIELDS = ("plan", "data", "accuracy", "ci95", "agreement", "flips", "mcnemar_p", "kl", "size_bytes",
+                   "latency_ms_p50", "throughput_per_s", "device", "runtime")
+THROUGHPUT_BATCH = 32
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class SetOutcome:
+    """Every plan's evaluation on one set, with FP32's as the reference."""
+
+    data: EvalSet
+    fp32: EvalResult
+    classes: tuple[str, ...]
+    labels: np.ndarray  # class indices of the set's labels
+    results: dict[str, EvalResult] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """A comparison: its rows (one per plan and set), the raw outcomes and the machine it ran on."""
+
+    rows: list[dict]
+    outcomes: list[SetOutcome]
+    machine: str
+
+
+def _unique_labels(plans: Sequence[tuple[str, Plan]]) -> list[tuple[str, Plan]]:
+    seen: dict[str, int] = {}
+    out = []
+    for label, plan in plans:
+        seen[label] = seen.get(label, 0) + 1
+        out.append((label if seen[label] == 1 else f"{label}#{seen[label]}", plan))
+    return out
+
+
+def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]],
+                   datasets: Sequence[str | EvalSet], device: str = "cpu", limit: int | None = None,
+                   progress: Progress | None = None, bench_seconds: float = 1.0) -> Report:
+    """Evaluate every plan on every set and time every plan once; FP32 is always the reference."""
+    target = resolve_device(device)
+    if not plans:
+        raise PlanError("no plans to compare")
+    if not datasets:
+        raise PlanError("no evaluation sets to compare on")
+    names = [layer.name for layer in inventory(model)]
+    plans = _unique_labels(plans)
+    for _, plan in plans:
+        plan.resolve(names)
+    sets = [(load_dataset(d) if isinstance(d, str) else d).head(limit) for d in datasets]
+    timed = plans if any(p.key() == FP32.key() for _, p in plans) else [("fp32 (reference)", FP32)] + plans
+    total = len(plans) * len(sets) + 2
+    done = 0
+
+    def report(fraction: float, text: str) -> None:
+        if progress is not None:
+            progress(min(1.0, (done + fraction) / total), text)
+
+    outcomes = []
+    for data in sets:
+        report(0.0, f"preparing {data.name}: tokenizing and running FP32 once")
+        evaluator = get_evaluator(model, tokenizer, data, str(target))
+        outcome = SetOutcome(data, evaluator.baseline, evaluator.classes.names, evaluator.labels)
+        for label, plan in plans:
+            text = f"evaluating {display_name(label)} on {data.name}"
+            report(0.0, text)
+            if plan.key() == FP32.key():
+                result = evaluator.baseline
+            else:
+                result, _ = evaluator.run(plan, progress=lambda p, text=text: report(p.done / p.total, text))
+            outcome.results[label] = result
+            done += 1
+        outcomes.append(outcome)
+
+    reference = next(label for label, plan in timed if plan.key() == FP32.key())
+    calibration_set = sets[0]
+    timings = {}
+    for step, batch in enumerate((1, THROUGHPUT_BATCH)):
+        text = f"timing {len(timed)} plans at batch {batch}, interleaved"
+        timings[batch] = bench_against(model, tokenizer, dict(timed), reference, batch, BENCH_TOKENS, str(target),
+                                       repeats=20 if batch == 1 else 10, min_seconds=bench_seconds,
+                                       data=calibration_set, progress=lambda f, text=text: report(f, text))
+        done += 1
+    report(0.0, "done")
+    info = machine(target)
+    notes = {label: kernel_notes(real_model(model, tokenizer, plan, target, calibration_set))
+             if target.type == "cuda" else [] for label, plan in plans}
+    rows = [_row(label, plan, outcome, timings[1][label], timings[1][reference], timings[THROUGHPUT_BATCH][label],
+                 str(target.type), describe(info), notes[label])
+            for label, plan in plans for outcome in outcomes]
+    return Report(rows, outcomes, describe(info))
+
+
+def _row(label: str, plan: Plan, outcome: SetOutcome, single: dict, fp32_single: dict, batched: dict, device: str,
+         machine_text: str, notes: list[str]) -> dict:
+    result, fp32 = outcome.results[label], outcome.fp32
+    truth = outcome.labels
+    correct, fp32_correct = result.predictions == truth, fp32.predictions == truth
+    comparison = result.comparison
+    return {
+        "plan": label, "data": outcome.data.name, "accuracy": comparison.accuracy, "ci95": list(comparison.ci95),
+        "agreement": comparison.agreement, "flips": comparison.flips, "mcnemar_p": comparison.mcnemar_p,
+        "kl": comparison.kl, "size_bytes": single["size_bytes"], "latency_ms_p50": single["latency_ms_p50"],
+        "throughput_per_s": batched["throughput_per_s"], "device": device, "runtime": "torch",
+        "n": comparison.n,
+        "lost": int(np.sum(fp32_correct & ~correct)), "gained": int(np.sum(~fp32_correct & correct)),
+        "accuracy_delta": comparison.accuracy - fp32.comparison.accuracy,
+        "accuracy_delta_ci95": list(bootstrap_diff_interval(fp32_correct, correct)),
+        "fp32_accuracy": fp32.comparison.accuracy,
+        "latency_ms_p95": single["latency_ms_p95"],
+        "fp32_latency_ms_p50": fp32_single["latency_ms_p50"], "fp32_latency_ms_p95": fp32_single["latency_ms_p95"],
+        "speedup": single["speedup"], "speedup_ci95": single["speedup_ci95"],
+        "fp32_size_bytes": fp32_single["size_bytes"], "size_ratio": single["size_bytes"] / fp32_single["size_bytes"],
+        "peak_memory_bytes": None, "threads": single["threads"], "load_average": single["load_average"],
+        "tokens": BENCH_TOKENS, "throughput_batch": THROUGHPUT_BATCH, "timing_repeats": single["repeats"],
+        "machine": machine_text, "kernel_notes": notes, "plan_json": plan.to_json(),
+    }
+
+
+def compare_plans(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]], datasets: Sequence[str | EvalSet],
+                  device: str = "cpu", progress: Progress | None = None, limit: int | None = None,
+                  bench_seconds: float = 1.0) -> list[dict]:
+    """One row per (plan, set): the contract's fields plus intervals, p95, speedup, size ratio."""
+    return run_comparison(model, tokenizer, plans, datasets, device, limit, progress, bench_seconds).rows
+
+
+def disagreements(outcomes: Sequence[SetOutcome], max_rows: int = 50) -> list[dict]:
+    """Examples on which the plans (FP32 included) predict differently, widest spread of the probability
+    of FP32's class first."""
+    rows = []
+    for outcome in outcomes:
+        results = {"fp32": outcome.fp32, **{k: v for k, v in outcome.results.items() if k != "fp32"}}
+        predictions = np.stack([r.predictions for r in results.values()])
+        reference = predictions[0]
+        probs = np.stack([r.probs[np.arange(len(reference)), reference] for r in results.values()])
+        disputed = np.nonzero((predictions != reference).any(0))[0]
+        spread = probs[:, disputed].max(0) - probs[:, disputed].min(0)
+        truth = outcome.labels
+        for index in disputed[np.argsort(-spread, kind="stable")][:max_rows]:
+            row = {"data": outcome.data.name, "index": int(index), "text": outcome.data.texts[index],
+                   "label": outcome.classes[truth[index]].lower()}
+            for k, label in enumerate(results):
+                row[label] = outcome.classes[int(predictions[k, index])].lower()
+                row[f"{label} p(fp32 class)"] = round(float(probs[k, index]), 4)
+            rows.append(row)
+    return rows

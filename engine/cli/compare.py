@@ -1,0 +1,27 @@
+"""`compare`: plans side by side on several sets."""
+from __future__ import annotations
+
+from engine.cli.common import UsageError, device_arg, load, model_arg, positive_int, progress_printer
+
+
+def setup(_name: str, parser) -> None:
+    model_arg(parser)
+    parser.add_argument("--plans", default="fp32,fp16,int8,int4",
+                        help="comma-separated: presets fp32, fp16, bf16, int8, int8-linear, int4, or .json plan files")
+    parser.add_argument("--data", default="embedded", help="comma-separated: embedded, amazon, tweets, nyt, sst2, .csv")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N examples of each set")
+    device_arg(parser)
+
+
+def run(_name: str, args):
+    from engine.analysis.compare import compare_plans
+    from engine.analysis.presets import resolve_plan_item, split_plan_list
+    from engine.runtime.device import resolve_device
+
+    items, sets = split_plan_list(args.plans), [d.strip() for d in args.data.split(",") if d.strip()]
+    if not items or not sets:
+        raise UsageError("compare needs at least one plan (--plans) and one set (--data)")
+    resolve_device(args.device)  # before loading anything: a missing GPU is reported at once
+    model, tokenizer = load(args)
+    plans = [resolve_plan_item(item, model) for item in items]
+    return compare_plans(model, tokenizer, plans, sets, args.device, progress=progress_printer(), limit=args.limit)

@@ -1,0 +1,69 @@
+"""`eval`, `predict` and `perturb`: one plan's figures on a set, any text's prediction, a text's typos."""
+from __future__ import annotations
+
+import sys
+
+from engine.cli.common import data_args, device_arg, evaluation_set, kernels_arg, load, model_arg, plan_arg, resolved_plan
+
+
+def setup(name: str, parser) -> None:
+    if name == "eval":
+        model_arg(parser)
+        data_args(parser)
+        plan_arg(parser)
+        kernels_arg(parser)
+        device_arg(parser)
+    elif name == "predict":
+        model_arg(parser)
+        plan_arg(parser)
+        kernels_arg(parser)
+        parser.add_argument("texts", nargs="+", metavar="TEXT",
+                            help="texts to classify; - reads one text per line from stdin")
+    else:
+        parser.add_argument("--kind", required=True,
+                            help="swap, delete, insert, substitute, keyboard, homoglyph or invisible")
+        parser.add_argument("--rate", required=True, help="share of the eligible words to edit, 0 to 1")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--keep-ends", action="store_true", help="leave the first and last letter of each word alone")
+        parser.add_argument("text", metavar="TEXT", help="the text; - reads it from stdin")
+
+
+def _stdin_text() -> str:
+    # Bytes, not sys.stdin: invalid UTF-8 must become U+FFFD rather than a decoding traceback.
+    return sys.stdin.buffer.read().decode("utf-8", "replace")
+
+
+def _stdin_lines() -> list[str]:
+    """One text per line ("\\n" only: other line breaks are characters of a review); an empty line is an empty text."""
+    data = _stdin_text()
+    if not data:
+        return []
+    lines = data.split("\n")
+    if data.endswith("\n"):
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def run(name: str, args):
+    if name == "eval":
+        from engine.evaluation.evaluate import evaluate
+
+        data = evaluation_set(args)
+        model, tokenizer = load(args)
+        return evaluate(model, tokenizer, data, resolved_plan(args, model), args.kernels, None, args.device)
+    if name == "predict":
+        from engine.analysis.predict import predict
+        from engine.core.plan import parse_plan
+        from engine.core.tokens import clean_surrogates
+
+        parse_plan(args.plan)  # a malformed plan is reported before the model loads
+        texts = []
+        for text in args.texts:
+            texts += _stdin_lines() if text == "-" else [clean_surrogates(text)]
+        model, tokenizer = load(args)
+        return predict(model, tokenizer, texts, resolved_plan(args, model), args.kernels)
+    from engine.analysis.perturb import perturb
+    from engine.core.tokens import clean_surrogates
+
+    text = _stdin_text().removesuffix("\n") if args.text == "-" else clean_surrogates(args.text)
+    return perturb(text, args.kind, args.rate, args.seed, args.keep_ends).as_dict()

@@ -1,0 +1,78 @@
+"""`sensitivity` and `search`: per-layer sweeps, memoized in the same cache rows as the pages', and the
+search for the smallest verified plan."""
+from __future__ import annotations
+
+import json
+import sys
+
+from engine.cli.common import UsageError, data_args, device_arg, evaluation_set, load, model_arg, positive_int
+
+
+def setup(name: str, parser) -> None:
+    if name == "sensitivity":
+        parser.add_argument("--precisions", default="int8,int4", help="comma-separated, among int8,int4")
+        parser.add_argument("--direction", choices=("one", "all-but-one"), default="one",
+                            help="one: only that layer quantized; all-but-one: every layer but that one")
+    else:
+        budget = parser.add_mutually_exclusive_group(required=True)
+        budget.add_argument("--max-drop", type=float, help="accuracy points the plan may lose against FP32")
+        budget.add_argument("--target-bytes", type=positive_int, help="the most accurate plan at most this size")
+        budget.add_argument("--not-worse", action="store_true",
+                            help="the smallest plan not significantly worse than FP32 (McNemar p >= 0.05)")
+        budget.add_argument("--max-latency-ms", type=float, help="the most accurate plan at most this latency (batch 1)")
+        parser.add_argument("--sweep", help="a JSON file of `sensitivity --json` rows (direction one) to reuse")
+        parser.add_argument("--no-latency", action="store_true", help="do not time the front's plans")
+    model_arg(parser)
+    data_args(parser)
+    device_arg(parser)
+
+
+def _rows(model, tokenizer, evaluator, precisions: str, direction: str):
+    """The sweep's rows (memoized one by one), with a progress line on stderr about every tenth of the way."""
+    from cache import results
+    from engine.analysis.sensitivity import check_precisions
+
+    chosen = check_precisions(precisions.split(","))
+    shown = [-1]
+
+    def progress(p) -> None:
+        if p.eta_s is not None and int(10 * p.fraction) > shown[0]:
+            shown[0] = int(10 * p.fraction)
+            print(f"[{p.fraction:4.0%}] sensitivity: {p.done}/{p.total} rows, {p.elapsed_s:.0f} s, "
+                  f"about {p.eta_s:.0f} s left", file=sys.stderr, flush=True)
+
+    sqnr = results.sqnr_proxy(model, tokenizer, evaluator, chosen)
+    return results.sweep(evaluator, chosen, direction, sqnr, progress=progress)
+
+
+def _sweep_file(path: str):
+    from engine.analysis.sensitivity import Row
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [Row.from_dict(item) for item in json.load(handle)]
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise UsageError(f"cannot read sweep rows from {path}: {error}") from None
+
+
+def run(name: str, args):
+    from engine.evaluation.evaluate import get_evaluator
+
+    data = evaluation_set(args)
+    model, tokenizer = load(args)
+    evaluator = get_evaluator(model, tokenizer, data, args.device, keep_states=True)
+    if name == "sensitivity":
+        result = _rows(model, tokenizer, evaluator, args.precisions, args.direction)
+        print(f"sensitivity: {len(result.rows)} rows ({result.computed} computed) in {result.seconds:.1f} s",
+              file=sys.stderr)
+        return [row.as_dict() for row in result.rows]
+    from engine.analysis.search import Budget, search
+
+    budget = (Budget("max_drop", args.max_drop) if args.max_drop is not None
+              else Budget("target_bytes", args.target_bytes) if args.target_bytes is not None
+              else Budget("latency_ms", args.max_latency_ms) if args.max_latency_ms is not None
+              else Budget("not_worse"))
+    rows = _sweep_file(args.sweep) if args.sweep else _rows(model, tokenizer, evaluator, "int8,int4", "one").rows
+    result = search(evaluator, model, tokenizer, rows, budget, latency=not args.no_latency,
+                    progress=lambda text, n: print(f"search: {text}", file=sys.stderr, flush=True))
+    return result.as_dict()

@@ -1,0 +1,158 @@
+"""Real low-precision kernels: torch's on the CPU, torchao's on NVIDIA GPUs.
+
+CPU: torch's dynamic int8 Linear (per-channel weights, per-tensor 7-bit activations on x86) and
+quantized Embedding (uint8 per row). The simulated int8 weight is read back from these very
+modules, so simulated and real agree by construction.
+
+CUDA (torchao, imported only when a CUDA conversion runs: its import is slow and noisy):
+- int8 Linear: `Int8DynamicActivationInt8WeightConfig` (cuBLAS int8 GEMM), the CPU numerics with one
+  more activation bit; cuBLAS needs both dimensions to be multiples of 8, elsewhere the layer runs
+  the CPU kernel's numerics in float on the GPU, and says so (`kernel_note`).
+- int4 Linear: `Int4WeightOnlyConfig` in the tinygemm tile-packed format (bf16 activations, compute
+  capability 8.0+, group size 32/64/128/256 dividing the input width); elsewhere the packed int4
+  module unpacked per call, with the reason.
+- int8 embedding: torch's quantized Embedding is CPU-only, so the same per-row uint8 table is kept
+  on the GPU and only the looked-up rows are dequantized.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from engine.core.qmodules import Int4Linear, Int8Embedding, SimLinear
+
+log = logging.getLogger(__name__)
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+_REPORTED: set[str] = set()
+
+
+@contextlib.contextmanager
+def _quiet_ao():
+    """torch.ao prints migration notices on every conversion; they say nothing about the numerics."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
+    linear.weight = nn.Parameter(weight.detach().float().cpu(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().float().cpu(), requires_grad=False)
+    return linear
+
+
+def torch_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """torch's dynamic int8 Linear with per-channel weights (the real CPU kernel)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    source = _float_linear(weight, bias)
+    source.qconfig = per_channel_dynamic_qconfig
+    with _quiet_ao():
+        module = DynamicLinear.from_float(source)
+    module.tokenwise = False  # one activation scale per batch tensor
+    return module
+
+
+def torch_int8_embedding(table: torch.Tensor) -> nn.Module:
+    """torch's quantized Embedding: uint8 per row with float scale and offset."""
+    from torch.ao.nn.quantized import Embedding as QuantEmbedding
+    from torch.ao.quantization import float_qparams_weight_only_qconfig
+
+    source = nn.Embedding(*table.shape)
+    source.weight = nn.Parameter(table.detach().float().cpu(), requires_grad=False)
+    source.qconfig = float_qparams_weight_only_qconfig
+    with _quiet_ao():
+        return QuantEmbedding.from_float(source)
+
+
+def int8_dequantized(module: nn.Module) -> torch.Tensor:
+    """The float weight a real int8 module computes with."""
+    return module.weight().dequantize() if callable(module.weight) else module.weight.dequantize()
+
+
+def int8_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The int8 weight torch's kernel computes with, dequantized, on the weight's device."""
+    return int8_dequantized(torch_int8_linear(weight, None)).to(weight.device)
+
+
+def int8_embedding_table(table: torch.Tensor) -> torch.Tensor:
+    return int8_dequantized(torch_int8_embedding(table)).to(table.device)
+
+
+def _note(module: nn.Module, reason: str) -> nn.Module:
+    """Mark a module that is not the fast kernel; each distinct reason is logged once per process."""
+    module.kernel_note = reason
+    if reason not in _REPORTED:
+        _REPORTED.add(reason)
+        log.warning(reason)
+    return module
+
+
+def kernel_notes(model: nn.Module) -> list[str]:
+    """The distinct reasons why some layers of `model` do not run their fast kernel."""
+    return sorted({note for module in model.modules() if (note := getattr(module, "kernel_note", None))})
+
+
+def cuda_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> nn.Module:
+    """The int8 (W8A8) Linear on CUDA: torchao's kernel where cuBLAS can run it."""
+    out_features, in_features = weight.shape
+    if in_features % 8 or out_features % 8:
+        simulated = SimLinear(int8_linear_weight(weight.cpu()).to(device),
+                              None if bias is None else bias.float().to(device), "int8", "dynamic")
+        return _note(simulated, f"int8 Linear {out_features}x{in_features}: cuBLAS int8 needs dimensions that are "
+                                "multiples of 8; computed in float with int8-rounded weights and activations")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType, PerRow, PerTensor, quantize_
+
+    config = Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC,
+                                                   granularity=[PerTensor(), PerRow()], set_inductor_config=False)
+    linear = _float_linear(weight, bias).to(device)
+    quantize_(linear, config)
+    linear.tokenwise = False
+    return linear
+
+
+def int4_unsupported_reason(in_features: int, group_size: int, device: torch.device) -> str | None:
+    """Why torchao's tinygemm int4 kernel cannot take this layer, or None when it can."""
+    if group_size not in TINYGEMM_GROUP_SIZES:
+        return f"the tinygemm int4 kernel takes group sizes {TINYGEMM_GROUP_SIZES}, not {group_size}"
+    if in_features % group_size:
+        return f"input width {in_features} is not a multiple of the group size {group_size}"
+    if device.type != "cuda":
+        return "the tinygemm int4 kernel needs a CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"the tinygemm int4 kernel needs compute capability 8.0+, this GPU has {major}.{minor}"
+    return None
+
+
+def cuda_int4_linear(weight: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+                     device: torch.device) -> nn.Module:
+    """Weight-only int4 Linear on CUDA: torchao's tinygemm kernel on a bf16 copy, else Int4Linear."""
+    reason = int4_unsupported_reason(weight.shape[1], group_size, device)
+    if reason is None:
+        try:
+            from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+            linear = _float_linear(weight, bias).to(device=device, dtype=torch.bfloat16)
+            quantize_(linear, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
+                                                   set_inductor_config=False))
+            return linear
+        except (RuntimeError, ValueError, AssertionError, ImportError) as error:
+            reason = f"torchao int4 failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    fallback = Int4Linear(weight, bias, group_size).to(device)
+    return _note(fallback, f"int4 Linear {weight.shape[0]}x{weight.shape[1]}: {reason}; "
+                           "packed int4 unpacked per call instead")
+
+
+def cuda_int8_embedding(table: torch.Tensor, padding_idx: int | None, device: torch.device) -> nn.Module:
+    """torch's per-row uint8 table, kept on the GPU (identical values to the CPU kernel's)."""
+    weight = torch_int8_embedding(table.cpu()).weight()
+    # clones: the scales are views into the packed weight, which dies with the CPU module
+    return Int8Embedding(weight.int_repr().clone().to(device), weight.q_per_channel_scales().clone().float().to(device),
+                         weight.q_per_channel_zero_points().clone().float().to(device), padding_idx)

@@ -1,0 +1,99 @@
+"""The precision registry: one entry per precision says how to simulate it, how to run it for real
+on each device, and how many bytes it takes. Adding a precision is one new entry here.
+
+Simulated weights are the exact values the real kernel computes with, so that simulated accuracy is
+the deployed accuracy; `apply_plan` builds its modules from these entries alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from engine.core import kernels
+from engine.core.numerics import int4_round_trip
+from engine.core.qmodules import FLOAT_DTYPES, CastEmbedding, CastLinear, Int4Embedding, Int4Linear
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one precision is simulated, run and sized. Weights use the Linear convention [out, in]."""
+
+    name: str
+    description: str
+    quantizes_activations: bool
+    simulated_weight: Callable[[Tensor, int], Tensor]  # (Linear weight, group size) -> the values computed with
+    simulated_table: Callable[[Tensor, int], Tensor]  # (embedding table, group size) -> the values looked up
+    real_linear: Callable[[Tensor, Tensor | None, int, torch.device], nn.Module]
+    real_table: Callable[[Tensor, int | None, int, torch.device], nn.Module]
+    weight_bytes: Callable[[int, int, int], int]  # (rows, cols, group size) -> bytes of weights and their scales
+
+    def layer_bytes(self, rows: int, cols: int, bias_numel: int, group_size: int) -> int:
+        """Bytes of one layer in the real format: weights, scales and offsets, and a float32 bias."""
+        return self.weight_bytes(rows, cols, group_size) + 4 * bias_numel
+
+
+def _float_linear(weight: Tensor, bias: Tensor | None, _group: int, device: torch.device) -> nn.Module:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device=device)
+    linear.weight = nn.Parameter(weight.detach().float().to(device), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().float().to(device), requires_grad=False)
+    return linear
+
+
+def _float_table(table: Tensor, padding_idx: int | None, _group: int, device: torch.device) -> nn.Module:
+    return nn.Embedding(*table.shape, padding_idx=padding_idx, _weight=table.detach().float().to(device))
+
+
+def _cast(name: str) -> Precision:
+    dtype = FLOAT_DTYPES[name]
+    return Precision(
+        name, f"{name.upper()}: weights, inputs and matmul in {dtype}".replace("torch.", ""), False,
+        lambda weight, _group: weight.to(dtype).float(), lambda table, _group: table.to(dtype).float(),
+        lambda weight, bias, _group, device: CastLinear(weight.to(device), None if bias is None else bias.to(device),
+                                                        dtype),
+        lambda table, padding, _group, device: CastEmbedding(table.to(device), padding, dtype),
+        lambda rows, cols, _group: 2 * rows * cols)
+
+
+def _int8_linear(weight: Tensor, bias: Tensor | None, _group: int, device: torch.device) -> nn.Module:
+    if device.type == "cuda":
+        return kernels.cuda_int8_linear(weight, bias, device)
+    return kernels.torch_int8_linear(weight, bias)
+
+
+def _int8_table(table: Tensor, padding_idx: int | None, _group: int, device: torch.device) -> nn.Module:
+    if device.type == "cuda":
+        return kernels.cuda_int8_embedding(table, padding_idx, device)
+    return kernels.torch_int8_embedding(table)
+
+
+def _int4_linear(weight: Tensor, bias: Tensor | None, group: int, device: torch.device) -> nn.Module:
+    if device.type == "cuda":
+        return kernels.cuda_int4_linear(weight, bias, group, device)
+    return Int4Linear(weight, bias, group)
+
+
+def _int4_bytes(rows: int, cols: int, group: int) -> int:
+    return rows * math.ceil(cols / 2) + rows * math.ceil(cols / group) * 8  # nibbles, fp32 scale and min per group
+
+
+PRECISIONS: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", "FP32, the reference", False, lambda weight, _group: weight, lambda table, _group: table,
+              _float_linear, _float_table,
+              lambda rows, cols, _group: 4 * rows * cols),
+    _cast("fp16"),
+    _cast("bf16"),
+    Precision("int8", "INT8 (W8A8): int8 weights per output channel, int8 activations per tensor at run time", True,
+              lambda weight, _group: kernels.int8_linear_weight(weight),
+              lambda table, _group: kernels.int8_embedding_table(table), _int8_linear, _int8_table, lambda rows, cols, _group: rows * cols + 8 * rows),
+    Precision("int4", "INT4 weight-only, group-wise asymmetric", False, int4_round_trip, int4_round_trip, _int4_linear,
+              lambda table, padding, group, device: Int4Embedding(table.to(device), padding, group), _int4_bytes),
+)}
+PRECISION_NAMES = tuple(PRECISIONS)
+

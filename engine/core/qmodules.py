@@ -1,0 +1,169 @@
+"""The quantized modules that stand in for a Linear or an embedding table.
+
+Each says whether it is token-wise (every token's output depends on that token alone): a per-tensor
+dynamic int8 input scale covers the whole batch tensor, so such a layer is not, and the staged
+forward may compute a token-wise block for the one row the head reads. `is_tokenwise` asks the
+modules rather than testing their classes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.core.numerics import fake_quant_activation, int4_dequantize, int4_quantize, pack_nibbles, unpack_nibbles
+
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_TOKENWISE_LEAVES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.Identity)
+_TOKENWISE_NAMES = ("RMSNorm", "LayerNorm", "Conv1D")  # transformers' own norms and GPT-2's Linear
+
+
+def linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias) of a Linear, or of transformers' Conv1D (which stores [in, out])."""
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.detach().t(), module.bias.detach()
+    return module.weight.detach(), None if module.bias is None else module.bias.detach()
+
+
+def is_tokenwise(module: nn.Module) -> bool:
+    """True when no part of `module` mixes tokens through an activation range (unknown parameterised
+    modules count as mixing, to stay on the safe side)."""
+    for part in module.modules():
+        flag = getattr(part, "tokenwise", None)
+        if flag is not None:
+            if not flag:
+                return False
+            continue
+        owns = next(part.parameters(recurse=False), None) is not None or next(part.buffers(recurse=False), None) is not None
+        if owns and not isinstance(part, _TOKENWISE_LEAVES) and not type(part).__name__.endswith(_TOKENWISE_NAMES):
+            return False
+    return True
+
+
+class SimLinear(nn.Module):
+    """A Linear that computes in float with quantize-dequantized weights (and activations for int8).
+
+    `in_scale`, when set, divides the input per channel first (SmoothQuant's explicit scale).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: str, act: str = "dynamic",
+                 static_scale: tuple[float, int] | None = None, in_scale: torch.Tensor | None = None,
+                 reduce_range: bool = True, activation=fake_quant_activation):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.precision, self.act, self.static_scale, self.reduce_range = precision, act, static_scale, reduce_range
+        self.activation = activation
+        self.register_buffer("weight", weight)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("in_scale", in_scale)
+
+    @property
+    def tokenwise(self) -> bool:
+        return not (self.precision == "int8" and self.act == "dynamic")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_scale is not None:
+            x = x / self.in_scale
+        if self.precision == "int8":
+            x = self.activation(x, self.act, self.reduce_range, self.static_scale)
+        elif self.precision in FLOAT_DTYPES:
+            dtype = FLOAT_DTYPES[self.precision]
+            return F.linear(x.to(dtype).to(x.dtype), self.weight, self.bias).to(dtype).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, precision={self.precision}, act={self.act}"
+
+
+class Int4Linear(nn.Module):
+    """Real int4 weight-only Linear: packed nibbles plus per-group scale and min, unpacked per call."""
+
+    tokenwise = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int):
+        super().__init__()
+        q, scale, low = int4_quantize(weight, group_size)
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        self.register_buffer("packed", pack_nibbles(q))
+        self.register_buffer("scale", scale)
+        self.register_buffer("low", low)
+        self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        return int4_dequantize(unpack_nibbles(self.packed, self.in_features), self.scale, self.low, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized().to(x.dtype), self.bias)
+
+
+class Int4Embedding(nn.Module):
+    """Real int4 word embeddings: packed rows, unpacked only for the looked-up tokens."""
+
+    def __init__(self, table: torch.Tensor, padding_idx: int | None, group_size: int):
+        super().__init__()
+        q, scale, low = int4_quantize(table, group_size)
+        self.num_embeddings, self.embedding_dim = table.shape
+        self.group_size, self.padding_idx = group_size, padding_idx
+        self.register_buffer("packed", pack_nibbles(q))
+        self.register_buffer("scale", scale)
+        self.register_buffer("low", low)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = unpack_nibbles(self.packed[ids], self.embedding_dim)
+        return int4_dequantize(rows, self.scale[ids], self.low[ids], self.group_size)
+
+
+class Int8Embedding(nn.Module):
+    """Per-row uint8 word embeddings (torch's quantized format) on any device; rows dequantized on lookup."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, padding_idx: int | None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.padding_idx = padding_idx
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.q[ids].float() - self.zero[ids].unsqueeze(-1)) * self.scale[ids].unsqueeze(-1)
+
+
+class CastLinear(nn.Module):
+    """A Linear whose weights and matmul are in fp16 or bf16 (input cast in, output cast back)."""
+
+    tokenwise = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight", weight.to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class CastEmbedding(nn.Module):
+    """Word embeddings stored in fp16 or bf16, looked up and returned as fp32."""
+
+    def __init__(self, table: torch.Tensor, padding_idx: int | None, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = table.shape
+        self.padding_idx = padding_idx
+        self.register_buffer("weight", table.to(dtype).contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float()
+
+
+class ScaledInput(nn.Module):
+    """A real kernel behind SmoothQuant's explicit input scale: inner(x / in_scale)."""
+
+    def __init__(self, in_scale: torch.Tensor, inner: nn.Module):
+        super().__init__()
+        self.register_buffer("in_scale", in_scale)
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x / self.in_scale)
+

@@ -1,0 +1,97 @@
+"""A browser session's incremental state, within one process-wide memory budget.
+
+A session keeps the states its current plan produced (sharing, not copying, the FP32 states before
+its first changed cut). States are what memory goes to (1,056 sentences x ~25 tokens x hidden x 4
+bytes per cut), so every session's own states count against one budget; when the budget is
+exceeded, the sessions used least recently lose theirs and their next update starts from the FP32
+states instead: slower once, never wrong.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+from engine.core.plan import FP32, Plan
+from engine.evaluation.evaluator import EvalResult, Evaluator, Progress, Trace
+
+DEFAULT_BUDGET_MB = 512
+
+
+class StateBudget:
+    """The bytes all sessions' own states may hold in this process (ENGINE_STATE_BUDGET_MB)."""
+
+    def __init__(self, limit_bytes: int | None = None):
+        mb = float(os.environ.get("ENGINE_STATE_BUDGET_MB", DEFAULT_BUDGET_MB))
+        self.limit = int(mb * 1024**2) if limit_bytes is None else limit_bytes
+        self.sessions: dict[int, tuple["Session", float]] = {}
+        self.lock = threading.Lock()
+
+    def touch(self, session: "Session") -> None:
+        """`session` was just used: record it, then drop the least recently used sessions' states
+        while the total exceeds the budget (never the session just used)."""
+        with self.lock:
+            self.sessions[id(session)] = (session, time.monotonic())
+            held = {key: s.owned_bytes() for key, (s, _) in self.sessions.items()}
+            total = sum(held.values())
+            for key, (other, _) in sorted(self.sessions.items(), key=lambda item: item[1][1]):
+                if total <= self.limit:
+                    break
+                if other is not session and held[key]:
+                    other.drop_states()
+                    total -= held[key]
+
+    def forget(self, session: "Session") -> None:
+        with self.lock:
+            self.sessions.pop(id(session), None)
+
+    def used_bytes(self) -> int:
+        with self.lock:
+            return sum(s.owned_bytes() for s, _ in self.sessions.values())
+
+
+BUDGET = StateBudget()
+
+
+class Session:
+    """One browser session's current plan, its result and the trace its next update resumes from."""
+
+    def __init__(self, evaluator: Evaluator, budget: StateBudget | None = None):
+        self.evaluator = evaluator
+        self.budget = budget or BUDGET
+        self.plan: Plan = FP32
+        self.trace: Trace | None = None
+        self.result: EvalResult | None = evaluator.baseline
+        self.lock = threading.Lock()
+
+    def owned_bytes(self) -> int:
+        trace = self.trace
+        return 0 if trace is None else trace.nbytes(self.evaluator.baseline_trace)
+
+    def drop_states(self) -> None:
+        self.trace = None
+
+    def source_for(self, plan: Plan) -> Trace:
+        """The trace to resume `plan` from: this session's own or the FP32 one, whichever starts later."""
+        baseline = self.evaluator.baseline_trace
+        own = self.trace
+        if own is None:
+            return baseline
+        return own if self.evaluator.resume_cut(own, plan) >= self.evaluator.resume_cut(baseline, plan) else baseline
+
+    def update(self, plan: Plan, progress: Progress | None = None,
+               cancelled: Callable[[], bool] | None = None) -> EvalResult:
+        """Evaluate `plan` from the latest cut any kept states allow, then make it current."""
+        with self.lock:
+            if self.result is not None and plan.key() == self.plan.key():
+                return self.result
+            result, trace = self.evaluator.run(plan, source=self.source_for(plan), keep=True, progress=progress,
+                                               cancelled=cancelled)
+            self.plan, self.trace, self.result = plan, trace, result
+        self.budget.touch(self)
+        return result
+
+    def close(self) -> None:
+        self.budget.forget(self)
+        self.trace = None

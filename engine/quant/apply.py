@@ -1,0 +1,130 @@
+"""`apply_plan`: a new model with a plan applied, from the plan and what the caller prepared.
+
+The caller passes calibration statistics (for static activation scales) and smoothing factors (for
+SmoothQuant) computed by their own steps (engine.quant.calibration, engine.quant.smoothing): this
+module only converts. Every layer's module comes from the precision registry; simulated weights are
+kept in one process-wide LRU, so toggling a layer back and forth costs nothing.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+
+import torch
+from cachetools import LRUCache, cached
+from torch import nn
+
+from engine.core.numerics import int8_reduce_range, static_qparams
+from engine.core.plan import FP32, PlanError, PlanLike, as_plan
+from engine.core.precisions import PRECISIONS
+from engine.core.qmodules import ScaledInput, SimLinear, linear_parts
+from engine.model.inventory import inventory
+from engine.model.loading import fingerprint
+
+KERNELS = ("simulated", "real")
+_ENGINE_ATTRIBUTES = ("_engine_fingerprint", "_engine_fingerprint_of", "_engine_inventory", "_engine_graph",
+                      "_engine_stages", "_engine_plan")
+
+
+def shallow_copy(model: nn.Module) -> nn.Module:
+    """A new module tree that shares every parameter and buffer tensor with `model`.
+
+    Replacing a submodule of the copy leaves the original untouched, and the copy costs no memory
+    for the weights it does not change.
+    """
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    clone = copy.deepcopy(model, memo)
+    for attribute in _ENGINE_ATTRIBUTES:
+        clone.__dict__.pop(attribute, None)
+    return clone
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def with_tensors(module: nn.Module, **tensors: torch.Tensor) -> nn.Module:
+    """A copy of `module` (same class and attributes) holding new parameter tensors; `module` is untouched."""
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    for name, tensor in tensors.items():
+        clone._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    return clone
+
+
+@cached(LRUCache(maxsize=512), key=lambda key, *_: key, lock=threading.Lock())
+def _simulated(key: tuple, compute) -> torch.Tensor:
+    # Outside inference mode: a weight computed under it could never become a module's parameter later.
+    with torch.inference_mode(False), torch.no_grad():
+        return compute()
+
+
+def simulated_weight(model_key: str, name: str, precision: str, weight: torch.Tensor, group_size: int,
+                     embedding: bool = False, transform: str | None = None) -> torch.Tensor:
+    """The values a layer computes with at `precision` (memoized per weights, layer, precision, transform)."""
+    entry = PRECISIONS[precision]
+    compute = (lambda: entry.simulated_table(weight, group_size)) if embedding else \
+        (lambda: entry.simulated_weight(weight, group_size))
+    return _simulated((model_key, name, precision, group_size if precision == "int4" else 0, embedding, transform),
+                      compute)
+
+
+def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = "simulated", *, calibration=None,
+               smoothing=None) -> nn.Module:
+    """A new model with `plan` applied; `model` itself stays bit-for-bit unchanged.
+
+    kernels="simulated" computes in float with quantize-dequantized weights (any device); "real" uses the
+    device's low-precision kernels. A plan with static activation scales needs `calibration`
+    (engine.quant.calibration.calibrate) and a smoothed plan needs `smoothing` (engine.quant.smoothing.smooth).
+    """
+    plan = as_plan(plan)
+    if kernels not in KERNELS:
+        raise PlanError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+    layers = inventory(model)
+    resolved = plan.resolve([layer.name for layer in layers])
+    if plan.smooth_alpha is not None and smoothing is None:
+        raise PlanError("this plan smooths (smooth_alpha): prepare it with engine.quant.smoothing.smooth first")
+    if plan.act == "static" and calibration is None and any(p == "int8" for p in resolved.values()):
+        raise PlanError("this plan uses static activation scales: calibrate first (engine.quant.calibration)")
+    clone = shallow_copy(model)
+    model_key = fingerprint(model)
+    device = next(model.parameters()).device
+    reduce_range = int8_reduce_range()
+    for layer in layers:
+        precision = resolved[layer.name]
+        transform = smoothing.transform_key(layer.name) if smoothing is not None else None
+        if precision == "fp32" and transform is None:
+            continue
+        original = model.get_submodule(layer.name)
+        if layer.kind == "embedding":
+            table = original.weight.detach()
+            if kernels == "real" and precision != "fp32":
+                replacement = PRECISIONS[precision].real_table(table, original.padding_idx, plan.group_size, device)
+            else:
+                values = simulated_weight(model_key, layer.name, precision, table, plan.group_size, embedding=True)
+                replacement = with_tensors(original, weight=values)
+            set_module(clone, layer.name, replacement.requires_grad_(False))
+            continue
+        weight, bias = linear_parts(original)
+        in_scale = None
+        if transform is not None:
+            weight, bias, in_scale = smoothing.transformed(layer.name, weight, bias)
+        static = None
+        if precision == "int8" and plan.act == "static":
+            static = static_qparams(*calibration.input_range(layer.name, smoothing), reduce_range)
+        if kernels == "real":
+            module = PRECISIONS[precision].real_linear(weight, bias, plan.group_size, device)
+            replacement = module if in_scale is None else ScaledInput(in_scale, module)
+        else:
+            values = simulated_weight(model_key, layer.name, precision, weight, plan.group_size, transform=transform)
+            replacement = SimLinear(values, bias, precision, plan.act, static, in_scale, reduce_range)
+        set_module(clone, layer.name, replacement.requires_grad_(False))
+    if smoothing is not None:
+        for norm_name, divisor in smoothing.norms.items():
+            norm = model.get_submodule(norm_name)
+            folded = {name: norm._parameters[name].detach() / divisor.to(device)
+                      for name in ("weight", "bias") if norm._parameters.get(name) is not None}
+            set_module(clone, norm_name, with_tensors(norm, **folded))
+    clone.__dict__["_engine_plan"] = (plan, kernels)
+    return clone.eval()
