@@ -25,12 +25,15 @@ state = st.session_state
 
 
 def engine_session(evaluator) -> Session:
-    """This browser session's incremental state: its own plan and trace, never shared."""
+    """This browser session's incremental state: its own plan and trace, never shared. A new model or set
+    starts a new history (the figures of one set say nothing of another's)."""
     session = state.get("lm_session")
     if session is None or session.evaluator is not evaluator:
         if session is not None:
             session.close()
         session = state["lm_session"] = Session(evaluator)
+        state["plan_history"], state["layer_effects"] = [], {}
+        state["lm_pending"] = [{"plan": common.current_plan(), "layer": None}]
     return session
 
 
@@ -262,7 +265,7 @@ def history_section() -> None:
     history = state["plan_history"]
     if len(history) < 2:
         return
-    st.subheader("Plans tried in this session")
+    st.subheader(f"{len(history)} plans tried in this session")
     frame = pd.DataFrame([{k: v for k, v in h.items() if k not in ("plan", "key")} for h in history])
     figure = go.Figure(go.Scatter(
         x=frame["size_mb"], y=frame["accuracy"], mode="markers+text", text=frame["label"], textposition="top center",
@@ -291,8 +294,9 @@ if evaluator is None:
 for name, default in (("plan_undo", []), ("plan_history", []), ("layer_effects", {}), ("lm_pending", []),
                       ("lm_acked", (None, 0))):
     state.setdefault(name, default)
-if not state["plan_history"]:
-    state["lm_pending"].insert(0, {"plan": common.current_plan(), "layer": None})
+engine_session(evaluator)
+st.caption(f"Evaluated on {evaluator.dataset.name} ({len(evaluator.labels):,} sentences) with "
+           f"{common.model_name()}.")
 grid_section(evaluator.layers)
 evaluate_pending(evaluator)
 plan = common.current_plan()

@@ -35,17 +35,6 @@ def stop_sweep() -> None:
     state["sens_stop"] = True
 
 
-def known_rows(evaluator, precisions, direction: str) -> dict[tuple[str, str], sens.Row]:
-    """The rows of this sweep already in the cache (from any session, the CLI or the grid)."""
-    out = {}
-    for layer in evaluator.layers:
-        for precision in precisions:
-            found = lookup(keys.sweep_row(evaluator, layer.name, precision, direction))
-            if found is not None:
-                out[(layer.name, precision)] = sens.Row.from_dict(found)
-    return out
-
-
 def estimated_seconds(evaluator, missing: list[tuple[str, str]], direction: str) -> float:
     """A sweep's cost from this set's measured FP32 pass: each row runs the model from its layer's cut."""
     full, cuts = evaluator.baseline.seconds, evaluator.cuts
@@ -59,7 +48,7 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str) -> None
     if not precisions:
         st.info("Choose at least one precision.")
         return
-    known = known_rows(evaluator, precisions, direction)
+    known = results.known_rows(evaluator, precisions, direction)
     total = len(evaluator.layers) * len(precisions)
     missing = [(layer.name, p) for layer in evaluator.layers for p in precisions if (layer.name, p) not in known]
     buttons = st.columns([1, 1, 4])
@@ -82,8 +71,10 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str) -> None
     while len(known) < total and not state.get("sens_stop"):
         def work(job):
             began = time.perf_counter()
-            return results.sweep(evaluator, precisions, direction, sqnr,
-                                 should_stop=lambda: job.cancelled() or time.perf_counter() - began > CHUNK_S[direction],
+            def enough() -> bool:
+                return job.cancelled() or time.perf_counter() - began > CHUNK_S[direction]
+
+            return results.sweep(evaluator, precisions, direction, sqnr, should_stop=enough,
                                  progress=lambda p: setattr(job, "progress", p))
 
         def show(p) -> None:
@@ -93,7 +84,7 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str) -> None
 
         result = common.run_job("sensitivity", "Sweeping", work, show_progress=show)
         computed += result.computed
-        known = known_rows(evaluator, precisions, direction)
+        known = results.known_rows(evaluator, precisions, direction)
     state["sens_last_run"] = (computed, time.perf_counter() - started, bool(state.get("sens_stop")))
     st.rerun()
 
@@ -365,7 +356,7 @@ if "sens_last_run" in state:
     if computed:
         st.caption(f"Last run: {computed} rows in {seconds:.0f} s ({seconds / computed:.1f} s a row)"
                    + (", stopped." if stopped else "."))
-rows_by_direction = {d: known_rows(evaluator, sens.SWEEP_PRECISIONS, d) for d in sens.DIRECTIONS}
+rows_by_direction = {d: results.known_rows(evaluator, sens.SWEEP_PRECISIONS, d) for d in sens.DIRECTIONS}
 rows = [r for r in rows_by_direction[direction].values() if r.precision in precisions]
 heatmaps_section(evaluator, rows_by_direction, precisions)
 if rows:

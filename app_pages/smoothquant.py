@@ -40,8 +40,11 @@ def evaluated(evaluator, plan: Plan, label: str):
         def work(job):
             return evaluator.run(plan, progress=lambda p: setattr(job, "progress", p), cancelled=job.cancelled)[0]
 
-        result = common.run_job("smoothquant", f"Evaluating {label}", work, show_progress=lambda p: bar.progress(
-            p.done / p.total, text=f"{label}: {p.done}/{p.total} · running accuracy {common.fmt_ci(p.accuracy, p.ci95)}"))
+        def show(p) -> None:
+            bar.progress(p.done / p.total,
+                         text=f"{label}: {p.done}/{p.total} · running accuracy {common.fmt_ci(p.accuracy, p.ci95)}")
+
+        result = common.run_job("smoothquant", f"Evaluating {label}", work, show_progress=show)
         bar.empty()
         return result
     return remember(keys.smoothquant(evaluator, "eval", plan=plan.key(), batch=evaluator.batch_size), compute)

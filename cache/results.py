@@ -40,6 +40,17 @@ def sqnr_proxy(model, tokenizer, evaluator: Evaluator, precisions: tuple[str, ..
                     lambda: sensitivity.sqnr_proxy(model, tokenizer, sensitivity.proxy_texts(evaluator), precisions))
 
 
+def known_rows(evaluator: Evaluator, precisions, direction: str) -> dict[tuple[str, str], sensitivity.Row]:
+    """The rows of a sweep already stored (by any page, the CLI or the grid)."""
+    out = {}
+    for layer in evaluator.layers:
+        for precision in precisions:
+            found = lookup(keys.sweep_row(evaluator, layer.name, precision, direction))
+            if found is not None:
+                out[(layer.name, precision)] = sensitivity.Row.from_dict(found)
+    return out
+
+
 def sweep(evaluator: Evaluator, precisions, direction: str, sqnr: dict | None = None,
           should_stop: Callable[[], bool] | None = None,
           progress: Callable[[sensitivity.SweepProgress], None] | None = None,
@@ -47,12 +58,7 @@ def sweep(evaluator: Evaluator, precisions, direction: str, sqnr: dict | None = 
     """A sensitivity sweep whose rows are memoized one by one: rows computed before (by any page, the
     CLI or the grid) are reused, and a stopped sweep keeps every row it finished."""
     precisions = sensitivity.check_precisions(precisions)
-    done = {}
-    for layer in evaluator.layers:
-        for precision in precisions:
-            row = lookup(keys.sweep_row(evaluator, layer.name, precision, direction))
-            if row is not None:
-                done[(layer.name, precision)] = sensitivity.Row.from_dict(row)
+    done = known_rows(evaluator, precisions, direction)
 
     def store(row: sensitivity.Row) -> None:
         put(keys.sweep_row(evaluator, row.layer, row.precision, row.direction), row.as_dict())

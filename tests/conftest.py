@@ -63,6 +63,6 @@ def tiny_distilbert():
 
 @pytest.fixture(scope="session")
 def embedded():
-    from engine.models import load_model
+    from engine.model.loading import load_model
 
     return load_model("embedded")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import zoo
 from conftest import _tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,8 +133,8 @@ def test_embedded_real_and_simulated_int8_agree(env, embedded):
     """
     import torch
 
-    from engine.data import load_dataset
-    from engine.evaluation import evaluate
+    from engine.core.data import load_dataset
+    from engine.evaluation.evaluate import evaluate
 
     model, tokenizer = embedded
     rows = load_dataset("embedded").head(256)
@@ -154,3 +155,71 @@ def test_embedded_real_and_simulated_int8_agree(env, embedded):
     assert simulated["n"] == real["n"] == 256
     assert abs(simulated["accuracy"] - real["accuracy"]) <= 0.02
     assert abs(simulated["agreement"] - real["agreement"]) <= 0.02
+
+
+COMMANDS = ("layers", "eval", "predict", "perturb", "bench", "compare", "smoothquant", "sensitivity", "search")
+
+
+@pytest.mark.parametrize("command", (None,) + COMMANDS)
+def test_every_help_answers_at_once(env, command):
+    """The front door: `--help` exits 0 with usage, quickly, without importing torch."""
+    import time
+
+    args = ["--help"] if command is None else [command, "--help"]
+    started = time.perf_counter()
+    result = engine(env, *args, timeout=60)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m engine") and "Traceback" not in result.stderr
+    probe = subprocess.run([sys.executable, "-c", "import sys; import engine.cli as c; sys.argv = ['x'] + "
+                            f"{args!r}\ntry:\n    c.main({args!r})\nexcept SystemExit:\n    pass\n"
+                            "print('torch' in sys.modules)"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert probe.stdout.strip().endswith("False"), probe.stdout + probe.stderr
+    assert elapsed < 10  # the 1 s goal is a benchmark figure; this bounds a cold start on a loaded CI machine
+
+
+def test_a_missing_model_folder_exits_2(env, tmp_path):
+    result = engine(env, "layers", "--model", str(tmp_path / "nowhere"), "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"error: no model folder at {tmp_path / 'nowhere'}"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mobilebert"])
+def test_a_saved_family_runs_every_command(capsys, tmp_path, family):
+    """A user's own folder (saved with save_pretrained, its own tokenizer, no pad token for GPT-2) through the
+    commands, in process: each answers with its JSON and exit 0."""
+    from engine.cli import main
+
+    folder = zoo.save(family, tmp_path / family)
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("text,label\n" + "".join(f"review {i} was {'fine' if i % 2 else 'poor'},{i % 2}\n"
+                                            for i in range(30)))
+    runs = [["layers"], ["eval", "--data", str(csv), "--plan", "int8"],
+            ["eval", "--data", str(csv), "--plan", "int4", "--kernels", "real"],
+            ["predict", "--plan", "int8", "a fine film", ""],
+            ["sensitivity", "--data", str(csv), "--limit", "12", "--precisions", "int8"],
+            ["smoothquant", "--data", str(csv), "--limit", "12", "--alpha", "0.5", "--calib", "2"]]
+    for args in runs:
+        assert main([args[0], "--model", str(folder), *args[1:], "--json"]) == 0, (args, capsys.readouterr().err)
+        out = json.loads(capsys.readouterr().out)
+        assert out, args
+        if args[0] == "smoothquant":
+            assert out[0]["fp32_max_logit_diff"] < 1e-4
+
+
+def test_a_five_class_model_with_named_labels(capsys, tmp_path):
+    from engine.cli import main
+
+    names = ("terrible", "bad", "okay", "good", "great")
+    folder = zoo.save("roberta", tmp_path / "stars", names=names)
+    csv = tmp_path / "stars.csv"
+    csv.write_text("text,label\n" + "".join(f"film {i},{names[i % 5].title()}\n" for i in range(20)))
+    assert main(["eval", "--model", str(folder), "--data", str(csv), "--plan", "int8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["classes"] == list(names) and out["n"] == 18  # two rows held out for calibration
+    assert main(["predict", "--model", str(folder), "fine", "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)[0]["probs"]) == list(names)
+    csv.write_text("text,label\nfilm,great\nother,superb\n")
+    assert main(["eval", "--model", str(folder), "--data", str(csv), "--json"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "'superb'" in error[0] and "lacks" in error[0]

@@ -15,18 +15,21 @@ import pytest
 import torch
 from torch import nn
 
-from engine.compare import (CONTRACT_FIELDS, SetOutcome, accuracy_finding, disagreements, domain_finding, findings,
-                            median_interval, preset_plan, resolve_plan_item, run_comparison, size_finding,
-                            speed_finding, split_plan_list, to_csv, to_markdown)
-from engine.data import EvalSet
-from engine.evaluation import EvalError, EvalResult, evaluate
-from engine.layers import list_layers
-from engine.measure import compare
-from engine.plan import FP32, Plan, PlanError
+from engine.analysis.compare import CONTRACT_FIELDS, SetOutcome, disagreements, run_comparison
+from engine.analysis.findings import accuracy_finding, domain_finding, findings, size_finding, speed_finding
+from engine.analysis.presets import preset_plan, resolve_plan_item, split_plan_list
+from engine.analysis.report import to_csv, to_markdown
+from engine.core.data import EvalSet
+from engine.core.plan import FP32, Plan, PlanError
+from engine.core.stats import compare, median_interval
+from engine.evaluation.evaluate import evaluate
+from engine.evaluation.evaluator import EvalResult
+from engine.model.inventory import list_layers
+from engine.runtime.device import DeviceError
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-EXTRAS = ("n", "lost", "gained", "latency_ms_p95", "peak_memory_bytes", "speedup", "speedup_ci95", "size_ratio",
+EXTRAS = ("n", "lost", "gained", "latency_ms_p95", "speedup", "speedup_ci95", "size_ratio", "load_average",
           "threads", "accuracy_delta", "accuracy_delta_ci95", "fp32_accuracy", "machine", "kernel_notes", "plan_json")
 
 
@@ -99,7 +102,7 @@ def test_plan_items(tiny_bert, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_a_clear_error(tiny_bert, tokenizer):
-    with pytest.raises(EvalError, match="no CUDA device"):
+    with pytest.raises(DeviceError, match="no CUDA device"):
         run_comparison(tiny_bert, tokenizer, [("fp32", FP32)], ["embedded"], device="cuda", limit=8)
 
 
@@ -111,14 +114,17 @@ def _result(plan: Plan, logits, labels, reference) -> EvalResult:
 
 def test_disagreements_list_exactly_the_disputed_examples():
     data = EvalSet("toy", ("good", "bad", "fine", "awful"), (1, 0, 1, 0))
+    labels = np.array([1, 0, 1, 0])
     fp32_logits = [[0, 2], [2, 0], [0, 1], [1, 0]]
-    fp32 = _result(FP32, fp32_logits, data.labels, fp32_logits)
-    int8 = _result(Plan.uniform("int8"), [[0, 2], [2, 0], [1, 0], [1, 0]], data.labels, fp32_logits)
-    int4 = _result(Plan.uniform("int4"), [[0, 2], [0, 3], [0, 1], [1, 0]], data.labels, fp32_logits)
-    rows = disagreements([SetOutcome(data, fp32, {"fp32": fp32, "int8": int8, "int4": int4})])
+    fp32 = _result(FP32, fp32_logits, labels, fp32_logits)
+    int8 = _result(Plan.uniform("int8"), [[0, 2], [2, 0], [1, 0], [1, 0]], labels, fp32_logits)
+    int4 = _result(Plan.uniform("int4"), [[0, 2], [0, 3], [0, 1], [1, 0]], labels, fp32_logits)
+    outcome = SetOutcome(data, fp32, ("negative", "positive"), labels, {"fp32": fp32, "int8": int8, "int4": int4})
+    rows = disagreements([outcome])
     assert [r["text"] for r in rows] == ["bad", "fine"]  # "bad" has the wider probability spread
     assert rows[0]["label"] == "negative" and rows[0]["fp32"] == "negative" and rows[0]["int4"] == "positive"
-    assert rows[1]["int8"] == "negative" and rows[1]["int8 p(positive)"] < 0.5 < rows[1]["fp32 p(positive)"]
+    # the probability of FP32's class ("positive" for "fine") falls under INT8, which says negative
+    assert rows[1]["int8"] == "negative" and rows[1]["int8 p(fp32 class)"] < 0.5 < rows[1]["fp32 p(fp32 class)"]
 
 
 # ---- findings follow the numbers ------------------------------------------------------------------
@@ -211,49 +217,50 @@ def test_csv_and_markdown_export(tiny_report):
 
 
 # ---- CUDA-side kernels, checked on the CPU where they can be -------------------------------------
+@needs_cuda
 def test_torchao_int8_has_torchs_weights_and_one_more_activation_bit():
-    from engine.cuda import torchao_int8_linear
-    from engine.quantize import SimLinear, int8_dequantized, real_int8_linear
+    from engine.core.kernels import cuda_int8_linear, int8_linear_weight
+    from engine.core.qmodules import SimLinear
 
     torch.manual_seed(0)
     linear = nn.Linear(64, 32).requires_grad_(False)
     before = linear.weight.clone()
-    converted = torchao_int8_linear(linear)
-    assert torch.equal(converted.weight.dequantize(), int8_dequantized(real_int8_linear(linear)))
+    converted = cuda_int8_linear(linear.weight, linear.bias, torch.device("cuda"))
+    assert torch.equal(converted.weight.dequantize().cpu(), int8_linear_weight(linear.weight))
     assert torch.equal(linear.weight, before)  # the source layer is untouched
     x = torch.randn(3, 7, 64)
     exact = linear(x)
-    simulated = SimLinear(int8_dequantized(real_int8_linear(linear)), linear.bias, "int8")(x)
-    assert (converted(x) - exact).abs().max() <= (simulated - exact).abs().max() * 1.5
+    simulated = SimLinear(int8_linear_weight(linear.weight), linear.bias, "int8")(x)
+    assert (converted(x.cuda()).cpu() - exact).abs().max() <= (simulated - exact).abs().max() * 1.5
 
 
 def test_int8_embedding_equals_torchs_quantized_table():
-    from engine.cuda import Int8Embedding
-    from engine.quantize import real_int8_embedding
+    from engine.core.kernels import cuda_int8_embedding, torch_int8_embedding
 
     torch.manual_seed(0)
     embedding = nn.Embedding(100, 24)
     ids = torch.randint(0, 100, (4, 9))
-    assert torch.allclose(Int8Embedding(embedding)(ids), real_int8_embedding(embedding)(ids), atol=1e-6)
+    kept = cuda_int8_embedding(embedding.weight, None, torch.device("cpu"))  # the GPU's table, built on the CPU
+    assert torch.allclose(kept(ids), torch_int8_embedding(embedding.weight)(ids), atol=1e-6)
 
 
 def test_int4_falls_back_with_a_reason():
-    from engine.cuda import cuda_int4_linear, int4_unsupported_reason, kernel_notes
-    from engine.quantize import Int4Linear
+    from engine.core.kernels import cuda_int4_linear, int4_unsupported_reason, kernel_notes
+    from engine.core.qmodules import Int4Linear
 
-    linear = nn.Linear(96, 16)
-    assert "group sizes" in int4_unsupported_reason(linear, 48)
-    assert "not a multiple of the group size 64" in int4_unsupported_reason(linear, 64)
-    if not torch.cuda.is_available():
-        fallback = cuda_int4_linear(nn.Linear(128, 16), 64)
-        assert isinstance(fallback, Int4Linear) and "needs a CUDA device" in kernel_notes(fallback)[0]
+    cpu = torch.device("cpu")
+    assert "group sizes" in int4_unsupported_reason(96, 48, cpu)
+    assert "not a multiple of the group size 64" in int4_unsupported_reason(96, 64, cpu)
+    linear = nn.Linear(128, 16)
+    fallback = cuda_int4_linear(linear.weight, linear.bias, 64, cpu)
+    assert isinstance(fallback, Int4Linear) and "needs a CUDA device" in kernel_notes(fallback)[0]
 
 
 @needs_cuda
 def test_cuda_real_kernels_track_the_simulated_model(tiny_bert, tokenizer):
-    from engine.cuda import kernel_notes
-    from engine.evaluation import model_on
-    from engine.quantize import apply_plan
+    from engine.core.kernels import kernel_notes
+    from engine.quant.apply import apply_plan
+    from engine.runtime.device import model_on
 
     model = model_on(tiny_bert, torch.device("cuda"))
     inputs = tokenizer(["a fine film", "dull and long"], return_tensors="pt", padding=True).to("cuda")
@@ -329,7 +336,7 @@ def test_page_runs_reacts_and_answers_a_second_visit_at_once(tiny_folder, tmp_pa
     assert len(at.radio(key="compare_device").options) == (2 if torch.cuda.is_available() else 1)
     at.multiselect(key="compare_presets").set_value(["fp32", "int8"]).run()
     assert not at.dataframe  # nothing is computed before Run
-    at.button[0].click().run()
+    next(b for b in at.button if b.label == "Run comparison").click().run()
     assert not at.exception and not at.error
     table = at.dataframe[0].value
     assert list(table["plan"]) == ["FP32", "FP32", "INT8", "INT8"]
@@ -337,7 +344,7 @@ def test_page_runs_reacts_and_answers_a_second_visit_at_once(tiny_folder, tmp_pa
     assert any("INT8" in m.value for m in at.markdown)
 
     at.multiselect(key="compare_presets").set_value(["fp32", "int4", "int8"]).run()
-    at.button[0].click().run()
+    next(b for b in at.button if b.label == "Run comparison").click().run()
     assert list(at.dataframe[0].value["plan"]) == ["FP32", "FP32", "INT4", "INT4", "INT8", "INT8"]
 
     again = visit()  # a new session with the first visit's default choices: nothing cached yet

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from engine import data
-from engine.data import DataError, load_csv, load_dataset, rt_split
+from engine.core import data
+from engine.core.data import DataError, load_csv, load_dataset, rt_split
 
 SPLITS = ("train", "validation", "test")
 
@@ -25,7 +25,7 @@ def _raw_rows(filename: str) -> list[tuple[str, float, str]]:
 
 def test_split_sizes_are_stratified_and_cover_every_rated_row():
     rated = [row for row in _raw_rows(data.VENDORED["embedded"][0]) if row[1] != 0 and row[2]]
-    per_label = Counter(1 if rating > 0 else 0 for _, rating, _ in rated)
+    per_label = Counter("positive" if rating > 0 else "negative" for _, rating, _ in rated)
     parts = {split: rt_split(split) for split in SPLITS}
     assert sum(len(part) for part in parts.values()) == len(rated)
     for label, total in per_label.items():
@@ -35,9 +35,9 @@ def test_split_sizes_are_stratified_and_cover_every_rated_row():
         for split in SPLITS:
             assert Counter(parts[split].labels)[label] == expected[split], (split, label)
     # stratified: each split's share of positives is the whole set's, to rounding
-    share = per_label[1] / len(rated)
+    share = per_label["positive"] / len(rated)
     for part in parts.values():
-        assert abs(sum(part.labels) / len(part) - share) < 2 / len(part)
+        assert abs(part.labels.count("positive") / len(part) - share) < 2 / len(part)
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -59,7 +59,9 @@ def test_embedded_is_the_test_split_with_at_least_1000_rows():
     embedded = load_dataset("embedded")
     assert len(embedded) >= 1000
     assert embedded.texts == rt_split("test").texts
-    assert set(embedded.labels) == {0, 1}
+    assert set(embedded.labels) == {"negative", "positive"}
+    # calibration draws on the train split, never on the evaluated rows
+    assert embedded.calibration == rt_split("train").texts and not set(embedded.calibration) & set(embedded.texts)
     assert load_dataset("embedded-validation").texts == rt_split("validation").texts
     assert load_dataset("embedded-train").texts == rt_split("train").texts
 
@@ -67,18 +69,25 @@ def test_embedded_is_the_test_split_with_at_least_1000_rows():
 @pytest.mark.parametrize("name", ["amazon", "tweets", "nyt"])
 def test_out_of_domain_sets_drop_zero_rated_rows(name):
     raw = _raw_rows(data.VENDORED[name][0])
-    kept = [(text, 1 if rating > 0 else 0) for _, rating, text in raw if rating != 0 and text]
+    kept = [(text, "positive" if rating > 0 else "negative") for _, rating, text in raw if rating != 0 and text]
     assert len(kept) < len(raw) or all(rating != 0 for _, rating, _ in raw)
     loaded = load_dataset(name)
-    assert len(loaded) == len(kept) > 1000
-    assert list(zip(loaded.texts, loaded.labels)) == kept
+    # a seeded tenth (at most 256 rows) is held out for calibration; the rest is evaluated, in file order
+    held = min(data.HOLDOUT_MAX, int(len({text for text, _ in kept}) * data.HOLDOUT_FRACTION))
+    assert len(loaded.calibration) == held and len(loaded) >= len(kept) - 2 * held and len(loaded) > 1000
+    evaluated = list(zip(loaded.texts, loaded.labels))
+    assert evaluated == [row for row in kept if row in evaluated]
+    assert not set(loaded.calibration) & set(loaded.texts)
+    assert set(loaded.calibration) | set(loaded.texts) == {text for text, _ in kept}
     assert loaded.fingerprint != load_dataset("embedded").fingerprint
+    assert load_dataset(name).calibration == loaded.calibration  # the same rows every time
 
 
 def test_head_limits_and_rejects_nonpositive():
     embedded = load_dataset("embedded")
     head = embedded.head(10)
     assert len(head) == 10 and head.texts == embedded.texts[:10]
+    assert head.calibration == embedded.calibration
     assert embedded.head(None) is embedded
     assert embedded.head(len(embedded) + 5) is embedded
     with pytest.raises(DataError, match="at least 1"):
@@ -89,9 +98,10 @@ def test_good_csv(tmp_path):
     path = tmp_path / "reviews.csv"
     path.write_text('text,label\n"great, really",positive\nawful,0\nfine film,1\nmeh,NEG\n', encoding="utf-8")
     loaded = load_dataset(str(path))
+    # labels stay as written (the model's classes decide what they mean); 4 rows hold none out
     assert loaded.texts == ("great, really", "awful", "fine film", "meh")
-    assert loaded.labels == (1, 0, 1, 0)
-    assert loaded.name == "reviews.csv"
+    assert loaded.labels == ("positive", "0", "1", "NEG")
+    assert loaded.name == "reviews.csv" and loaded.calibration == ()
     # same content from bytes (an upload) gives the same fingerprint
     assert load_csv("upload.csv", raw=path.read_bytes()).fingerprint == loaded.fingerprint
 
@@ -99,7 +109,7 @@ def test_good_csv(tmp_path):
 def test_csv_header_case_and_bom(tmp_path):
     path = tmp_path / "bom.csv"
     path.write_bytes("\ufeffText,Label\nhello,1\n".encode("utf-8"))
-    assert load_csv(path).labels == (1,)
+    assert load_csv(path).labels == ("1",)
 
 
 def test_csv_reloads_after_the_file_changes(tmp_path):
@@ -117,11 +127,20 @@ def test_csv_missing_columns(tmp_path):
         load_dataset(str(path))
 
 
-def test_csv_bad_label_names_the_line(tmp_path):
+def test_csv_empty_label_names_the_line(tmp_path):
     path = tmp_path / "bad.csv"
-    path.write_text("text,label\nok,1\nhmm,maybe\n")
-    with pytest.raises(DataError, match=r"line 3: label 'maybe' is not 1/0 or positive/negative"):
+    path.write_text("text,label\nok,1\nhmm,\n")
+    with pytest.raises(DataError, match=r"line 3: the label is empty"):
         load_dataset(str(path))
+
+
+def test_a_large_csv_holds_out_calibration_rows(tmp_path):
+    path = tmp_path / "many.csv"
+    path.write_text("text,label\n" + "".join(f"review {i},{i % 3}\n" for i in range(500)))
+    loaded = load_dataset(str(path))
+    assert len(loaded.calibration) == 50 and len(loaded) == 450
+    assert not set(loaded.calibration) & set(loaded.texts)
+    assert "held out" in loaded.calibration_source
 
 
 def test_csv_empty(tmp_path):
@@ -157,7 +176,5 @@ def test_unknown_dataset_names_the_choices():
 
 def test_sst2_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from engine.models import HubUnavailable
-
-    with pytest.raises(HubUnavailable, match="unreachable"):
+    with pytest.raises(DataError, match="unreachable"):
         load_dataset("sst2")

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import EvalSet, load_dataset
-from engine.evaluation import EvalError, Evaluator, Session, evaluate, model_on, resolve_device
-from engine.forward import check_stages, run_batch
-from engine.layers import list_layers
-from engine.measure import compare
-from engine.plan import FP32, PRECISIONS, Plan, PlanError
-from engine.quantize import apply_plan
+from engine.core.data import EvalSet, load_dataset
+from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
+from engine.core.stats import compare
+from engine.evaluation.evaluate import evaluate
+from engine.evaluation.evaluator import EvalError, Evaluator
+from engine.evaluation.session import Session, StateBudget
+from engine.model.inventory import list_layers
+from engine.quant.apply import apply_plan
+from engine.runtime.device import DeviceError, model_on, resolve_device
 
 from conftest import _tiny
 
@@ -32,21 +34,25 @@ def tiny_evaluator(request, tokenizer, small_set):
 
 def test_staged_forward_equals_the_models_own(tiny_evaluator):
     evaluator = tiny_evaluator
+    assert evaluator.stages.block_cuts and evaluator.stages.mid_cuts, evaluator.stages.notes
     for plan in (FP32, Plan.uniform("int8"), Plan.from_json({"*.layer.1.*": "int4", "classifier": "fp16"})):
-        model = evaluator.model if plan == FP32 else apply_plan(evaluator.model, plan)
+        direct_model = apply_plan(evaluator.model, plan)
+        staged = evaluator.stages.staged(apply_plan(evaluator.model, plan))
         for batch in evaluator.batches:
-            check_stages(model, batch, atol=1e-5)
             with torch.inference_mode():
-                staged = run_batch(model, batch)
-                direct = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            assert torch.allclose(staged, direct, atol=1e-5, rtol=1e-5)
+                keep: dict = {}
+                full = staged(batch.inputs, keep=keep)
+                direct = direct_model(**batch.inputs).logits
+                assert torch.allclose(full, direct, atol=1e-5, rtol=1e-5)
+                for cut, state in keep.items():  # resuming at any kept cut gives the same logits
+                    assert torch.equal(staged(batch.inputs, cut, state), full), cut
 
 
 def test_batches_are_length_sorted_and_logits_in_dataset_order(tiny_evaluator, tokenizer, small_set):
     evaluator = tiny_evaluator
-    widths = [batch.input_ids.shape[1] for batch in evaluator.batches]
+    widths = [batch.inputs["input_ids"].shape[1] for batch in evaluator.batches]
     assert widths == sorted(widths)
-    rows = torch.cat([batch.rows for batch in evaluator.batches]).numpy()
+    rows = np.concatenate([batch.rows for batch in evaluator.batches])
     assert sorted(rows.tolist()) == list(range(len(small_set)))
     # row i of the logits is text i, in (negative, positive) order
     for i in (0, 17, 95):
@@ -77,16 +83,16 @@ def test_incremental_runs_equal_full_runs(tiny_evaluator):
     evaluator = tiny_evaluator
     names = list_layers(evaluator.model)
     rng = random.Random(7)
-    previous = (FP32, evaluator.baseline_trace)
+    source = evaluator.baseline_trace
     starts = set()
     for _ in range(20):
         plan = _random_plan(rng, names)
         full, _ = evaluator.run(plan)
-        incremental, trace = evaluator.run(plan, previous=previous, keep=True)
+        incremental, trace = evaluator.run(plan, source=source, keep=True)
         assert np.array_equal(incremental.logits, full.logits), plan.to_json()
         assert incremental.comparison == full.comparison
         starts.add(incremental.start_cut)
-        previous = (plan, trace)
+        source = trace
     assert len(starts) > 2  # the runs really started at different cuts
     assert max(starts) > 0
 
@@ -95,7 +101,7 @@ def test_session_updates_equal_full_runs(tiny_evaluator):
     evaluator = tiny_evaluator
     names = list_layers(evaluator.model)
     rng = random.Random(11)
-    session = Session(evaluator)
+    session = Session(evaluator, StateBudget())
     plan = FP32
     for step in range(20):
         # the layer map's gesture: toggle one layer of the current plan
@@ -147,9 +153,9 @@ def test_evaluate_rejects_bad_input(tokenizer, small_set):
     with pytest.raises(PlanError, match="matches no layer"):
         evaluate(model, tokenizer, small_set, {"*.nothing": "int8"})
     if not torch.cuda.is_available():
-        with pytest.raises(EvalError, match="no CUDA device"):
+        with pytest.raises(DeviceError, match="no CUDA device"):
             resolve_device("cuda")
-    with pytest.raises(EvalError, match="cpu or cuda"):
+    with pytest.raises(DeviceError, match="cpu or cuda"):
         resolve_device("tpu")
     with pytest.raises(EvalError, match="empty"):
         Evaluator(model, tokenizer, EvalSet("none", (), ()))
@@ -171,3 +177,19 @@ def test_embedded_reaches_its_accuracy(embedded):
     assert out["n"] >= 1000
     assert out["accuracy"] >= 0.85, out
     assert out["ci95"][0] < out["accuracy"] < out["ci95"][1]
+
+
+def test_a_session_over_its_memory_budget_drops_states_and_stays_exact(tiny_evaluator):
+    evaluator = tiny_evaluator
+    names = list_layers(evaluator.model)
+    budget = StateBudget(limit_bytes=1)  # nothing fits: every other session loses its states
+    first, second = Session(evaluator, budget), Session(evaluator, budget)
+    plan_a = Plan.from_mapping({names[-3]: "int8"})
+    plan_b = Plan.from_mapping({names[-8]: "int4"})
+    first.update(plan_a)
+    assert first.owned_bytes() > 0
+    second.update(plan_b)
+    assert first.trace is None and second.owned_bytes() > 0  # the least recently used lost its states
+    again = first.update(Plan.from_mapping({names[-3]: "int8", names[-1]: "int4"}))
+    full, _ = evaluator.run(again.plan)
+    assert np.array_equal(again.logits, full.logits)  # rebuilt from the FP32 states, still exact

@@ -9,13 +9,14 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import cache
-from engine.data import load_dataset
-from engine.evaluation import Evaluator, Session
-from engine.layers import inventory
-from engine.models import fingerprint
-from engine.plan import FP32, Plan
-from engine.quantize import shallow_copy
-from engine.toggle import layer_bytes, next_precision, set_layers
+from engine.core.data import load_dataset
+from engine.evaluation.evaluator import Evaluator
+from engine.evaluation.session import Session, StateBudget
+from engine.model.inventory import inventory
+from engine.model.loading import fingerprint
+from engine.core.plan import FP32, Plan
+from engine.analysis.toggle import next_precision, set_layers
+from engine.quant.apply import shallow_copy
 
 LIMIT = 64
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,10 @@ def _page() -> AppTest:
     return at
 
 
+def _button(at: AppTest, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
 def _metric(at: AppTest, label: str):
     return next(m for m in at.metric if m.label.startswith(label))
 
@@ -44,15 +49,14 @@ def test_page_renders_and_a_change_moves_the_figures(cache_dir, embedded):
     assert _metric(at, "Agreement with FP32").value == "100.0%"
     fp32_size = _metric(at, "Size").value
     at.selectbox(key="bulk_precision").set_value("int4")
-    at.button[2].click()  # "Apply to everything"
+    _button(at, "Apply to everything").click()
     at.run()
     assert not at.exception
     plan = at.session_state["plan"]
     assert set(plan.resolve([l.name for l in inventory(embedded[0])]).values()) == {"int4"}
     assert _metric(at, "Size").value != fp32_size
     assert "of FP32" in _metric(at, "Size").delta
-    undo = next(b for b in at.button if b.label == "Undo")
-    undo.click()
+    _button(at, "Undo").click()
     at.run()
     assert at.session_state["plan"].key() == FP32.key()
 
@@ -64,9 +68,9 @@ def test_two_page_sessions_keep_their_own_plans(cache_dir, embedded):
     first.run()
     second.run()
     first.selectbox(key="bulk_precision").set_value("int8")
-    first.button[2].click()
+    _button(first, "Apply to everything").click()
     second.selectbox(key="bulk_precision").set_value("int4")
-    second.button[2].click()
+    _button(second, "Apply to everything").click()
     first.run()
     second.run()
     names = [l.name for l in inventory(model)]
@@ -83,7 +87,7 @@ def test_concurrent_sessions_match_full_runs_and_leave_the_model_alone(tiny_bert
     results: dict[int, list] = {}
 
     def work(worker: int) -> None:
-        session = Session(evaluator)
+        session = Session(evaluator, StateBudget())
         results[worker] = [session.update(plan).logits for plan in plans[worker:] + plans[:worker]]
 
     threads = [threading.Thread(target=work, args=(w,)) for w in range(3)]
@@ -106,19 +110,51 @@ def test_cached_result_is_reused_and_a_changed_weight_is_not_served_stale(cache_
         return fingerprint(model)
 
     plan = Plan.uniform("int8")
-    first = cache.memo("t", lambda: compute(tiny_bert), model=fingerprint(tiny_bert), plan=plan.key())
-    again = cache.memo("t", lambda: compute(tiny_bert), model=fingerprint(tiny_bert), plan=plan.key())
+    key = cache.make_key("t", model=fingerprint(tiny_bert), plan=plan.key())
+    first = cache.remember(key, lambda: compute(tiny_bert))
+    again = cache.remember(key, lambda: compute(tiny_bert))
     assert first == again and len(calls) == 1
     changed = shallow_copy(tiny_bert)
     weight = changed.classifier.weight.detach().clone()
     weight[0, 0] += 1.0
     changed.classifier.weight = torch.nn.Parameter(weight, requires_grad=False)
-    fresh = cache.memo("t", lambda: compute(changed), model=fingerprint(changed), plan=plan.key())
+    fresh = cache.remember(cache.make_key("t", model=fingerprint(changed), plan=plan.key()), lambda: compute(changed))
     assert len(calls) == 2 and fresh != first
 
 
 def test_cycle_and_bytes(tiny_distilbert):
     assert [next_precision(p) for p in ("fp32", "int8", "int4", "fp16")] == ["int8", "int4", "fp32", "fp32"]
     layer = next(l for l in inventory(tiny_distilbert) if l.role == "ffn-in")
-    sizes = [layer_bytes(layer, p) for p in ("fp32", "fp16", "int8", "int4")]
+    sizes = [layer.bytes_at(p) for p in ("fp32", "fp16", "int8", "int4")]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] == layer.params * 4
+
+
+def _click(at: AppTest, *layers: str, epoch: str = "e1") -> None:
+    """What the grid sends: its whole click log (the browser numbers every click within a page load)."""
+    log = list(at.session_state["lm_grid_log"]) if "lm_grid_log" in at.session_state else []
+    log += [{"seq": len(log) + i + 1, "layer": layer} for i, layer in enumerate(layers)]
+    at.session_state["lm_grid_log"] = log
+    at.session_state["lm_grid"] = {"clicks": {"epoch": epoch, "log": log, "total": len(log)}}
+
+
+def test_every_click_changes_one_cell_and_enters_the_history(cache_dir, embedded):
+    names = [l.name for l in inventory(embedded[0])]
+    at = _page()
+    at.run()
+    _click(at, names[1])
+    at.run()
+    _click(at, names[1])  # the same cell again: INT8 -> INT4
+    at.run()
+    _click(at, names[5], names[8])  # two clicks the server received together: both count
+    at.run()
+    assert not at.exception
+    resolved = at.session_state["plan"].resolve(names)
+    assert resolved[names[1]] == "int4" and resolved[names[5]] == "int8" and resolved[names[8]] == "int8"
+    assert sum(p != "fp32" for p in resolved.values()) == 3
+    history = at.session_state["plan_history"]
+    assert [h["changed"] for h in history[1:]] == [names[1], names[1], names[5], names[8]]
+    assert len(history) == 5  # FP32, then one plan per click
+    assert at.session_state["lm_pending"] == []
+    _click(at, names[1])  # a click on a plan answered from the disk cache (seen before) still counts
+    at.run()
+    assert at.session_state["plan"].resolve(names)[names[1]] == "fp32" and len(at.session_state["plan_history"]) == 6

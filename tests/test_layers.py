@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from engine.layers import ALL_ROLES, HEAD_ROLES, ROLES, UnsupportedModel, inventory, list_layers, num_blocks
+from engine.model.families import ALL_ROLES, HEAD_ROLES, block_role, outer_role
+from engine.model.inventory import inventory, list_layers, num_blocks
+
+ROLES = ("query", "key", "value", "attention-out", "ffn-in", "ffn-out")  # a BERT block's, in forward order
 
 HIDDEN, FFN, BLOCKS, VOCAB = 32, 64, 2, 30522
 
@@ -72,15 +75,17 @@ def test_as_dict_has_the_contract_fields(tiny_model):
         assert data["shape"] == list(layer.shape)
 
 
-def test_inventory_of_a_non_encoder_is_a_clear_error():
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(10, 4)
-            self.mystery = nn.Linear(4, 4)
+@pytest.mark.parametrize("inner, role", [
+    ("attention.self.query", "query"), ("self_attn.k_proj", "key"), ("attn.c_attn", "qkv"), ("attn.Wqkv", "qkv"),
+    ("attention.dense", "attention-out"), ("attn.c_proj", "attention-out"), ("mlp.c_proj", "ffn-out"),
+    ("mlp.gate_proj", "ffn-gate"), ("ffn_output", "ffn-out"), ("mlp.Wi", "ffn-in"),
+    ("attention.mystery_projection", "other")])
+def test_roles_come_from_names_and_unknown_names_are_other(inner, role):
+    assert block_role(inner) == role
 
-        def get_input_embeddings(self):
-            return self.embed
 
-    with pytest.raises(UnsupportedModel, match="'mystery'"):
-        inventory(Odd())
+def test_outer_roles():
+    assert outer_role("electra.embeddings_project", before_blocks=True) == "embedding-proj"
+    assert outer_role("score", before_blocks=False) == "classifier"
+    assert outer_role("classifier.dense", before_blocks=False) == "pooler"
+    assert outer_role("some.head_thing", before_blocks=False) == "other"

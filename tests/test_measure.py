@@ -9,9 +9,12 @@ import torch
 from scipy import stats
 from torch import nn
 
-from engine.measure import (bench, bootstrap_diff_interval, compare, mcnemar_exact, mean_kl, serialized_bytes,
-                            time_call, wilson_interval)
-from engine.plan import Plan
+from engine.analysis.benchmark import bench, bench_against
+from engine.core.plan import FP32, Plan
+from engine.core.stats import (bootstrap_diff_interval, compare, mcnemar_exact, mean_kl, median_interval,
+                               wilson_interval)
+from engine.runtime.latency import interleaved, paired_speedup, time_call
+from engine.runtime.size import serialized_bytes
 
 
 def _wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -146,15 +149,39 @@ def test_time_call_counts():
 
 
 def test_bench_fields(tiny_bert, tokenizer):
-    texts = ["a fine, moving film", "dull and far too long"]
-    result = bench(tiny_bert, tokenizer, Plan.uniform("int8"), batch=2, tokens=16, texts=texts, min_seconds=0.0)
+    result = bench(tiny_bert, tokenizer, Plan.uniform("int8"), batch=2, tokens=16, min_seconds=0.0)
     for key in ("latency_ms_p50", "latency_ms_p95", "throughput_per_s", "size_bytes", "threads", "batch",
-                "tokens", "device", "peak_memory_bytes", "machine"):
+                "tokens", "runtime", "device", "peak_memory_bytes", "machine"):
         assert key in result, key
     assert 0 < result["latency_ms_p50"] <= result["latency_ms_p95"]
     assert result["throughput_per_s"] == pytest.approx(2 / (result["latency_ms_p50"] / 1e3))
     assert (result["batch"], result["tokens"], result["device"]) == (2, 16, "cpu")
     assert result["threads"] == torch.get_num_threads()
-    assert result["size_bytes"] > 0
+    assert result["size_bytes"] > 0 and result["runtime"] == "torch"
+    assert result["machine"]["load_average"] is None or result["machine"]["load_average"] >= 0
     with pytest.raises(ValueError):
-        bench(tiny_bert, tokenizer, Plan.uniform("int8"), batch=0, texts=texts)
+        bench(tiny_bert, tokenizer, Plan.uniform("int8"), batch=0)
+
+
+def test_interleaved_timing_rotates_and_pairs_rounds():
+    order = []
+    times = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=4)
+    assert all(len(t) == 4 for t in times.values())
+    timed = order[6:]  # after three warm-up calls each
+    assert timed[:2] == ["a", "b"] and timed[2:4] == ["b", "a"]  # the order rotates every round
+    speedup, (low, high) = paired_speedup(np.array([2.0, 2.0, 2.2, 1.8]), np.array([1.0, 1.0, 1.1, 0.9]))
+    assert speedup == pytest.approx(2.0) and low <= 2.0 <= high
+
+
+def test_median_interval_covers_the_median():
+    values = np.arange(1.0, 101.0)
+    low, high = median_interval(values)
+    assert low < np.median(values) < high and (low, high) == (40.0, 61.0)  # the textbook ranks for n = 100
+
+
+def test_bench_against_measures_both_in_one_run(tiny_bert, tokenizer):
+    out = bench_against(tiny_bert, tokenizer, {"fp32": FP32, "int8": Plan.uniform("int8")}, "fp32", batch=1,
+                        tokens=8, repeats=5, min_seconds=0.0)
+    assert out["fp32"]["speedup"] == 1.0 and out["int8"]["repeats"] == out["fp32"]["repeats"] >= 5
+    low, high = out["int8"]["speedup_ci95"]
+    assert low <= out["int8"]["speedup"] <= high and len(out["int8"]["load_average"]) == 2

@@ -8,8 +8,11 @@ import time
 import pytest
 import torch
 
-from engine import models
-from engine.models import HubUnavailable, ModelError, fingerprint, load_model, load_model_or_fallback, positive_index
+from engine.core import hub
+from engine.model import loading as models
+from engine.core.hub import HUB_TIMEOUT_S
+from engine.model.loading import (HubUnavailable, ModelError, fingerprint, label_space, load_model,
+                                  load_model_or_fallback)
 
 from conftest import _tiny
 
@@ -27,7 +30,7 @@ def test_embedded_loads_offline_without_touching_the_network(monkeypatch):
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
     assert model.config.num_labels == 2
     assert tokenizer("a fine film")["input_ids"][0] == tokenizer.cls_token_id
-    assert model.config.id2label[positive_index(model)].lower().startswith("pos")
+    assert label_space(model).names == ("negative", "positive")
 
 
 def _assert_fell_back(name: str, started: float):
@@ -41,14 +44,14 @@ def _assert_fell_back(name: str, started: float):
 
 
 def test_fallback_when_hub_reachable_says_no(monkeypatch):
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=models.HUB_TIMEOUT_S: False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=HUB_TIMEOUT_S: False)
     _assert_fell_back("distilbert-sst2", time.perf_counter())
 
 
 def test_fallback_when_connections_fail(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(socket, "create_connection", _no_network)
-    assert models.hub_reachable() is False
+    assert hub.hub_reachable() is False
     _assert_fell_back("distilbert-sst2", time.perf_counter())
 
 
@@ -62,7 +65,7 @@ def test_fallback_when_the_connection_hangs(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", hang)
     started = time.perf_counter()
-    assert models.hub_reachable(1.0) is False
+    assert hub.hub_reachable(1.0) is False
     assert time.perf_counter() - started < 3
     _assert_fell_back("distilbert-sst2", started)
 
@@ -96,15 +99,42 @@ def test_local_folder_errors(tmp_path, tokenizer):
     with pytest.raises(ModelError, match="cannot load model") as error:
         load_model(str(tmp_path))  # an empty folder
     assert not isinstance(error.value, HubUnavailable)
-    from transformers import BertConfig, BertForSequenceClassification
+    with pytest.raises(ModelError, match="no model folder at") as error:
+        load_model(str(tmp_path / "missing"))  # a path that does not exist is not the hub's fault
+    assert not isinstance(error.value, HubUnavailable)
 
-    three = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                     intermediate_size=64, num_labels=3))
-    folder = tmp_path / "three"
-    three.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    with pytest.raises(ModelError, match="3 labels"):
-        load_model(str(folder))
+
+def test_models_that_cannot_be_analysed_say_what_is_missing(tmp_path, tokenizer):
+    from transformers import BertConfig, BertForMaskedLM, BertModel, T5Config, T5ForConditionalGeneration
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    for model, expected in ((BertModel(config), "no sequence-classification head"),
+                            (BertForMaskedLM(config), "no sequence-classification head"),
+                            (T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                                                 d_kv=16)), "encoder-decoder")):
+        folder = tmp_path / type(model).__name__
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with pytest.raises(ModelError, match=expected) as error:
+            load_model(str(folder))
+        assert "\n" not in str(error.value)
+
+
+def test_a_head_missing_from_the_checkpoint_is_not_invented(tmp_path, tokenizer):
+    model = _tiny("bert")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier")}
+    model.save_pretrained(tmp_path, state_dict=state)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="classifier"):
+        load_model(str(tmp_path))
+
+
+def test_the_app_falls_back_on_any_unusable_model(tmp_path):
+    model, _, warning = load_model_or_fallback(str(tmp_path / "missing"), any_error=True)
+    assert "no model folder" in warning and "embedded" in warning
+    assert model.name_or_path == "embedded"
+    with pytest.raises(ModelError):
+        load_model_or_fallback(str(tmp_path / "missing"))  # the CLI: a missing folder is an error
 
 
 def test_fingerprint_is_stable_for_equal_weights():
@@ -128,10 +158,11 @@ def test_fingerprint_changes_when_a_weight_changes():
     assert fingerprint(model) != before
 
 
-def test_positive_index_reads_id2label():
+def test_classes_are_read_from_id2label():
     model = _tiny("bert")
-    assert positive_index(model) == 1
+    assert label_space(model).sentiment() == (0, 1)
     flipped = copy.deepcopy(model)
     flipped.config = copy.deepcopy(model.config)
     flipped.config.id2label = {0: "POSITIVE", 1: "NEGATIVE"}
-    assert positive_index(flipped) == 0
+    assert label_space(flipped).sentiment() == (1, 0)
+    assert label_space(flipped).display(0) == "positive"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.perturb import (
+from engine.analysis.perturb import (
     HOMOGLYPHS,
     INVISIBLE,
     KEYBOARD,
@@ -89,7 +89,7 @@ def test_output_is_identical_in_another_process_with_another_hash_seed() -> None
     # String hashing is salted per process; a fresh interpreter with a fixed, different salt
     # catches any dependence on hash().
     script = (
-        "import json, sys; from engine.perturb import KINDS, perturb; "
+        "import json, sys; from engine.analysis.perturb import KINDS, perturb; "
         "text = sys.stdin.read(); "
         "print(json.dumps([perturb(text, k, 0.5, seed=3).as_dict() for k in KINDS]))"
     )

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from engine.layers import list_layers
-from engine.plan import FP32, PRECISIONS, Plan, PlanError, parse_plan
+from engine.model.inventory import list_layers
+from engine.core.plan import FP32, PRECISIONS, Plan, PlanError, parse_plan
 
 NAMES = ["bert.embeddings.word_embeddings",
          "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value",

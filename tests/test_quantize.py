@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from engine.layers import inventory, list_layers
-from engine.measure import model_size_bytes
-from engine.models import fingerprint
-from engine.plan import FP32, Plan
-from engine.quantize import (Int4Embedding, Int4Linear, SimLinear, apply_plan, int4_dequantize, int4_quantize,
-                             int8_dequantized, pack_nibbles, real_int8_embedding, real_int8_linear,
-                             simulated_weight, unpack_nibbles)
+from engine.core.kernels import int8_dequantized, torch_int8_embedding, torch_int8_linear
+from engine.core.numerics import int4_dequantize, int4_quantize, pack_nibbles, unpack_nibbles
+from engine.core.plan import FP32, Plan
+from engine.core.qmodules import Int4Embedding, Int4Linear, SimLinear
+from engine.model.inventory import inventory, list_layers
+from engine.model.loading import fingerprint
+from engine.quant.apply import apply_plan, simulated_weight
+from engine.runtime.size import model_size_bytes
 
 from conftest import _tiny
 
@@ -57,7 +58,7 @@ def _assert_input_unchanged(family: str) -> None:
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """The float weight a (possibly quantized) layer computes with."""
-    if isinstance(module, (Int4Linear,)):
+    if isinstance(module, (Int4Linear, SimLinear)):
         return module.dequantized()
     if isinstance(module, Int4Embedding):
         q = unpack_nibbles(module.packed, module.embedding_dim)
@@ -173,20 +174,22 @@ def test_int8_linear_within_half_a_step_per_channel(family):
             continue
         module = model.get_submodule(layer.name)
         weight = module.weight
-        deq = int8_dequantized(real_int8_linear(module))
+        deq = int8_dequantized(torch_int8_linear(module.weight, module.bias))
         amax = weight.abs().amax(1, keepdim=True)
         step = amax / 127.5  # symmetric int8 per output channel: [-amax, amax] onto -128..127
         # the largest element sits exactly half a step from 127: allow float32 rounding on top
         assert torch.all((weight - deq).abs() <= step / 2 + 1e-6 * amax), layer.name
         # the simulated path computes with exactly the real kernel's weight
-        assert torch.equal(simulated_weight(fingerprint(model), layer.name, module, "int8", 64), deq)
+        assert torch.equal(simulated_weight(fingerprint(model), layer.name, "int8", weight, 64), deq)
+        quantized = apply_plan(model, Plan.from_mapping({layer.name: "int8"})).get_submodule(layer.name)
+        assert torch.equal(quantized.dequantized(), deq)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int8_embedding_within_half_a_step_per_row(family):
     embedding = MODELS[family].get_input_embeddings()
     weight = embedding.weight
-    deq = int8_dequantized(real_int8_embedding(embedding))
+    deq = int8_dequantized(torch_int8_embedding(embedding.weight))
     step = (weight.amax(1, keepdim=True) - weight.amin(1, keepdim=True)) / 255
     assert torch.all((weight - deq).abs() <= step / 2 * (1 + 1e-3) + 1e-7)
 
@@ -228,8 +231,12 @@ def test_real_int4_modules_compute_with_the_simulated_weight():
     model = MODELS["bert"]
     for layer in LAYERS["bert"]:
         module = model.get_submodule(layer.name)
-        real = Int4Embedding(module, 64) if layer.kind == "embedding" else Int4Linear(module, 64)
-        expected = simulated_weight(fingerprint(model), layer.name, module, "int4", 64)
+        if layer.kind == "embedding":
+            real = Int4Embedding(module.weight, module.padding_idx, 64)
+        else:
+            real = Int4Linear(module.weight, module.bias, 64)
+        expected = simulated_weight(fingerprint(model), layer.name, "int4", module.weight, 64,
+                                    embedding=layer.kind == "embedding")
         assert torch.equal(effective_weight(real), expected), layer.name
 
 
@@ -257,8 +264,8 @@ def test_simulated_and_real_agree_on_tiny_models(family, precision, atol):
 
 
 def test_embedded_int8_simulated_and_real_agree(embedded):
-    from engine.data import load_dataset
-    from engine.evaluation import Evaluator
+    from engine.core.data import load_dataset
+    from engine.evaluation.evaluator import Evaluator
 
     model, tokenizer = embedded
     evaluator = Evaluator(model, tokenizer, load_dataset("embedded"))

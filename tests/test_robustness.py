@@ -1,4 +1,5 @@
-"""Tests for engine.robustness, the predict/perturb CLI commands and the typo playground page."""
+"""Predictions for any text, occlusion, the flip search and batch robustness; the predict/perturb commands and
+the typo playground page."""
 from __future__ import annotations
 
 import copy
@@ -11,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.analysis.attack import attack_success, flip_search, sample, sweep
+from engine.analysis.perturb import apply_edits, words
+from engine.analysis.predict import (MAX_OCCLUDED, RobustnessError, disagreement, importance_html, occlusion, predict,
+                                     reference_plans)
 from engine.cli import main
-from engine.data import load_dataset
-from engine.evaluation import evaluate
-from engine.perturb import apply_edits, words
-from engine.plan import Plan
-from engine.robustness import (MAX_OCCLUDED, RobustnessError, attack_success, disagreement, flip_search,
-                               importance_html, max_length, occlusion, predict, reference_plans, sample, sweep)
+from engine.core.data import load_dataset
+from engine.core.plan import Plan
+from engine.evaluation.evaluate import evaluate
+from engine.model.loading import input_limit
 
 REPO = Path(__file__).resolve().parent.parent
 BAD_INPUTS = {
@@ -65,14 +68,14 @@ def test_predict_answers_every_bad_input(tiny_bert, tokenizer, plan) -> None:
     for text, result in zip(texts, results):
         _check_prediction(result, text)
     by_name = dict(zip(BAD_INPUTS, results))
-    limit = max_length(tiny_bert, tokenizer)
+    limit = input_limit(tiny_bert, tokenizer)
     assert limit == 128  # the tiny model's position table, shorter than the tokenizer's 512
     assert by_name["twenty_thousand"]["truncated"] and by_name["twenty_thousand"]["tokens"] == limit
     assert "truncated" in by_name["twenty_thousand"]["note"]
     assert not any(r["truncated"] for name, r in by_name.items() if name != "twenty_thousand")
     for name in ("empty", "whitespace"):
         assert by_name[name]["tokens"] == 2 and "no tokens" in by_name[name]["note"]
-    assert "[UNK]" in by_name["one_long_word"]["note"]  # one 5,000-letter word is a single unknown token
+    assert "unknown" in by_name["one_long_word"]["note"]  # one 5,000-letter word is a single unknown token
 
 
 def test_predict_matches_the_models_own_forward(tiny_bert, tokenizer) -> None:
@@ -85,7 +88,7 @@ def test_predict_matches_the_models_own_forward(tiny_bert, tokenizer) -> None:
     assert result["probs"]["positive"] == pytest.approx(float(expected[1]), abs=1e-6)
 
 
-def test_predict_reads_the_positive_index(tiny_bert, tokenizer) -> None:
+def test_predict_reads_the_class_order_from_id2label(tiny_bert, tokenizer) -> None:
     swapped = copy.deepcopy(tiny_bert)
     swapped.config.id2label = {0: "positive", 1: "negative"}
     swapped.config.label2id = {"positive": 0, "negative": 1}
@@ -103,7 +106,7 @@ def test_int8_answer_does_not_depend_on_the_other_texts(tiny_bert, tokenizer) ->
 
 
 def test_predict_rejects_a_plan_that_does_not_fit(tiny_bert, tokenizer) -> None:
-    from engine.plan import PlanError
+    from engine.core.plan import PlanError
 
     with pytest.raises(PlanError, match="no_such_layer"):
         predict(tiny_bert, tokenizer, ["x"], {"no_such_layer": "int8"})
@@ -165,11 +168,13 @@ def test_occlusion_scores_every_word(tiny_bert, tokenizer) -> None:
     scores = occlusion(tiny_bert, tokenizer, text, "int4")
     assert [(s["start"], s["end"], s["word"]) for s in scores] == words(text)
     assert all(isinstance(s["importance"], float) for s in scores)
-    # The definition: P(positive | text) - P(positive | text without the word).
+    # The definition: P(c | text) - P(c | text without the word), c the class predicted for the text.
     first = scores[1]
     without = text[:first["start"]] + text[first["end"]:]
     full, removed = predict(tiny_bert, tokenizer, [text, without], "int4")
-    assert first["importance"] == pytest.approx(full["probs"]["positive"] - removed["probs"]["positive"], abs=1e-6)
+    predicted = full["label"]
+    assert all(s["class"] == predicted for s in scores)
+    assert first["importance"] == pytest.approx(full["probs"][predicted] - removed["probs"][predicted], abs=1e-6)
     assert occlusion(tiny_bert, tokenizer, "   ") == []
 
 

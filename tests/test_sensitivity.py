@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import load_dataset
-from engine.evaluation import evaluate, get_evaluator
-from engine.layers import inventory
-from engine.measure import model_size_bytes
-from engine.plan import Plan
-from engine.search import Budget, Candidate, SearchError, dominated, greedy_steps, pareto_front, search
-from engine.sensitivity import (DIRECTIONS, Row, SweepError, block_summary, layer_plan, proxy_agreement,
-                                sqnr_proxy, sweep)
-from engine.toggle import layer_bytes
+from engine.analysis.search import Budget, Candidate, SearchError, dominated, greedy_steps, pareto_front, search
+from engine.analysis.sensitivity import (DIRECTIONS, Row, SweepError, block_summary, layer_plan, proxy_agreement,
+                                         proxy_texts, sqnr_proxy, sweep)
+from engine.core.data import load_dataset
+from engine.core.plan import Plan
+from engine.evaluation.evaluate import evaluate, get_evaluator
+from engine.model.inventory import inventory
+from engine.runtime.size import model_size_bytes
 
 LIMIT = 48
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +101,7 @@ def test_block_summary_and_proxy_agreement(tiny_model, tiny_sweeps):
 
 def test_sqnr_proxy_is_finite_and_orders_precisions(embedded):
     model, tokenizer = embedded
-    sqnr = sqnr_proxy(model, tokenizer)
+    sqnr = sqnr_proxy(model, tokenizer, load_dataset("embedded-train").texts[:64])
     layers = inventory(model)
     assert set(sqnr) == {(layer.name, p) for layer in layers for p in ("int8", "int4")}
     assert all(math.isfinite(v) for v in sqnr.values())
@@ -131,7 +130,7 @@ def test_pareto_front_keeps_exactly_the_non_dominated():
 def test_greedy_steps_visit_int8_before_int4_of_the_same_layer(tiny_sweeps, tiny_model):
     _, _, sweeps = tiny_sweeps
     layers = inventory(tiny_model)
-    sizes = {(layer.name, p): layer_bytes(layer, p) for layer in layers for p in ("fp32", "int8", "int4")}
+    sizes = {(layer.name, p): layer.bytes_at(p) for layer in layers for p in ("fp32", "int8", "int4")}
     steps = greedy_steps(sweeps["one"].rows, sizes, [layer.name for layer in layers])
     assert {name for name, _ in steps} == {layer.name for layer in layers}
     for name in {name for name, _ in steps}:
@@ -144,7 +143,7 @@ def embedded_rows(embedded):
     model, tokenizer = embedded
     data = load_dataset("embedded").head(96)
     evaluator = get_evaluator(model, tokenizer, data, keep_states=True)
-    return evaluator, data, sweep(evaluator, sqnr=sqnr_proxy(model, tokenizer)).rows
+    return evaluator, data, sweep(evaluator, sqnr=sqnr_proxy(model, tokenizer, proxy_texts(evaluator))).rows
 
 
 @pytest.mark.parametrize("budget", [Budget("max_drop", 1.0), Budget("not_worse"), Budget("target_bytes", 20e6)])
@@ -225,3 +224,24 @@ def test_page_runs_sweep_and_search(tmp_path, monkeypatch, tiny_bert, tokenizer)
     assert not at.exception, at.exception
     assert any("Chosen for" in s.value for s in at.success)
     assert at.button(key="sens_apply_0") is not None
+
+
+def test_cli_and_page_share_the_sweep_rows(tmp_path, monkeypatch, capsys, tiny_bert, tokenizer):
+    """A sweep run from the CLI fills the rows the page reads: the page then has nothing left to compute."""
+    from streamlit.testing.v1 import AppTest
+
+    from engine.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["sensitivity", "--model", str(folder), "--limit", "24", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "sensitivity.py"), default_timeout=300)
+    at.session_state["model_name"] = str(folder)
+    at.session_state["limit"] = 24
+    at.run()
+    assert not at.exception
+    assert at.button(key="sens_run").disabled  # every row is already there
+    assert len(at.get("plotly_chart")) >= 4

@@ -9,25 +9,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from engine import smoothquant as sq
-from engine.data import load_dataset, rt_split
-from engine.evaluation import Evaluator, get_evaluator
-from engine.layers import inventory
-from engine.models import fingerprint
-from engine.plan import Plan
-from engine.quantize import (ScaledInput, SimLinear, apply_plan, int8_dequantized, int8_reduce_range,
-                             real_int8_linear)
+from engine.analysis import smoothquant as sq
+from engine.analysis.smoothquant_export import export, export_metadata, load_export
+from engine.core.data import load_dataset, rt_split
+from engine.core.kernels import int8_linear_weight
+from engine.core.numerics import int8_reduce_range, static_qparams
+from engine.core.plan import Plan
+from engine.core.qmodules import ScaledInput, SimLinear
+from engine.evaluation.evaluate import get_evaluator
+from engine.evaluation.evaluator import Evaluator
+from engine.model.inventory import inventory
+from engine.model.loading import fingerprint
+from engine.quant.apply import apply_plan
+from engine.quant.calibration import calibrate, calibration_texts
+from engine.quant.smoothing import EPS, EXPLICIT, NONE, smooth, smoothing_factor
 
 SENTENCES = ["a gorgeous, witty, seductive movie.",
              "the plot is nothing but boilerplate clichés from start to finish,",
              "", "not bad at all", "it's a bad sign when you're rooting for the film to end"]
+TRAIN = rt_split("train").texts
 
 
 @pytest.fixture(scope="module")
 def tiny_calibrated(tiny_model, tokenizer):
-    return tiny_model, sq.calibrate(tiny_model, tokenizer, 48)
+    return tiny_model, calibrate(tiny_model, tokenizer, calibration_texts(TRAIN, 48))
 
 
 def _logits(model, tokenizer, texts=SENTENCES):
@@ -40,6 +46,11 @@ def _smoothed_modules(model):
     return [m for m in model.modules() if isinstance(m, (SimLinear, ScaledInput)) and m.in_scale is not None]
 
 
+def _apply(model, plan, calibration, kernels="simulated"):
+    return apply_plan(model, plan, kernels, calibration=calibration,
+                      smoothing=smooth(model, plan, calibration) if plan.smooth_alpha is not None else None)
+
+
 # ---- the invariant ------------------------------------------------------------------------------
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_smoothing_alone_keeps_logits(tiny_calibrated, tokenizer, alpha):
@@ -47,8 +58,9 @@ def test_smoothing_alone_keeps_logits(tiny_calibrated, tokenizer, alpha):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan = Plan(smooth_alpha=alpha)
     for kernels in ("simulated", "real"):
-        smoothed = apply_plan(model, plan, kernels, calibration=calibration)
-        # it really smooths: every Linear but attention-out has an input scale, the value absorbs a fold
+        smoothed = _apply(model, plan, calibration, kernels)
+        # it really smooths: in these post-LN encoders every Linear but attention-out has an explicit input scale,
+        # and the value absorbs attention-out's fold
         n_blocks = sum(1 for layer in inventory(model) if layer.role == "query")
         assert len(_smoothed_modules(smoothed)) == 5 * n_blocks + 2
         value = next(l.name for l in inventory(model) if l.role == "value")
@@ -62,7 +74,7 @@ def test_smoothing_alone_keeps_logits(tiny_calibrated, tokenizer, alpha):
 
 def test_invariant_through_the_evaluator(tiny_model, tokenizer):
     evaluator = Evaluator(tiny_model, tokenizer, load_dataset("embedded").head(64))
-    per_layer = sq.auto_alphas(tiny_model, sq.calibrate(tiny_model, tokenizer, 32), "static")
+    per_layer = sq.auto_alphas(tiny_model, sq.calibration_for(evaluator, 32), "static")
     for alpha in (0.0, 0.35, 1.0, per_layer):
         assert sq.max_logit_diff(evaluator, alpha, calib=32) < 1e-4
 
@@ -81,10 +93,10 @@ def test_invariant_embedded_test_split(embedded):
 def test_alpha_limits_hand_computed():
     x = torch.tensor([4.0, 1.0, 0.25, 0.0])
     w = torch.tensor([0.5, 2.0, 1.0, 0.1])
-    assert torch.allclose(sq.smoothing_factor(x, w, 0.0), torch.tensor([2.0, 0.5, 1.0, 10.0]))
-    assert torch.allclose(sq.smoothing_factor(x, w, 1.0), torch.tensor([4.0, 1.0, 0.25, sq.EPS]))
-    half = sq.smoothing_factor(x, w, 0.5)
-    assert torch.allclose(half, torch.tensor([2 / 0.5 ** 0.5, 1 / 2 ** 0.5, 0.5, (sq.EPS / 0.1) ** 0.5]))
+    assert torch.allclose(smoothing_factor(x, w, 0.0), torch.tensor([2.0, 0.5, 1.0, 10.0]))
+    assert torch.allclose(smoothing_factor(x, w, 1.0), torch.tensor([4.0, 1.0, 0.25, EPS]))
+    half = smoothing_factor(x, w, 0.5)
+    assert torch.allclose(half, torch.tensor([2 / 0.5 ** 0.5, 1 / 2 ** 0.5, 0.5, (EPS / 0.1) ** 0.5]))
 
 
 def test_factors_on_a_model(tiny_calibrated):
@@ -93,30 +105,31 @@ def test_factors_on_a_model(tiny_calibrated):
     qkv = [layers[(0, role)] for role in ("query", "key", "value")]
     ffn_out = layers[(0, "ffn-out")]
     joint = torch.stack([model.get_submodule(n).weight.abs().amax(0) for n in qkv]).amax(0)
-    at0 = sq.smoothing(model, Plan(smooth_alpha=0.0), calibration)
-    at1 = sq.smoothing(model, Plan(smooth_alpha=1.0), calibration)
+    at0 = smooth(model, Plan(smooth_alpha=0.0), calibration)
+    at1 = smooth(model, Plan(smooth_alpha=1.0), calibration)
     # alpha 0: s = 1 / max|W| (jointly over q, k, v); alpha 1: s = max|X|
-    assert torch.allclose(at0[qkv[0]].factor, 1 / joint)
-    assert at0[qkv[0]].factor is at0[qkv[2]].factor  # one shared divisor
-    assert torch.allclose(at0[ffn_out].factor, 1 / model.get_submodule(ffn_out).weight.abs().amax(0))
-    assert torch.allclose(at1[ffn_out].factor, calibration.absmax(ffn_out))
-    assert torch.allclose(at1[qkv[1]].factor, calibration.absmax(qkv[1]))
-    forms = {row["layer"]: row["form"] for row in sq.forms(model, Plan(smooth_alpha=0.5), calibration)}
-    assert forms[layers[(0, "attention-out")]] == sq.FOLDED
-    assert forms[qkv[0]] == forms[layers[(0, "ffn-in")]] == forms[ffn_out] == sq.EXPLICIT
-    assert forms[inventory(model)[0].name] == sq.NONE  # the embedding
-    partial = {row["layer"]: row["form"] for row in sq.forms(model, Plan(smooth_alpha=((ffn_out, 0.5),)), calibration)}
-    assert partial[ffn_out] == sq.EXPLICIT and partial[qkv[0]] == sq.NONE
+    assert torch.allclose(at0.factor(qkv[0]), 1 / joint)
+    assert at0.factor(qkv[0]) is at0.factor(qkv[2])  # one shared divisor
+    assert torch.allclose(at0.factor(ffn_out), 1 / model.get_submodule(ffn_out).weight.abs().amax(0))
+    assert torch.allclose(at1.factor(ffn_out), calibration.absmax(ffn_out))
+    assert torch.allclose(at1.factor(qkv[1]), calibration.absmax(qkv[1]))
+    forms = {row["layer"]: row["form"] for row in smooth(model, Plan(smooth_alpha=0.5), calibration).forms(model)}
+    assert forms[layers[(0, "attention-out")]] == f"folded into {layers[(0, 'value')]}"
+    assert forms[qkv[0]] == forms[layers[(0, "ffn-in")]] == forms[ffn_out] == EXPLICIT
+    assert inventory(model)[0].name not in forms  # the embedding takes no activation scale
+    partial = {row["layer"]: row["form"]
+               for row in smooth(model, Plan(smooth_alpha=((ffn_out, 0.5),)), calibration).forms(model)}
+    assert partial[ffn_out] == EXPLICIT and partial[qkv[0]] == NONE
 
 
 # ---- calibration ------------------------------------------------------------------------------
 def test_calibration_deterministic_and_clean(tiny_bert, tokenizer):
     fp = fingerprint(tiny_bert)
-    texts = sq.calibration_texts(40, seed=3)
-    assert texts == sq.calibration_texts(40, seed=3) and texts != sq.calibration_texts(40, seed=4)
+    texts = calibration_texts(TRAIN, 40, seed=3)
+    assert texts == calibration_texts(TRAIN, 40, seed=3) and texts != calibration_texts(TRAIN, 40, seed=4)
     assert set(texts) <= set(rt_split("train").texts) and not set(texts) & set(rt_split("test").texts)
-    first = sq._calibrate(tiny_bert, tokenizer, 40, 3, 32)
-    second = sq._calibrate(tiny_bert, tokenizer, 40, 3, 7)  # batching and padding must not matter
+    first = calibrate(tiny_bert, tokenizer, texts, batch_size=32)
+    second = calibrate(tiny_bert, tokenizer, texts, batch_size=7)  # batching and padding must not matter
     for name in first.low:
         assert torch.allclose(first.low[name], second.low[name], atol=1e-5)
         assert torch.allclose(first.high[name], second.high[name], atol=1e-5)
@@ -124,19 +137,31 @@ def test_calibration_deterministic_and_clean(tiny_bert, tokenizer):
     assert first.n == 40 and first.tokens > 40
     assert fingerprint(tiny_bert) == fp
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in tiny_bert.modules())
-    assert sq.calibrate(tiny_bert, tokenizer, 40, 3) is sq.calibrate(tiny_bert, tokenizer, 40, 3)  # memoized
+    assert calibrate(tiny_bert, tokenizer, texts) is calibrate(tiny_bert, tokenizer, texts)  # memoized
+
+
+def test_calibration_comes_from_the_evaluated_source_and_never_its_rows(tiny_bert, tokenizer):
+    for name in ("embedded", "amazon"):
+        data = load_dataset(name).head(64)
+        evaluator = Evaluator(tiny_bert, tokenizer, data)
+        texts = calibration_texts(data.calibration, 32)
+        assert set(texts) <= set(data.calibration) and not set(texts) & set(load_dataset(name).texts)
+        assert sq.calibration_for(evaluator, 32).n == 32
+    with pytest.raises(Exception, match="no calibration rows"):
+        calibration_texts((), 8)
 
 
 # ---- static scales ----------------------------------------------------------------------------
 def test_static_scales_cover_what_the_smoothed_layer_sees(tiny_model, tokenizer):
     """A second pass over the calibration sentences through the smoothed model sees exactly low/s..high/s."""
-    calibration = sq.calibrate(tiny_model, tokenizer, 24)
+    texts = calibration_texts(TRAIN, 24)
+    calibration = calibrate(tiny_model, tokenizer, texts)
     plan = sq.smoothed_plan(0.6, "static", 24)
-    quantized = apply_plan(tiny_model, plan, calibration=calibration)
-    smoothing_only = apply_plan(tiny_model, Plan(smooth_alpha=0.6, calib=24), calibration=calibration)
-    table = sq.smoothing(tiny_model, plan, calibration)
+    quantized = _apply(tiny_model, plan, calibration)
+    smoothing_only = _apply(tiny_model, Plan(smooth_alpha=0.6, calib=24), calibration)
+    table = smooth(tiny_model, plan, calibration)
     seen: dict[str, list[torch.Tensor]] = {}
-    encoded = tokenizer(sq.calibration_texts(24), padding=True, return_tensors="pt")
+    encoded = tokenizer(list(texts), padding=True, return_tensors="pt")
     mask = encoded["attention_mask"].bool()
 
     def observe(name):
@@ -152,21 +177,27 @@ def test_static_scales_cover_what_the_smoothed_layer_sees(tiny_model, tokenizer)
         handle.remove()
     for name in calibration.low:
         x = torch.cat(seen[name])
-        expected = sq.static_scale(calibration, name, table[name].factor)
+        expected = static_qparams(*calibration.input_range(name, table), int8_reduce_range())
         actual = torch._choose_qparams_per_tensor(torch.stack([x.min(), x.max()]).float(), int8_reduce_range())
         layer = quantized.get_submodule(name)
         assert layer.static_scale == expected
         assert expected[0] == pytest.approx(actual[0], rel=1e-4) and abs(expected[1] - actual[1]) <= 1
-    unsmoothed = apply_plan(tiny_model, Plan.uniform("int8", act="static", calib=24), calibration=calibration)
+    unsmoothed = _apply(tiny_model, Plan.uniform("int8", act="static", calib=24), calibration)
     name = next(iter(calibration.low))
-    assert unsmoothed.get_submodule(name).static_scale == sq.static_scale(calibration, name, None)
+    expected = static_qparams(calibration.low[name], calibration.high[name], int8_reduce_range())
+    assert unsmoothed.get_submodule(name).static_scale == expected
     assert unsmoothed.get_submodule(name).in_scale is None
 
 
 # ---- per-layer error and auto alpha ------------------------------------------------------------
-def test_int8_weight_matches_the_real_kernel(tiny_bert):
-    linear = tiny_bert.bert.encoder.layer[0].intermediate.dense
-    assert torch.allclose(sq.int8_weight(linear.weight), int8_dequantized(real_int8_linear(linear)), atol=1e-7)
+def test_the_per_layer_error_uses_the_real_kernels_weight(tiny_calibrated):
+    model, calibration = tiny_calibrated
+    name = next(l.name for l in inventory(model) if l.role == "ffn-in")
+    weight = model.get_submodule(name).weight
+    quantized = apply_plan(model, Plan.from_mapping({name: "int8"})).get_submodule(name)
+    assert torch.equal(quantized.dequantized(), int8_linear_weight(weight))
+    signal, noise = sq._error_energy(model, calibration, name, None, "dynamic")
+    assert signal > 0 and 0 < noise < signal
 
 
 def test_auto_alpha_minimizes_each_layer_error(tiny_calibrated):
@@ -178,7 +209,7 @@ def test_auto_alpha_minimizes_each_layer_error(tiny_calibrated):
     w = model.get_submodule(name).weight.abs().amax(0)
 
     def sqnr(alpha):
-        return sq.layer_sqnr(model, calibration, name, sq.smoothing_factor(calibration.absmax(name), w, alpha), "token")
+        return sq.layer_sqnr(model, calibration, name, smoothing_factor(calibration.absmax(name), w, alpha), "token")
     assert all(sqnr(alphas[name]) >= sqnr(a) - 1e-9 for a in sq.ALPHA_GRID)
     rows = sq.sqnr_table(model, calibration, sq.smoothed_plan(alphas, "token"))
     assert len(rows) == len(linears) and all(np.isfinite(r["sqnr_after_db"]) for r in rows)
@@ -191,33 +222,43 @@ def test_smoothed_w8a8_real_matches_simulated(tiny_calibrated, tokenizer):
     model, calibration = tiny_calibrated
     ffn_in = [layer.name for layer in inventory(model) if layer.role == "ffn-in"]
     plan = Plan(rules=tuple((name, "int8") for name in ffn_in), smooth_alpha=0.5, calib=48)
-    simulated = apply_plan(model, plan, calibration=calibration)
-    real = apply_plan(model, plan, "real", calibration=calibration)
+    simulated = _apply(model, plan, calibration)
+    real = _apply(model, plan, calibration, "real")
     assert any(isinstance(m, ScaledInput) for m in real.modules())
     assert (_logits(simulated, tokenizer) - _logits(real, tokenizer)).abs().max().item() < 1e-4
 
 
-def test_size_without_calibration_argument(tiny_bert, tokenizer):
-    from engine.measure import model_size_bytes
+def test_size_needs_no_calibration(tiny_bert):
+    from engine.runtime.size import model_size_bytes
 
-    sq.calibrate(tiny_bert, tokenizer, 16)  # the tokenizer is remembered with these weights
-    # calib 17 is not calibrated yet: apply_plan (through the size) calibrates on demand
-    assert model_size_bytes(tiny_bert, sq.smoothed_plan(0.5, "static", 17)) < model_size_bytes(tiny_bert, Plan())
-    assert (fingerprint(tiny_bert), 17, sq.CALIB_SEED) in sq._CALIBRATIONS
+    # the bytes of a smoothed, statically scaled plan are its precisions' bytes: no calibration is run for them
+    smoothed = sq.smoothed_plan(0.5, "static", 17)
+    assert model_size_bytes(tiny_bert, smoothed) == model_size_bytes(tiny_bert, Plan.uniform("int8"))
+    assert model_size_bytes(tiny_bert, smoothed) < model_size_bytes(tiny_bert, Plan())
+
+
+def test_apply_plan_asks_for_what_a_plan_needs(tiny_bert):
+    from engine.core.plan import PlanError
+
+    with pytest.raises(PlanError, match="smooth"):
+        apply_plan(tiny_bert, Plan(smooth_alpha=0.5))
+    with pytest.raises(PlanError, match="calibrate"):
+        apply_plan(tiny_bert, Plan.uniform("int8", act="static"))
 
 
 # ---- export -----------------------------------------------------------------------------------
 def test_export_round_trip(tiny_calibrated, tokenizer):
     model, calibration = tiny_calibrated
     plan = sq.smoothed_plan(0.7, "static", 48)
-    data = sq.export(model, plan, calibration)
-    metadata = sq.export_metadata(data)
+    data = export(model, plan, calibration)
+    metadata = export_metadata(data)
     assert Plan.from_json(json.loads(metadata["plan"])).key() == plan.key()
     stats = json.loads(metadata["calibration"])
     assert stats["n"] == 48 and set(stats["layers"]) == set(calibration.low)
-    assert {row["form"] for row in json.loads(metadata["forms"])} == {sq.EXPLICIT, sq.FOLDED, sq.NONE}
-    loaded = sq.load_export(data, model)
-    expected = apply_plan(model, plan, calibration=calibration)
+    forms = {row["form"].split(" into ")[0] for row in json.loads(metadata["forms"])}
+    assert forms == {EXPLICIT, "folded"}
+    loaded = load_export(data, model)
+    expected = _apply(model, plan, calibration)
     assert torch.allclose(_logits(loaded, tokenizer), _logits(expected, tokenizer), atol=1e-6)
 
 
@@ -269,6 +310,10 @@ def test_page_renders_and_slider_changes_figures(embedded, tmp_path, monkeypatch
     app.session_state["limit"] = 64
     app.run()
     assert not app.exception and not app.error
+    assert app.slider(key="sq_alpha").value == 0.75  # no sweep cached: opens at the best alpha measured here
+    assert not [m for m in app.metric if m.label.startswith("Accuracy")]  # nothing expensive before it is asked
+    app.button(key="sq_evaluate").click().run()
+    assert not app.exception
 
     def figures():
         sqnr = next(m.value for m in app.metric if m.label == "W8A8 SQNR after smoothing")
@@ -277,15 +322,17 @@ def test_page_renders_and_slider_changes_figures(embedded, tmp_path, monkeypatch
     before = figures()
     app.slider(key="sq_alpha").set_value(0.85).run()
     assert not app.exception
+    app.button(key="sq_evaluate").click().run()
     after = figures()
     assert after[0] != before[0] and after[1] != before[1]
     app.button(key="sq_invariant").click().run()
     assert app.success and "e-" in app.success[0].value
     app.button(key="sq_send").click().run()
     assert app.session_state["plan"].smooth_alpha == 0.85
-    accuracies = len([m for m in app.metric if m.label.startswith("Accuracy")])
     app.button(key="sq_auto").click().run()
     assert not app.exception
+    accuracies = len([m for m in app.metric if m.label.startswith("Accuracy")])
+    app.button(key="sq_auto_eval").click().run()
     assert len([m for m in app.metric if m.label.startswith("Accuracy")]) == accuracies + 1  # the per-layer plan's
     assert any(m.value == "**W8A8 + per-layer α**" for m in app.markdown)
     app.button(key="sq_send_auto").click().run()

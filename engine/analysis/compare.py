@@ -103,7 +103,7 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
     reference = next(label for label, plan in timed if plan.key() == FP32.key())
     calibration_set = sets[0]
     timings = {}
-    for step, batch in enumerate((1, THROUGHPUT_BATCH)):
+    for batch in (1, THROUGHPUT_BATCH):
         text = f"timing {len(timed)} plans at batch {batch}, interleaved"
         timings[batch] = bench_against(model, tokenizer, dict(timed), reference, batch, BENCH_TOKENS, str(target),
                                        repeats=20 if batch == 1 else 10, min_seconds=bench_seconds,

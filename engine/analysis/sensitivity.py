@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.core.errors import EngineError
-from engine.core.numerics import int8_reduce_range, sqnr_db
+from engine.core.numerics import sqnr_db
 from engine.core.plan import DEFAULT_GROUP_SIZE, Plan
-from engine.core.qmodules import SimLinear, linear_parts
+from engine.core.qmodules import linear_parts
 from engine.core.tokens import encode, length_sorted, pad
 from engine.evaluation.evaluator import Evaluator, Trace
 from engine.model.inventory import Layer, inventory
 from engine.model.loading import fingerprint, input_limit
-from engine.quant.apply import shallow_copy, simulated_weight
+from engine.quant.apply import shallow_copy, simulated_linear, simulated_weight
 from engine.quant.calibration import calibration_texts
 
 DIRECTIONS = ("one", "all-but-one")
@@ -251,8 +251,7 @@ def _quantized_layer(model: nn.Module, model_key: str, layer: Layer, precision: 
         table = simulated_weight(model_key, layer.name, precision, original.weight.detach(), group_size, embedding=True)
         return lambda ids: F.embedding(ids, table)
     weight, bias = linear_parts(original)
-    values = simulated_weight(model_key, layer.name, precision, weight, group_size)
-    return SimLinear(values, bias, precision, reduce_range=int8_reduce_range())
+    return simulated_linear(model_key, layer.name, precision, weight, bias, Plan(group_size=group_size))
 
 
 def proxy_agreement(rows: Iterable[Row]) -> dict[str, dict]:

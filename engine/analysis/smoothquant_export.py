@@ -36,7 +36,9 @@ def export(model: nn.Module, plan: Plan, calibration: Calibration) -> bytes:
     metadata = {"format": FORMAT, "plan": json.dumps(plan.to_json()), "model": fingerprint(model), "act": plan.act,
                 "reduce_range": json.dumps(int8_reduce_range()), "forms": json.dumps(forms),
                 "static_scales": json.dumps(static), "calibration": json.dumps(calibration.summary()),
-                "usage": "y = linear(fake_quant(x / in_scale), weight, bias) per layer with an in_scale"}
+                "usage": "per Linear: x / in_scale (where stored), then for int8 y = (q(x) - zero) @ weight^T * "
+                         "(x_scale * weight_scale) + bias with weight holding the int8 values, else y = x @ weight^T "
+                         "+ bias"}
     return save(tensors, metadata)
 
 
@@ -68,7 +70,7 @@ def load_export(data: bytes, model: nn.Module) -> nn.Module:
             scale = static.get(layer.name)
             module = SimLinear(weight, tensors.get(f"{layer.name}.bias"), resolved[layer.name], plan.act,
                                tuple(scale) if scale else None, tensors.get(f"{layer.name}.in_scale"),
-                               json.loads(metadata["reduce_range"]))
+                               json.loads(metadata["reduce_range"]), tensors.get(f"{layer.name}.weight_scale"))
         set_module(clone, layer.name, module.requires_grad_(False))
     quantized = {layer.name for layer in layers}
     for key, tensor in tensors.items():  # the rest (norms, position tables): the copy's own entries, replaced

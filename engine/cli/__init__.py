@@ -18,7 +18,7 @@ COMMANDS = {
     "predict": ("engine.cli.evaluate", "label, confidence and every class's probability for any text(s) under a plan"),
     "perturb": ("engine.cli.evaluate", "typos of one kind at a rate, deterministic for a seed, with the edits made"),
     "bench": ("engine.cli.bench", "latency and throughput on real kernels (or `bench toggle`: the layer map's update)"),
-    "compare": ("engine.cli.compare", "plans side by side on several sets: accuracy with CI, McNemar, KL, size, latency"),
+    "compare": ("engine.cli.compare", "plans side by side on several sets: accuracy, McNemar, KL, size, latency"),
     "smoothquant": ("engine.cli.smoothquant", "W8A8 accuracy with SmoothQuant at each alpha, against W8A8 without it"),
     "sensitivity": ("engine.cli.sweep", "each layer alone (or all but it) at int8/int4: accuracy, CI, flips, KL, SQNR"),
     "search": ("engine.cli.sweep", "the smallest verified plan for an accuracy budget (or the best for a size)"),

@@ -27,7 +27,8 @@ def positive_int(text: str) -> int:
 
 def model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded",
-                        help="embedded, distilbert-sst2, a hub id, or a local folder with any ...ForSequenceClassification")
+                        help="embedded, distilbert-sst2, a hub id, or a local folder with any "
+                             "...ForSequenceClassification")
 
 
 def plan_arg(parser: argparse.ArgumentParser, default: str = "fp32") -> None:
@@ -104,7 +105,8 @@ def _print_human(value) -> None:
             print()
     elif isinstance(value, dict):
         for key, item in value.items():
-            print(f"{key}: {json.dumps(jsonable(item), ensure_ascii=False) if isinstance(item, (dict, list)) else item}")
+            shown = json.dumps(jsonable(item), ensure_ascii=False) if isinstance(item, (dict, list)) else item
+            print(f"{key}: {shown}")
     else:
         print(value)
 

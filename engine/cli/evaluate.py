@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from engine.cli.common import data_args, device_arg, evaluation_set, kernels_arg, load, model_arg, plan_arg, resolved_plan
+from engine.cli.common import (data_args, device_arg, evaluation_set, kernels_arg, load, model_arg, plan_arg,
+                               resolved_plan)
 
 
 def setup(name: str, parser) -> None:
@@ -24,7 +25,8 @@ def setup(name: str, parser) -> None:
                             help="swap, delete, insert, substitute, keyboard, homoglyph or invisible")
         parser.add_argument("--rate", required=True, help="share of the eligible words to edit, 0 to 1")
         parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--keep-ends", action="store_true", help="leave the first and last letter of each word alone")
+        parser.add_argument("--keep-ends", action="store_true",
+                            help="leave the first and last letter of each word alone")
         parser.add_argument("text", metavar="TEXT", help="the text; - reads it from stdin")
 
 

@@ -19,7 +19,8 @@ def setup(name: str, parser) -> None:
         budget.add_argument("--target-bytes", type=positive_int, help="the most accurate plan at most this size")
         budget.add_argument("--not-worse", action="store_true",
                             help="the smallest plan not significantly worse than FP32 (McNemar p >= 0.05)")
-        budget.add_argument("--max-latency-ms", type=float, help="the most accurate plan at most this latency (batch 1)")
+        budget.add_argument("--max-latency-ms", type=float,
+                            help="the most accurate plan at most this latency (batch 1)")
         parser.add_argument("--sweep", help="a JSON file of `sensitivity --json` rows (direction one) to reuse")
         parser.add_argument("--no-latency", action="store_true", help="do not time the front's plans")
     model_arg(parser)

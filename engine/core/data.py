@@ -73,13 +73,16 @@ def _rank(seed: str, key: str) -> str:
 
 
 def with_holdout(name: str, texts: tuple[str, ...], labels: tuple[object, ...], description: str) -> EvalSet:
-    """The set with a seeded tenth of its rows (at most 256) held out for calibration, the rest evaluated."""
-    count = min(HOLDOUT_MAX, int(len(texts) * HOLDOUT_FRACTION)) if len(texts) >= 2 else 0
-    held = set(sorted(range(len(texts)), key=lambda i: _rank(HOLDOUT_SEED, f"{i}:{texts[i]}"))[:count])
-    kept = [i for i in range(len(texts)) if i not in held]
+    """The set with a seeded tenth of its distinct texts (at most 256) held out for calibration and every row
+    carrying them left out of the evaluation, so no calibration sentence is ever evaluated."""
+    distinct = list(dict.fromkeys(texts))
+    count = min(HOLDOUT_MAX, int(len(distinct) * HOLDOUT_FRACTION)) if len(distinct) >= 2 else 0
+    held = sorted(distinct, key=lambda text: _rank(HOLDOUT_SEED, text))[:count]
+    chosen = set(held)
+    kept = [i for i in range(len(texts)) if texts[i] not in chosen]
     return EvalSet(name, tuple(texts[i] for i in kept), tuple(labels[i] for i in kept), description,
-                   tuple(texts[i] for i in sorted(held)),
-                   f"{count} rows of {name} held out of the evaluation" if count else "")
+                   tuple(text for text in distinct if text in chosen),
+                   f"{count} sentences of {name} held out of the evaluation" if count else "")
 
 
 # name -> (vendored file, description)

@@ -81,6 +81,14 @@ def int8_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     return int8_dequantized(torch_int8_linear(weight, None)).to(weight.device)
 
 
+def int8_linear_integers(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the int8 values as float, the per-output-channel scales) of torch's kernel for this weight."""
+    module = torch_int8_linear(weight, None)
+    packed = module.weight()  # read while `module` lives: the scales are views into its packed weight
+    return (packed.int_repr().float().clone().to(weight.device),
+            packed.q_per_channel_scales().float().clone().to(weight.device))
+
+
 def int8_embedding_table(table: torch.Tensor) -> torch.Tensor:
     return int8_dequantized(torch_int8_embedding(table)).to(table.device)
 
@@ -152,7 +160,8 @@ def cuda_int4_linear(weight: torch.Tensor, bias: torch.Tensor | None, group_size
 
 def cuda_int8_embedding(table: torch.Tensor, padding_idx: int | None, device: torch.device) -> nn.Module:
     """torch's per-row uint8 table, kept on the GPU (identical values to the CPU kernel's)."""
-    weight = torch_int8_embedding(table.cpu()).weight()
-    # clones: the scales are views into the packed weight, which dies with the CPU module
+    module = torch_int8_embedding(table.cpu())
+    weight = module.weight()
+    # clones, taken while `module` lives: the scales are views into its packed weight
     return Int8Embedding(weight.int_repr().clone().to(device), weight.q_per_channel_scales().clone().float().to(device),
                          weight.q_per_channel_zero_points().clone().float().to(device), padding_idx)

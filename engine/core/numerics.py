@@ -32,25 +32,36 @@ def static_qparams(low: torch.Tensor, high: torch.Tensor, reduce_range: bool) ->
     return float(scale), int(zero)
 
 
-def fake_quant_activation(x: torch.Tensor, scheme: str, reduce_range: bool,
-                          static_scale: tuple[float, int] | None = None) -> torch.Tensor:
-    """Activations quantize-dequantized as the int8 kernel sees them (asymmetric uint8)."""
+def quantize_activation(x: torch.Tensor, scheme: str, reduce_range: bool,
+                        static_scale: tuple[float, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q - zero point as float integers, scale) of the activations as the int8 kernel quantizes them.
+
+    Asymmetric uint8: per tensor at run time (torch's dynamic kernel, its own rounding: round(x * (1/scale)
+    + zero), the zero point added before rounding), per tensor from calibration ("static"), or per token
+    (one range per row, including 0, as the kernels do). `scale` broadcasts against the last dimension.
+    """
     qmax = activation_qmax(reduce_range)
+    x32 = x.float().contiguous()
     if scheme == "dynamic":
-        x32 = x.float().contiguous()
         scale, zero = torch._choose_qparams_per_tensor(x32, reduce_range)
-        # torch's own quantizer, the kernel's rounding: round(x * (1/scale) + zero), the zero point added
-        # before rounding. fake_quantize rounds before adding it and differs on near-ties.
-        return torch.quantize_per_tensor(x32, scale, zero, torch.quint8).dequantize().to(x.dtype)
+        q = torch.quantize_per_tensor(x32, scale, zero, torch.quint8).int_repr().float()
+        return q - zero, torch.tensor(scale, dtype=torch.float32, device=x.device)
     if scheme == "static":
         scale, zero = static_scale
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, qmax)
-    # per token: one asymmetric range per row, the range including 0 as the kernels do
-    low = x.amin(-1, keepdim=True).clamp(max=0)
-    high = x.amax(-1, keepdim=True).clamp(min=0)
+        q = torch.clamp(torch.round(x32 / scale) + zero, 0, qmax)
+        return q - zero, torch.tensor(scale, dtype=torch.float32, device=x.device)
+    low = x32.amin(-1, keepdim=True).clamp(max=0)
+    high = x32.amax(-1, keepdim=True).clamp(min=0)
     scale = ((high - low) / qmax).clamp(min=1e-8)
     zero = torch.clamp(torch.round(-low / scale), 0, qmax)
-    return (torch.clamp(torch.round(x / scale) + zero, 0, qmax) - zero) * scale
+    return torch.clamp(torch.round(x32 / scale) + zero, 0, qmax) - zero, scale
+
+
+def fake_quant_activation(x: torch.Tensor, scheme: str, reduce_range: bool,
+                          static_scale: tuple[float, int] | None = None) -> torch.Tensor:
+    """Activations quantize-dequantized as the int8 kernel sees them."""
+    q, scale = quantize_activation(x, scheme, reduce_range, static_scale)
+    return (q * scale).to(x.dtype)
 
 
 def int4_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
@@ -42,7 +42,8 @@ class Plan:
             if not isinstance(pattern, str) or not pattern:
                 raise PlanError(f"plan entry {pattern!r}: a layer pattern must be a non-empty string")
             if precision not in PRECISIONS:
-                raise PlanError(f"plan entry {pattern!r}: unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+                raise PlanError(f"plan entry {pattern!r}: unknown precision {precision!r} "
+                                f"(use {', '.join(PRECISIONS)})")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise PlanError(f"plan option group_size: {self.group_size!r} is not a positive integer")
         if self.act not in ACT_SCHEMES:
@@ -195,5 +196,6 @@ def parse_plan(text: str | None) -> Plan:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise PlanError(f"plan is neither a precision ({', '.join(PRECISIONS)}), a .json file nor valid JSON: {error.msg}") from None
+        raise PlanError(f"plan is neither a precision ({', '.join(PRECISIONS)}), a .json file nor valid JSON: "
+                        f"{error.msg}") from None
     return Plan.from_json(data)

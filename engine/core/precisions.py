@@ -32,6 +32,8 @@ class Precision:
     real_linear: Callable[[Tensor, Tensor | None, int, torch.device], nn.Module]
     real_table: Callable[[Tensor, int | None, int, torch.device], nn.Module]
     weight_bytes: Callable[[int, int, int], int]  # (rows, cols, group size) -> bytes of weights and their scales
+    integer_weight: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # (integers, per-row scales) of an
+    # integer kernel's Linear weight, so the simulation sums integers as the kernel does
 
     def layer_bytes(self, rows: int, cols: int, bias_numel: int, group_size: int) -> int:
         """Bytes of one layer in the real format: weights, scales and offsets, and a float32 bias."""
@@ -91,7 +93,8 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     _cast("bf16"),
     Precision("int8", "INT8 (W8A8): int8 weights per output channel, int8 activations per tensor at run time", True,
               lambda weight, _group: kernels.int8_linear_weight(weight),
-              lambda table, _group: kernels.int8_embedding_table(table), _int8_linear, _int8_table, lambda rows, cols, _group: rows * cols + 8 * rows),
+              lambda table, _group: kernels.int8_embedding_table(table), _int8_linear, _int8_table,
+              lambda rows, cols, _group: rows * cols + 8 * rows, kernels.int8_linear_integers),
     Precision("int4", "INT4 weight-only, group-wise asymmetric", False, int4_round_trip, int4_round_trip, _int4_linear,
               lambda table, padding, group, device: Int4Embedding(table.to(device), padding, group), _int4_bytes),
 )}

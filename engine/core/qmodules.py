@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.core.numerics import fake_quant_activation, int4_dequantize, int4_quantize, pack_nibbles, unpack_nibbles
+from engine.core.numerics import int4_dequantize, int4_quantize, pack_nibbles, quantize_activation, unpack_nibbles
 
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _TOKENWISE_LEAVES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.Identity)
@@ -34,26 +34,31 @@ def is_tokenwise(module: nn.Module) -> bool:
             if not flag:
                 return False
             continue
-        owns = next(part.parameters(recurse=False), None) is not None or next(part.buffers(recurse=False), None) is not None
+        owns = any(True for _ in part.parameters(recurse=False)) or any(True for _ in part.buffers(recurse=False))
         if owns and not isinstance(part, _TOKENWISE_LEAVES) and not type(part).__name__.endswith(_TOKENWISE_NAMES):
             return False
     return True
 
 
 class SimLinear(nn.Module):
-    """A Linear that computes in float with quantize-dequantized weights (and activations for int8).
+    """A Linear that computes in float with the weights (and for int8 the activations) a kernel computes with.
 
+    int8 computes as the integer kernel does: the activations' integers (q - zero point) times the weight's
+    integers, summed (exact in float32 while the sums stay below 2^24), then scaled by the activation scale
+    times each output channel's weight scale, then the bias: so a near-tie rounds as the real kernel's does.
+    `weight_scale` holds those per-channel scales (int8 only; `weight` then holds the integers).
     `in_scale`, when set, divides the input per channel first (SmoothQuant's explicit scale).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: str, act: str = "dynamic",
                  static_scale: tuple[float, int] | None = None, in_scale: torch.Tensor | None = None,
-                 reduce_range: bool = True, activation=fake_quant_activation):
+                 reduce_range: bool = True, weight_scale: torch.Tensor | None = None, quantize=quantize_activation):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.precision, self.act, self.static_scale, self.reduce_range = precision, act, static_scale, reduce_range
-        self.activation = activation
+        self.quantize = quantize
         self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.register_buffer("in_scale", in_scale)
 
@@ -61,12 +66,22 @@ class SimLinear(nn.Module):
     def tokenwise(self) -> bool:
         return not (self.precision == "int8" and self.act == "dynamic")
 
+    def dequantized(self) -> torch.Tensor:
+        """The float weight this layer computes with."""
+        return self.weight if self.weight_scale is None else self.weight * self.weight_scale[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_scale is not None:
             x = x / self.in_scale
         if self.precision == "int8":
-            x = self.activation(x, self.act, self.reduce_range, self.static_scale)
-        elif self.precision in FLOAT_DTYPES:
+            q, scale = self.quantize(x, self.act, self.reduce_range, self.static_scale)
+            if self.weight_scale is None:
+                return F.linear((q * scale).to(x.dtype), self.weight, self.bias)
+            # the kernel's epilogue is one fused multiply-add (a single rounding): emulated in float64, where
+            # the product of an exact integer sum and a float32 scale is exact
+            out = F.linear(q, self.weight).double() * (scale * self.weight_scale).double()
+            return (out if self.bias is None else out + self.bias.double()).to(x.dtype)
+        if self.precision in FLOAT_DTYPES:
             dtype = FLOAT_DTYPES[self.precision]
             return F.linear(x.to(dtype).to(x.dtype), self.weight, self.bias).to(dtype).to(x.dtype)
         return F.linear(x, self.weight, self.bias)

@@ -46,9 +46,13 @@ class Encoded:
 
 
 def encode(tokenizer, texts: Sequence[str], limit: int) -> Encoded:
+    """Token ids of every text. A text that gives no token at all (an empty review, for a tokenizer that adds
+    no special tokens) is read as its one special token, so every model answers it."""
     cleaned = [clean_surrogates(t if isinstance(t, str) else str(t)) for t in texts]
     encoded = tokenizer(cleaned, truncation=True, max_length=limit)
-    ids = [list(row) for row in encoded["input_ids"]]
+    stand_in = next((i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.cls_token_id,
+                                 tokenizer.pad_token_id, tokenizer.unk_token_id) if i is not None), 0)
+    ids = [list(row) or [stand_in] for row in encoded["input_ids"]]
     if encoded.encodings is not None:  # fast tokenizers keep what truncation cut off
         truncated = [bool(e.overflowing) for e in encoded.encodings]
     else:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-ATTENTION_ROLES = ("query", "key", "value", "qkv", "attention-out")
+ATTENTION_ROLES = ("query", "key", "value", "qkv", "attention-pos", "attention-out")
 FFN_ROLES = ("ffn-gate", "ffn-in", "ffn-out")
 EXTRA_ROLES = ("bottleneck-in", "bottleneck-out", "other")
 ROLES = ATTENTION_ROLES + FFN_ROLES + EXTRA_ROLES
@@ -28,6 +28,7 @@ _BLOCK_ROLES = (
     (r"(^|\.)(key|k_lin|k_proj|k|key_proj)$", "key"),
     (r"(^|\.)(value|v_lin|v_proj|v|value_proj)$", "value"),
     (r"(^|\.)(c_attn|wqkv|qkv_proj|query_key_value|qkv)$", "qkv"),
+    (r"(^|\.)pos_(key|query)_proj$", "attention-pos"),
     (r"bottleneck\.input\.dense$|bottleneck\.attention\.dense$", "bottleneck-in"),
     (r"output\.bottleneck\.dense$", "bottleneck-out"),
     (r"attention\.(output\.)?dense$|(^|\.)(out_lin|o_proj|out_proj|o)$|attn\.(wo|c_proj)$", "attention-out"),

@@ -73,6 +73,16 @@ def _hidden_of(args: tuple, kwargs: dict):
     return args[0] if args else kwargs.get("hidden_states")
 
 
+def run_hooked(model: nn.Module, inputs: dict, handles: list) -> None:
+    """One forward of `model` (a private copy) with hooks that are removed afterwards, whatever happens."""
+    try:
+        with torch.inference_mode():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _find_blocks(probe: nn.Module, inputs: dict) -> tuple[str | None, list[str]]:
     """The ModuleList whose elements the forward calls most, and the element path of each call in order."""
     calls: list[tuple[str, str]] = []
@@ -82,12 +92,7 @@ def _find_blocks(probe: nn.Module, inputs: dict) -> tuple[str | None, list[str]]
             for index, element in enumerate(module):
                 handles.append(element.register_forward_pre_hook(
                     lambda _m, _a, lst=list_name, path=f"{list_name}.{index}": calls.append((lst, path))))
-    try:
-        with torch.inference_mode():
-            probe(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(probe, inputs, handles)
     if not calls:
         return None, []
     counts = Counter(lst for lst, _ in calls)
@@ -163,12 +168,7 @@ def model_graph(model: nn.Module) -> ModelGraph:
             handles.append(module.register_forward_pre_hook(layer_call(name)))
         elif is_norm(module):
             handles.append(module.register_forward_hook(norm_out(name)))
-    try:
-        with torch.inference_mode():
-            probe(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(probe, inputs, handles)
 
     places: dict[str, LayerPlace] = {}
     first_input: dict[str, int | None] = {}

@@ -136,7 +136,8 @@ def load_model(name: str = "embedded") -> tuple[nn.Module, object]:
         if local_only and not Path(source).is_dir():
             raise HubUnavailable(f"the HuggingFace Hub is unreachable and {source} is neither a local folder "
                                  "nor in the local cache") from None
-        raise ModelError(f"cannot load model {name!r}: {str(error).splitlines()[0] if str(error) else error!r}") from None
+        reason = str(error).splitlines()[0] if str(error) else repr(error)
+        raise ModelError(f"cannot load model {name!r}: {reason}") from None
     ensure_pad_token(model, tokenizer)
     model.eval()
     for parameter in model.parameters():

@@ -70,6 +70,20 @@ def simulated_weight(model_key: str, name: str, precision: str, weight: torch.Te
                       compute)
 
 
+def simulated_linear(model_key: str, name: str, precision: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                     plan, static=None, in_scale=None, transform: str | None = None) -> SimLinear:
+    """The simulated module of one Linear: integer weights and scales where the precision's kernel sums
+    integers, else the quantize-dequantized weight."""
+    entry = PRECISIONS[precision]
+    reduce_range = int8_reduce_range()
+    if entry.integer_weight is not None:
+        integers, scales = _simulated((model_key, name, precision, "integers", transform),
+                                      lambda: entry.integer_weight(weight))
+        return SimLinear(integers, bias, precision, plan.act, static, in_scale, reduce_range, scales)
+    values = simulated_weight(model_key, name, precision, weight, plan.group_size, transform=transform)
+    return SimLinear(values, bias, precision, plan.act, static, in_scale, reduce_range)
+
+
 def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = "simulated", *, calibration=None,
                smoothing=None) -> nn.Module:
     """A new model with `plan` applied; `model` itself stays bit-for-bit unchanged.
@@ -117,8 +131,8 @@ def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = "simulate
             module = PRECISIONS[precision].real_linear(weight, bias, plan.group_size, device)
             replacement = module if in_scale is None else ScaledInput(in_scale, module)
         else:
-            values = simulated_weight(model_key, layer.name, precision, weight, plan.group_size, transform=transform)
-            replacement = SimLinear(values, bias, precision, plan.act, static, in_scale, reduce_range)
+            replacement = simulated_linear(model_key, layer.name, precision, weight, bias, plan, static, in_scale,
+                                           transform)
         set_module(clone, layer.name, replacement.requires_grad_(False))
     if smoothing is not None:
         for norm_name, divisor in smoothing.norms.items():
