@@ -193,3 +193,22 @@ def test_a_session_over_its_memory_budget_drops_states_and_stays_exact(tiny_eval
     again = first.update(Plan.from_mapping({names[-3]: "int8", names[-1]: "int4"}))
     full, _ = evaluator.run(again.plan)
     assert np.array_equal(again.logits, full.logits)  # rebuilt from the FP32 states, still exact
+
+
+def test_a_baseline_over_its_budget_keeps_fewer_cuts_and_stays_exact(tokenizer, small_set):
+    model = _tiny("bert")
+    full_states = Evaluator(model, tokenizer, small_set, batch_size=16, keep_states=True)
+    assert full_states.kept_cuts is None  # the tiny model's states fit
+    needed = full_states.baseline_trace.nbytes() / 1024**2
+    kept = full_states.affordable_cuts(needed / 2)
+    assert kept and len(kept) < len(full_states.baseline_trace.states[0]) and max(kept) == full_states.last_cut
+    evaluator = Evaluator(model, tokenizer, small_set, batch_size=16, keep_states=True, kept_cuts=kept)
+    assert set(evaluator.baseline_trace.states[0]) == set(kept)
+    names = list_layers(model)
+    session = Session(evaluator, StateBudget())
+    rng = random.Random(3)
+    for _ in range(8):
+        plan = _random_plan(rng, names)
+        updated = session.update(plan)
+        assert np.array_equal(updated.logits, evaluator.run(plan)[0].logits), plan.to_json()
+        assert set(session.trace.states[0]) <= set(kept)

@@ -8,6 +8,7 @@ incremental result is the full result, not an approximation of it.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from engine.runtime.device import model_on, resolve_device
 
 EVAL_BATCH = 32
 ENGINE_VERSION = "2"
+BASELINE_BUDGET_MB = 512  # the FP32 states kept for incremental updates (ENGINE_BASELINE_BUDGET_MB)
 
 Progress = Callable[["Partial"], None]
 
@@ -130,8 +132,8 @@ class Evaluator:
             if not self.stages.verified:
                 self.stages.verify(apply_plan(self.model, FP32), self.batches[0].inputs)
         self.cuts = {layer.name: self.stages.cut_of(layer.name) for layer in self.layers}
-        self.kept_cuts = kept_cuts
         self.keep_states = keep_states
+        self.kept_cuts = kept_cuts if kept_cuts is not None or not keep_states else self.affordable_cuts()
         self.lock = threading.Lock()
         baseline, trace = self.run(FP32, keep=keep_states)
         self.baseline, self.baseline_trace = baseline, trace or Trace(FP32)
@@ -148,6 +150,31 @@ class Evaluator:
             batches.append(Batch(rows, {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)},
                                  int(lengths[rows].sum())))
         return batches
+
+    def affordable_cuts(self, budget_mb: float | None = None) -> frozenset[int] | None:
+        """The cuts whose FP32 states fit the baseline budget (None: all of them), spread evenly from the last.
+
+        States cost tokens x hidden x 4 bytes per cut; a large set keeps fewer cuts, and an update resumes
+        from the latest kept cut before the change: slower, never wrong.
+        """
+        budget = float(os.environ.get("ENGINE_BASELINE_BUDGET_MB", BASELINE_BUDGET_MB)) if budget_mb is None \
+            else budget_mb
+        probe: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            self.stages.staged(apply_plan(self.model, FP32))(self.batches[0].inputs, keep=probe)
+        if not probe:
+            return None
+        first = self.batches[0]
+        token_ratio = sum(batch.inputs["input_ids"].numel() for batch in self.batches) / first.inputs["input_ids"].numel()
+        row_ratio = len(self.dataset) / len(first.rows)
+        per_cut = {cut: state.numel() * state.element_size() * (token_ratio if state.shape[1] > 1 else row_ratio)
+                   for cut, state in probe.items()}
+        if sum(per_cut.values()) <= budget * 1024**2:
+            return None
+        cuts = sorted(per_cut)
+        affordable = max(0, int(budget * 1024**2 // max(per_cut.values())))
+        step = len(cuts) / affordable if affordable else float("inf")
+        return frozenset(cuts[len(cuts) - 1 - int(i * step)] for i in range(affordable))
 
     def schedule(self) -> list[int]:
         """Batch order for a run: strided over lengths, so the first batches give a fair early estimate."""
