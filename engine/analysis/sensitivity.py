@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 from torch import nn
 
 from engine.core.errors import EngineError
@@ -259,8 +260,6 @@ def proxy_agreement(rows: Iterable[Row]) -> dict[str, dict]:
 
     A good proxy has a strongly negative rho: a higher SQNR should mean a smaller KL.
     """
-    from scipy.stats import spearmanr
-
     usable = [r for r in rows if r.sqnr_db is not None and math.isfinite(r.sqnr_db) and math.isfinite(r.kl)]
     out: dict[str, dict] = {}
     for name in ("all",) + SWEEP_PRECISIONS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from safetensors.torch import load, save
 from torch import nn
 
 from engine.core.numerics import int8_reduce_range
@@ -25,8 +26,6 @@ def export(model: nn.Module, plan: Plan, calibration: Calibration) -> bytes:
     their folded 1/s). Metadata: the plan, each layer's form and static activation (scale, zero point),
     and the calibration statistics, so the file alone says how to run and how it was made.
     """
-    from safetensors.torch import save
-
     smoothing = smooth(model, plan, calibration) if plan.smooth_alpha is not None else None
     quantized = apply_plan(model, plan, "simulated", calibration=calibration, smoothing=smoothing)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in quantized.state_dict().items()}
@@ -53,8 +52,6 @@ def load_export(data: bytes, model: nn.Module) -> nn.Module:
 
     Returns a new model; `model` (used for its module tree only) is untouched.
     """
-    from safetensors.torch import load
-
     tensors = load(data)
     metadata = export_metadata(data)
     plan = Plan.from_json(json.loads(metadata["plan"]))

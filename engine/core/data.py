@@ -176,7 +176,7 @@ def load_csv(path: str | Path, raw: bytes | None = None) -> EvalSet:
 
 
 def _sst2() -> EvalSet:
-    import datasets
+    import datasets  # only for the hub's set: a heavy import nothing else needs
 
     validation = datasets.load_dataset("glue", "sst2", split="validation")
     train = datasets.load_dataset("glue", "sst2", split="train")

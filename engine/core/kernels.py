@@ -4,7 +4,8 @@ CPU: torch's dynamic int8 Linear (per-channel weights, per-tensor 7-bit activati
 quantized Embedding (uint8 per row). The simulated int8 weight is read back from these very
 modules, so simulated and real agree by construction.
 
-CUDA (torchao, imported only when a CUDA conversion runs: its import is slow and noisy):
+CUDA (torchao, an optional GPU dependency imported only when a CUDA conversion runs: its import is slow
+and logs the kernels this machine lacks):
 - int8 Linear: `Int8DynamicActivationInt8WeightConfig` (cuBLAS int8 GEMM), the CPU numerics with one
   more activation bit; cuBLAS needs both dimensions to be multiples of 8, elsewhere the layer runs
   the CPU kernel's numerics in float on the GPU, and says so (`kernel_note`).
@@ -22,6 +23,9 @@ import warnings
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized import Embedding as QuantEmbedding
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+from torch.ao.quantization import float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig
 
 from engine.core.qmodules import Int4Linear, Int8Embedding, SimLinear
 
@@ -48,9 +52,6 @@ def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 def torch_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """torch's dynamic int8 Linear with per-channel weights (the real CPU kernel)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
     source = _float_linear(weight, bias)
     source.qconfig = per_channel_dynamic_qconfig
     with _quiet_ao():
@@ -61,9 +62,6 @@ def torch_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Mod
 
 def torch_int8_embedding(table: torch.Tensor) -> nn.Module:
     """torch's quantized Embedding: uint8 per row with float scale and offset."""
-    from torch.ao.nn.quantized import Embedding as QuantEmbedding
-    from torch.ao.quantization import float_qparams_weight_only_qconfig
-
     source = nn.Embedding(*table.shape)
     source.weight = nn.Parameter(table.detach().float().cpu(), requires_grad=False)
     source.qconfig = float_qparams_weight_only_qconfig

@@ -165,7 +165,8 @@ class Evaluator:
         if not probe:
             return None
         first = self.batches[0]
-        token_ratio = sum(batch.inputs["input_ids"].numel() for batch in self.batches) / first.inputs["input_ids"].numel()
+        tokens = sum(batch.inputs["input_ids"].numel() for batch in self.batches)
+        token_ratio = tokens / first.inputs["input_ids"].numel()
         row_ratio = len(self.dataset) / len(first.rows)
         per_cut = {cut: state.numel() * state.element_size() * (token_ratio if state.shape[1] > 1 else row_ratio)
                    for cut, state in probe.items()}

@@ -16,6 +16,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from engine.core.errors import EngineError
 from engine.core.hub import hub_reachable
@@ -49,8 +51,6 @@ _IMPORT_NOISE = ("torchao", "torch.utils._pytree", "transformers")
 @contextlib.contextmanager
 def _quiet_loading() -> Iterator[None]:
     """No progress bar and no import-time log noise while a model loads."""
-    from transformers.utils import logging as hf_logging
-
     loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
     levels = [logger.level for logger in loggers]
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -74,8 +74,6 @@ def _looks_like_path(name: str) -> bool:
 
 def _check_classifier(source: str, local_only: bool) -> None:
     """One line for checkpoints that are not a sequence classifier this engine can analyse."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(source, local_files_only=local_only)
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{source} is an encoder-decoder ({config.model_type}) model; this tool analyses "
@@ -87,8 +85,6 @@ def _check_classifier(source: str, local_only: bool) -> None:
 
 
 def _load_pretrained(source: str, local_only: bool) -> tuple[nn.Module, object]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     with _quiet_loading():
         _check_classifier(source, local_only)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
