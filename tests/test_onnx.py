@@ -195,7 +195,9 @@ def _simulated(model, tokenizer, folder: Path, texts) -> tuple[np.ndarray, np.nd
 def test_ort_predictions_equal_simulated_ort_numerics(family, plan, tokenizer, texts, tmp_path):
     model = tiny(family, len(tokenizer), 3 if family == "llama" else 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    attention = model.config._attn_implementation
     export_onnx(model, tokenizer, PLANS[plan](model), tmp_path / "out", card=False)
+    assert model.config._attn_implementation == attention  # the export traced a copy
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     kernels = {"fp32": ("MatMul (float", "Gather (float"), "int8": ("MatMulInteger", "Gather (uint8"),
                "int4": ("MatMulNBits", "GatherBlockQuantized")}

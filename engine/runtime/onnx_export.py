@@ -114,33 +114,12 @@ def _build(model, tokenizer, plan: Plan, resolved: dict[str, str], folder: Path,
     graph = onnx_graph.replace_gemm(onnx.load(str(work / "fp32.onnx")))
     mapping = onnx_graph.layer_nodes(graph.graph, layers, {name for name, _ in source.named_modules()})
     chosen = lambda precision: [n for name in layers if resolved[name] == precision for n in mapping[name]]
-    config = source.config.to_dict()
-    limit = max_length(tokenizer, config)
+    limit = max_length(tokenizer, source.config.to_dict())
     if chosen("fp16"):
         say("fp16 layers", 0.3)
         graph = onnx_graph.to_fp16(graph, chosen("fp16"))
-    int8 = chosen("int8")
-    if int8:
-        table = [n for n in int8 if isinstance(layers[_owner(mapping, n)], nn.Embedding)]
-        if plan.act == "static":
-            graph = onnx_graph.own_inputs(graph, [n for n in int8 if n not in table])
-        onnx.save(graph, str(work / "stage.onnx"))
-        with quiet_ort():
-            if plan.act == "static":
-                say("int8 layers: static QDQ, calibrating", 0.4)
-                if calibration_texts is None:
-                    calibration_texts = default_calibration_texts(plan.calib)
-                feeds = _calibration_feeds(tokenizer, list(calibration_texts), limit)
-                linear = [n for n in int8 if n not in table]
-                onnx_graph.int8_static(work / "stage.onnx", work / "static.onnx", linear, graph, feeds)
-                if table:
-                    onnx_graph.int8_dynamic(work / "static.onnx", work / "int8.onnx", table, onnx.load(str(work / "static.onnx")))
-                else:
-                    shutil.move(work / "static.onnx", work / "int8.onnx")
-            else:
-                say("int8 layers: dynamic", 0.4)
-                onnx_graph.int8_dynamic(work / "stage.onnx", work / "int8.onnx", int8, graph)
-        graph = onnx.load(str(work / "int8.onnx"))
+    if chosen("int8"):
+        graph = _int8(graph, chosen("int8"), layers, mapping, plan, work, tokenizer, limit, calibration_texts, say)
     if chosen("int4"):
         say("int4 layers: MatMulNBits", 0.6)
         with quiet_ort():
@@ -162,8 +141,29 @@ def _build(model, tokenizer, plan: Plan, resolved: dict[str, str], folder: Path,
     return {"rows": rows, "fp32_size": fp32_size, "reference": onnx_graph.prepared(model, tokenizer)[0]}
 
 
-def _owner(mapping: dict[str, list[str]], node: str) -> str:
-    return next(layer for layer, nodes in mapping.items() if node in nodes)
+def _int8(graph: onnx.ModelProto, nodes: list[str], layers: dict, mapping: dict[str, list[str]], plan: Plan,
+          work: Path, tokenizer, limit: int, calibration_texts, say) -> onnx.ModelProto:
+    """The int8 layers: quantize_dynamic, or quantize_static (QDQ) for the linears when `act` is static
+    (the table's Gather is always dynamic: a weight-only uint8 table)."""
+    owner = {node: layer for layer, names in mapping.items() for node in names}
+    table = [n for n in nodes if isinstance(layers[owner[n]], nn.Embedding)]
+    linear = [n for n in nodes if n not in table]
+    if plan.act == "static" and linear:
+        graph = onnx_graph.own_inputs(graph, linear)
+    onnx.save(graph, str(work / "stage.onnx"))
+    with quiet_ort():
+        if plan.act == "static" and linear:
+            say("int8 layers: static QDQ, calibrating", 0.4)
+            texts = list(calibration_texts) if calibration_texts is not None else default_calibration_texts(plan.calib)
+            onnx_graph.int8_static(work / "stage.onnx", work / "static.onnx", linear, graph,
+                                   _calibration_feeds(tokenizer, texts, limit))
+            if not table:
+                return onnx.load(str(work / "static.onnx"))
+            linear, graph = [], onnx.load(str(work / "static.onnx"))
+            onnx.save(graph, str(work / "stage.onnx"))
+        say("int8 layers: dynamic", 0.45)
+        onnx_graph.int8_dynamic(work / "stage.onnx", work / "int8.onnx", linear + table, graph)
+    return onnx.load(str(work / "int8.onnx"))
 
 
 def export_onnx(model: nn.Module, tokenizer, plan: Plan | str | dict, out_dir: str | Path, *,
