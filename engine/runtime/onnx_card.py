@@ -43,13 +43,24 @@ def measure(folder: Path, reference: torch.nn.Module, data: str | EvalSet = "emb
         timing = benchmark({"onnx": folder}, classifier.tokenizer, dataset.texts, batch=1, tokens=32,
                            protocol="back_to_back", threads=threads)["onnx"]
         info["latency"] = {k: timing[k] for k in ("latency_ms_p50", "latency_ms_p95", "threads", "batch", "tokens",
-                                                  "protocol", "load_average_before_after")}
+                                                  "protocol", "load_average")}
     return info
 
 
 def versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": ort.__version__, "python": platform.python_version()}
+
+
+def cpu_name() -> str:
+    """The processor's model name where Linux says it, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _pct(x: float) -> str:
@@ -89,7 +100,8 @@ def markdown(card: dict) -> str:
             t = measured["latency"]
             lines.append(f"- latency: p50 {t['latency_ms_p50']:.2f} ms, p95 {t['latency_ms_p95']:.2f} ms at batch "
                          f"{t['batch']}, {t['tokens']} tokens, {t['threads']} ORT threads, protocol {t['protocol']} "
-                         f"(spinning on), load average {t['load_average_before_after']}")
+                         f"(spinning on), 1-minute load average {t['load_average']['before'][0]} before and "
+                         f"{t['load_average']['after'][0]} after")
     lines += [f"- machine: {card['machine']}", ""]
     if card.get("notes"):
         lines += ["## Notes", "", card["notes"], ""]
@@ -101,8 +113,7 @@ def build(model_name: str, plan_json: dict, plan_label: str, rows: list[dict], s
     card = {"model": model_name, "plan": plan_json, "plan_label": plan_label, "layers": rows, "size_bytes": size,
             "fp32_size_bytes": fp32_size, "measured": measured,
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "versions": versions(), "machine": f"{platform.processor() or platform.machine()}, "
-                                               f"{os.cpu_count()} cores"}
+            "versions": versions(), "machine": f"{cpu_name()}, {os.cpu_count()} cores"}
     if notes:
         card["notes"] = notes
     return card

@@ -151,7 +151,7 @@ def benchmark(variants: Mapping[str, str | Path | Callable], tokenizer, texts: S
     """Latency p50/p95 of each variant: an exported folder (run by ORT) or `forward(ids, mask)` (torch).
 
     ORT sessions get intra_op_num_threads = `threads` (default torch.get_num_threads()); spinning is on
-    for "back_to_back" and off for "interleaved". The load average is recorded before and after.
+    for "back_to_back" and off for "interleaved". The load average (1, 5, 15 min) is recorded before and after.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
@@ -189,7 +189,7 @@ def benchmark(variants: Mapping[str, str | Path | Callable], tokenizer, texts: S
             for name in names[rounds % len(names):] + names[:rounds % len(names)]:
                 timed(name)
             rounds += 1
-    load = [round(x, 2) for x in load_before + os.getloadavg()]
+    load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     results = {}
     for name, values in times.items():
         values = np.array(values)
@@ -198,5 +198,5 @@ def benchmark(variants: Mapping[str, str | Path | Callable], tokenizer, texts: S
                          "throughput_per_s": batch / p50, "threads": threads, "batch": batch, "tokens": tokens,
                          "runtime": runtimes[name], "protocol": protocol,
                          "spinning": spinning if runtimes[name] == "onnxruntime" else None,
-                         "repeats": len(values), "load_average_before_after": load}
+                         "repeats": len(values), "load_average": load}
     return results
