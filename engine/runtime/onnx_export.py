@@ -179,6 +179,9 @@ def export_onnx(model: nn.Module, tokenizer, plan: Plan | str | dict, out_dir: s
     """
     say = progress or (lambda message, fraction: None)
     plan = coerce_plan(plan)
+    weight = next(model.parameters(), None)
+    if weight is not None and (weight.device.type != "cpu" or weight.dtype != torch.float32):
+        raise ExportError(f"export traces the FP32 model on the CPU; this one is {weight.dtype} on {weight.device}")
     layers = onnx_graph.quantizable_layers(model)
     try:
         resolved = plan.resolve(list(layers))
