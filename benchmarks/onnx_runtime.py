@@ -122,17 +122,23 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
     machine = result["machine"]
+    rows = result["accuracy"]
+    measured = rows["torch_fp32"]["n"] > 0
+    simulated = "simulated_agreement" in rows["ort_int8"]
     lines = [(f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
-              f"load average at the end {machine['load_average_end']}"), "",
-             "| variant | accuracy (95% CI) | agreement with torch FP32 | size MB (vs ORT FP32) |"
-             + (" simulated ORT agreement |" if "simulated_agreement" in result["accuracy"]["ort_int8"] else ""),
-             "|---|---|---|---|" + ("---|" if "simulated_agreement" in result["accuracy"]["ort_int8"] else "")]
-    for name, row in result["accuracy"].items():
-        sim = f" {100 * row['simulated_agreement']:.2f}% ({row['simulated_differ']} differ) |" \
-            if "simulated_agreement" in row else (" |" if "simulated_agreement" in result["accuracy"]["ort_int8"] else "")
-        lines.append(f"| {name} | {100 * row['accuracy']:.2f}% ({100 * row['ci95'][0]:.1f}-{100 * row['ci95'][1]:.1f}) | "
-                     f"{100 * row['agreement']:.2f}% | {row['size_bytes'] / 1e6:.1f} ({100 * row['size_ratio_to_ort_fp32']:.1f}%) |"
-                     + sim)
+              f"load average at the end {[round(x, 2) for x in machine['load_average_end']]}"), "",
+             "| variant | size MB (vs ORT FP32) |" + (" accuracy (95% CI) | agreement with torch FP32 |" if measured else "")
+             + (" simulated ORT agreement |" if simulated else ""),
+             "|---|---|" + ("---|---|" if measured else "") + ("---|" if simulated else "")]
+    for name, row in rows.items():
+        line = f"| {name} | {row['size_bytes'] / 1e6:.1f} ({100 * row['size_ratio_to_ort_fp32']:.1f}%) |"
+        if measured:
+            line += (f" {100 * row['accuracy']:.2f}% ({100 * row['ci95'][0]:.1f}-{100 * row['ci95'][1]:.1f}) |"
+                     f" {100 * row['agreement']:.2f}% |")
+        if simulated:
+            line += (f" {100 * row['simulated_agreement']:.2f}% ({row['simulated_differ']} differ) |"
+                     if "simulated_agreement" in row else " |")
+        lines.append(line)
     lines += ["", "| protocol / batch | " + " | ".join(next(iter(result["latency"].values()))) + " |",
               "|---|" + "---|" * len(next(iter(result["latency"].values())))]
     for key, table in result["latency"].items():
