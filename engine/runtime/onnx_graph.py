@@ -10,7 +10,8 @@ step quantize_dynamic itself runs) turns into `<name>_MatMul` + `<name>_Add` bef
 so every layer is quantized as a MatMul. The word-embedding table is the Gather reading its weight.
 
 Precision -> ops: int8 -> DynamicQuantizeLinear + MatMulInteger (quantize_dynamic, per-channel int8
-weights), or QuantizeLinear/DequantizeLinear around a MatMul (quantize_static, QDQ) with `act: static`;
+weights), or QuantizeLinear/DequantizeLinear around a MatMul (quantize_static, QDQ, after an Identity gives
+that MatMul an input tensor of its own, see own_inputs) with `act: static`;
 int4 -> MatMulNBits (MatMulNBitsQuantizer, asymmetric, block = the plan's group size); embedding int8 ->
 Gather on a uint8 table + DequantizeLinear (quantize_dynamic); embedding int4 -> GatherBlockQuantized;
 fp16 -> the float16 converter of onnxruntime.transformers (casts around the layer); fp32 -> unchanged.
