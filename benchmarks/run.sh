@@ -8,6 +8,7 @@ export ENGINE_CACHE_DIR="$(mktemp -d)"  # cold cache: every figure is measured, 
 run() { local name=$1; shift; /usr/bin/time -f "$name: %e s wall" python -m engine "$@" --json > "$out/$name.json"; }
 run toggle bench toggle
 run compare compare --plans fp32,fp16,bf16,int8-linear,int8,int4 --data embedded,amazon
+run runtimes compare --plans fp32,int8,int4 --runtime torch,onnxruntime
 run sensitivity sensitivity --precisions int8,int4
 run search search --max-drop 1.0
 run smoothquant-static smoothquant --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1,auto --act static

@@ -11,11 +11,12 @@ from typing import Callable
 
 from engine.analysis import sensitivity
 from engine.analysis.benchmark import bench_against
+from engine.analysis.deploy import Exports
 from engine.core.plan import Plan
 from engine.evaluation.evaluator import Evaluator
 from engine.runtime.size import model_size_bytes
 
-from cache import keys, lookup, put, remember
+from cache import cache_dir, keys, lookup, put, remember
 
 
 def evaluation(evaluator: Evaluator, plan: Plan, kernels: str = "simulated",
@@ -92,3 +93,8 @@ def store_evaluation(evaluator: Evaluator, plan: Plan, summary: dict, kernels: s
 
 def cached_latency(model, plan: Plan, reference: Plan, batch: int, tokens: int, device: str = "cpu") -> dict | None:
     return lookup(keys.latency(model, plan, reference, batch, tokens, device))
+
+
+def exports() -> Exports:
+    """Exported ONNX folders kept beside the cache, reused by every evaluation and timing of a plan on ORT."""
+    return Exports(cache_dir() / "exports")

@@ -2,6 +2,7 @@
 reference, interleaved in one run so that the ratio shown compares like with like."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -12,6 +13,7 @@ from engine.core.plan import Plan
 from engine.quant.prepare import build
 from engine.runtime.device import model_on, resolve_device
 from engine.runtime.latency import bench_inputs, interleaved, machine, paired_speedup, peak_memory, summary, time_call
+from engine.runtime.onnx_session import benchmark, ort_call
 from engine.runtime.size import model_size_bytes
 
 BENCH_TOKENS = 32
@@ -42,25 +44,42 @@ def bench(model: nn.Module, tokenizer, plan: Plan, batch: int = 1, tokens: int =
 
 def bench_against(model: nn.Module, tokenizer, plans: Mapping[str, Plan], reference: str, batch: int = 1,
                   tokens: int = BENCH_TOKENS, device: str = "cpu", repeats: int = 20, min_seconds: float = 0.5,
-                  data: EvalSet | None = None, progress: Callable[[float], None] | None = None) -> dict[str, dict]:
-    """Every plan's latency and its paired speedup over `reference` (one of `plans`), all timed
-    interleaved round by round in this one run, with the machine's load recorded."""
+                  data: EvalSet | None = None, progress: Callable[[float], None] | None = None,
+                  exported: Mapping[str, Path] | None = None) -> dict[str, dict]:
+    """Every plan's latency and its paired speedup over `reference` (a torch plan among `plans`), all timed
+    interleaved round by round in this one run, with the machine's load recorded. `exported` adds ONNX Runtime
+    variants (label -> exported folder), timed in the same rounds with ORT's spinning threads off so that
+    they cannot steal the cores from the next variant."""
     target = resolve_device(device)
-    reals = {label: real_model(model, tokenizer, plan, target, data) for label, plan in plans.items()}
     inputs = bench_inputs(tokenizer, load_dataset("embedded").texts, batch, tokens, target)
+    calls, sizes = {}, {}
+    for label, plan in plans.items():
+        net = real_model(model, tokenizer, plan, target, data)
+        calls[label], sizes[label] = (lambda net=net: net(**inputs)), model_size_bytes(model, plan)
+    for label, folder in (exported or {}).items():
+        calls[label] = ort_call(folder, inputs, spinning=False)
+        sizes[label] = (Path(folder) / "model.onnx").stat().st_size
     sync = torch.cuda.synchronize if target.type == "cuda" else None
     before = machine(target)
     with torch.inference_mode():
-        times = interleaved({label: (lambda net=net: net(**inputs)) for label, net in reals.items()}, repeats,
-                            min_seconds, sync, progress)
+        times = interleaved(calls, repeats, min_seconds, sync, progress)
     after = machine(target)
     out = {}
-    for label, plan in plans.items():
+    for label in calls:
         speedup, interval = paired_speedup(times[reference], times[label])
         out[label] = {**summary(times[label], batch), "speedup": speedup, "speedup_ci95": list(interval),
-                      "reference": reference, "size_bytes": model_size_bytes(model, plan), "batch": batch,
-                      "tokens": tokens, "threads": torch.get_num_threads(), "runtime": "torch",
-                      "device": str(target), "load_average": [before["load_average"], after["load_average"]],
-                      "machine": after}
+                      "reference": reference, "size_bytes": sizes[label], "batch": batch, "tokens": tokens,
+                      "threads": torch.get_num_threads(), "runtime": "onnxruntime" if label in (exported or {})
+                      else "torch", "protocol": "interleaved", "device": str(target),
+                      "load_average": [before["load_average"], after["load_average"]], "machine": after}
     return out
 
+
+def bench_exported(folder: Path, tokenizer, batch: int = 1, tokens: int = BENCH_TOKENS, repeats: int = 20,
+                   min_seconds: float = 1.0) -> dict:
+    """An exported plan alone on ONNX Runtime, as a server running one model runs it: repeats back to back
+    with ORT's default spinning threads."""
+    inputs = bench_inputs(tokenizer, load_dataset("embedded").texts, batch, tokens, "cpu")
+    timing = benchmark({"onnx": ort_call(folder, inputs)}, batch, "back_to_back", repeats, min_seconds)["onnx"]
+    return {**timing, "size_bytes": (Path(folder) / "model.onnx").stat().st_size, "threads": torch.get_num_threads(),
+            "batch": batch, "tokens": tokens, "runtime": "onnxruntime", "device": "cpu", "machine": machine("cpu")}

@@ -8,18 +8,22 @@ slows every plan alike and FP32 stays a fair reference; size is the serialized r
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from torch import nn
 
 from engine.analysis.benchmark import BENCH_TOKENS, bench_against, real_model
+from engine.analysis.deploy import Exports
 from engine.analysis.presets import display_name
 from engine.core.data import EvalSet, load_dataset
 from engine.core.kernels import kernel_notes
 from engine.core.plan import FP32, Plan, PlanError
 from engine.core.stats import bootstrap_diff_interval
+from engine.evaluation.deployed import evaluate_exported
 from engine.evaluation.evaluate import get_evaluator
 from engine.evaluation.evaluator import EvalResult
 from engine.model.inventory import inventory
@@ -29,6 +33,7 @@ from engine.runtime.latency import describe, machine
 CONTRACT_FIELDS = ("plan", "data", "accuracy", "ci95", "agreement", "flips", "mcnemar_p", "kl", "size_bytes",
                    "latency_ms_p50", "throughput_per_s", "device", "runtime")
 THROUGHPUT_BATCH = 32
+RUNTIMES = ("torch", "onnxruntime")
 
 Progress = Callable[[float, str], None]
 
@@ -62,22 +67,40 @@ def _unique_labels(plans: Sequence[tuple[str, Plan]]) -> list[tuple[str, Plan]]:
     return out
 
 
+def variant(label: str, runtime: str) -> str:
+    """The name of a plan on a runtime in a comparison's results (the plan's label on torch)."""
+    return label if runtime == "torch" else f"{label} · {runtime}"
+
+
 def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]],
                    datasets: Sequence[str | EvalSet], device: str = "cpu", limit: int | None = None,
-                   progress: Progress | None = None, bench_seconds: float = 1.0) -> Report:
-    """Evaluate every plan on every set and time every plan once; FP32 is always the reference."""
+                   progress: Progress | None = None, bench_seconds: float = 1.0,
+                   runtimes: Sequence[str] = ("torch",), exports: Exports | None = None) -> Report:
+    """Evaluate every plan on every set and runtime, and time every variant once, all in one interleaved
+    run; torch FP32 is always the reference. An ONNX Runtime variant is the exported graph itself (exported
+    once into `exports`), evaluated and timed as it is deployed."""
     target = resolve_device(device)
     if not plans:
         raise PlanError("no plans to compare")
     if not datasets:
         raise PlanError("no evaluation sets to compare on")
+    unknown = [runtime for runtime in runtimes if runtime not in RUNTIMES]
+    if unknown or not runtimes:
+        raise PlanError(f"runtime {unknown[0] if unknown else 'none'!r}: choose among {', '.join(RUNTIMES)}")
+    if "onnxruntime" in runtimes and target.type != "cpu":
+        raise PlanError("ONNX Runtime variants run on its CPU provider here: compare them with --device cpu")
     names = [layer.name for layer in inventory(model)]
     plans = _unique_labels(plans)
     for _, plan in plans:
         plan.resolve(names)
+        if "onnxruntime" in runtimes:
+            plan.on("onnxruntime").resolve(names)
     sets = [(load_dataset(d) if isinstance(d, str) else d).head(limit) for d in datasets]
     timed = plans if any(p.key() == FP32.key() for _, p in plans) else [("fp32 (reference)", FP32)] + plans
-    total = len(plans) * len(sets) + 2
+    total = len(plans) * len(sets) * len(runtimes) + 2
+    exports = exports or Exports(Path(tempfile.mkdtemp(prefix="compare-exports-")))
+    folders = {label: exports.folder(model, tokenizer, plan, sets[0]) for label, plan in plans} \
+        if "onnxruntime" in runtimes else {}
     done = 0
 
     def report(fraction: float, text: str) -> None:
@@ -90,38 +113,43 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
         evaluator = get_evaluator(model, tokenizer, data, str(target))
         outcome = SetOutcome(data, evaluator.baseline, evaluator.classes.names, evaluator.labels)
         for label, plan in plans:
-            text = f"evaluating {display_name(label)} on {data.name}"
-            report(0.0, text)
-            if plan.key() == FP32.key():
-                result = evaluator.baseline
-            else:
-                result, _ = evaluator.run(plan, progress=lambda p, text=text: report(p.done / p.total, text))
-            outcome.results[label] = result
-            done += 1
+            for runtime in runtimes:
+                text = f"evaluating {display_name(label)} on {data.name} ({runtime})"
+                report(0.0, text)
+                if runtime == "onnxruntime":
+                    result = evaluate_exported(evaluator, folders[label])
+                elif plan.key() == FP32.key():
+                    result = evaluator.baseline
+                else:
+                    result, _ = evaluator.run(plan, progress=lambda p, text=text: report(p.done / p.total, text))
+                outcome.results[variant(label, runtime)] = result
+                done += 1
         outcomes.append(outcome)
 
     reference = next(label for label, plan in timed if plan.key() == FP32.key())
     calibration_set = sets[0]
     timings = {}
+    exported = {variant(label, "onnxruntime"): folder for label, folder in folders.items()}
     for batch in (1, THROUGHPUT_BATCH):
-        text = f"timing {len(timed)} plans at batch {batch}, interleaved"
+        text = f"timing {len(timed) + len(exported)} variants at batch {batch}, interleaved"
         timings[batch] = bench_against(model, tokenizer, dict(timed), reference, batch, BENCH_TOKENS, str(target),
                                        repeats=20 if batch == 1 else 10, min_seconds=bench_seconds,
-                                       data=calibration_set, progress=lambda f, text=text: report(f, text))
+                                       data=calibration_set, progress=lambda f, text=text: report(f, text),
+                                       exported=exported)
         done += 1
     report(0.0, "done")
     info = machine(target)
     notes = {label: kernel_notes(real_model(model, tokenizer, plan, target, calibration_set))
              if target.type == "cuda" else [] for label, plan in plans}
-    rows = [_row(label, plan, outcome, timings[1][label], timings[1][reference], timings[THROUGHPUT_BATCH][label],
-                 str(target.type), describe(info), notes[label])
-            for label, plan in plans for outcome in outcomes]
+    rows = [_row(label, runtime, plan, outcome, timings[1][variant(label, runtime)], timings[1][reference],
+                 timings[THROUGHPUT_BATCH][variant(label, runtime)], str(target.type), describe(info), notes[label])
+            for label, plan in plans for runtime in runtimes for outcome in outcomes]
     return Report(rows, outcomes, describe(info))
 
 
-def _row(label: str, plan: Plan, outcome: SetOutcome, single: dict, fp32_single: dict, batched: dict, device: str,
-         machine_text: str, notes: list[str]) -> dict:
-    result, fp32 = outcome.results[label], outcome.fp32
+def _row(label: str, runtime: str, plan: Plan, outcome: SetOutcome, single: dict, fp32_single: dict, batched: dict,
+         device: str, machine_text: str, notes: list[str]) -> dict:
+    result, fp32 = outcome.results[variant(label, runtime)], outcome.fp32
     truth = outcome.labels
     correct, fp32_correct = result.predictions == truth, fp32.predictions == truth
     comparison = result.comparison
@@ -129,7 +157,8 @@ def _row(label: str, plan: Plan, outcome: SetOutcome, single: dict, fp32_single:
         "plan": label, "data": outcome.data.name, "accuracy": comparison.accuracy, "ci95": list(comparison.ci95),
         "agreement": comparison.agreement, "flips": comparison.flips, "mcnemar_p": comparison.mcnemar_p,
         "kl": comparison.kl, "size_bytes": single["size_bytes"], "latency_ms_p50": single["latency_ms_p50"],
-        "throughput_per_s": batched["throughput_per_s"], "device": device, "runtime": "torch",
+        "throughput_per_s": batched["throughput_per_s"], "device": device, "runtime": runtime,
+        "protocol": single["protocol"],
         "n": comparison.n,
         "lost": int(np.sum(fp32_correct & ~correct)), "gained": int(np.sum(~fp32_correct & correct)),
         "accuracy_delta": comparison.accuracy - fp32.comparison.accuracy,
@@ -147,9 +176,11 @@ def _row(label: str, plan: Plan, outcome: SetOutcome, single: dict, fp32_single:
 
 def compare_plans(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]], datasets: Sequence[str | EvalSet],
                   device: str = "cpu", progress: Progress | None = None, limit: int | None = None,
-                  bench_seconds: float = 1.0) -> list[dict]:
-    """One row per (plan, set): the contract's fields plus intervals, p95, speedup, size ratio."""
-    return run_comparison(model, tokenizer, plans, datasets, device, limit, progress, bench_seconds).rows
+                  bench_seconds: float = 1.0, runtimes: Sequence[str] = ("torch",),
+                  exports: Exports | None = None) -> list[dict]:
+    """One row per (plan, set, runtime): the contract's fields plus intervals, p95, speedup, size ratio."""
+    return run_comparison(model, tokenizer, plans, datasets, device, limit, progress, bench_seconds, runtimes,
+                          exports).rows
 
 
 def disagreements(outcomes: Sequence[SetOutcome], max_rows: int = 50) -> list[dict]:

@@ -39,7 +39,7 @@ def _change(ratio: float, more: str, less: str) -> str:
 def speed_finding(row: dict) -> str:
     """Faster or slower only beyond the timing noise: when the paired speedup's interval excludes 1
     (rows without one: when the medians lie outside each other's p50-p95 band)."""
-    name, where = display_name(row["plan"]), _where(row)
+    name, where = _name(row), _where(row)
     a50, a95 = row["latency_ms_p50"], row["latency_ms_p95"]
     b50, b95 = row["fp32_latency_ms_p50"], row["fp32_latency_ms_p95"]
     setting = f"batch 1, {row['tokens']} tokens, {row['threads']} threads"
@@ -58,7 +58,7 @@ def speed_finding(row: dict) -> str:
 
 
 def size_finding(row: dict) -> str:
-    name, size, reference = display_name(row["plan"]), row["size_bytes"], row["fp32_size_bytes"]
+    name, size, reference = _name(row), row["size_bytes"], row["fp32_size_bytes"]
     sizes = f"{size / 1e6:.1f} MB vs {reference / 1e6:.1f} MB serialized"
     ratio = size / reference
     if abs(ratio - 1) < 0.005:
@@ -68,7 +68,7 @@ def size_finding(row: dict) -> str:
 
 def accuracy_finding(row: dict) -> str:
     """The change against FP32 with its paired interval and McNemar p; the verdict follows them."""
-    name, data, n = display_name(row["plan"]), row["data"], row["n"]
+    name, data, n = _name(row), row["data"], row["n"]
     delta, (low, high), p = row["accuracy_delta"], row["accuracy_delta_ci95"], row["mcnemar_p"]
     numbers = f"{points(delta)} points [{points(low)}, {points(high)}]"
     if row["flips"] == 0:
@@ -107,7 +107,7 @@ def domain_finding(in_domain: dict, out_domain: dict) -> str | None:
     diff, se = d_out - d_in, math.hypot(_delta_se(in_domain), _delta_se(out_domain))
     low, high = diff - Z95 * se, diff + Z95 * se
     p = float(stats.fisher_exact(counts).pvalue)
-    name, data = display_name(out_domain["plan"]), out_domain["data"]
+    name, data = _name(out_domain), out_domain["data"]
     numbers = (f"{points(d_out)} points on {data} (out of domain) vs {points(d_in)} on {in_domain['data']} "
                f"(in domain); difference {points(diff)} [{points(low)}, {points(high)}], "
                f"Fisher p = {p:.2g} on which way the flips go")
@@ -121,15 +121,26 @@ def domain_finding(in_domain: dict, out_domain: dict) -> str | None:
     return f"{name}: {numbers}: borderline, the interval and the test disagree, so not a finding."
 
 
+def _name(row: dict) -> str:
+    """The plan's display name, with its runtime when it is not torch."""
+    runtime = row.get("runtime", "torch")
+    return display_name(row["plan"]) + ("" if runtime == "torch" else f" on {runtime}")
+
+
+def _variant(row: dict) -> tuple[str, str]:
+    return row["plan"], row.get("runtime", "torch")
+
+
 def findings(rows: Sequence[dict]) -> list[str]:
-    """Plain-language sentences computed from the rows: speed, accuracy, domain shift, size."""
-    plans = list(dict.fromkeys(row["plan"] for row in rows))
-    first = {row["plan"]: row for row in reversed(rows)}
-    quantized = [p for p in plans if first[p]["plan_json"] != {}]
-    out = [speed_finding(first[p]) for p in quantized]
-    out += [accuracy_finding(row) for row in rows if row["plan"] in quantized]
+    """Plain-language sentences computed from the rows: speed, accuracy, domain shift, size; one set per plan
+    and runtime (torch FP32 itself, the reference, gets none)."""
+    variants = list(dict.fromkeys(_variant(row) for row in rows))
+    first = {_variant(row): row for row in reversed(rows)}
+    quantized = [v for v in variants if first[v]["plan_json"] != {} or v[1] != "torch"]
+    out = [speed_finding(first[v]) for v in quantized]
+    out += [accuracy_finding(row) for row in rows if _variant(row) in quantized]
     for plan in quantized:
-        mine = [row for row in rows if row["plan"] == plan]
+        mine = [row for row in rows if _variant(row) == plan]
         home = next((row for row in mine if _base_set(row["data"]) == IN_DOMAIN), None)
         for row in mine:
             if home is not None and _base_set(row["data"]) in OUT_OF_DOMAIN:

@@ -1,7 +1,8 @@
 """`bench`: a plan's latency on real kernels, or `bench toggle`: the layer map's incremental update."""
 from __future__ import annotations
 
-from engine.cli.common import device_arg, load, model_arg, plan_arg, positive_int, resolved_plan
+from engine.cli.common import (UsageError, device_arg, load, model_arg, plan_arg, positive_int, resolved_plan,
+                               runtime_arg)
 
 
 def setup(_name: str, parser) -> None:
@@ -14,6 +15,7 @@ def setup(_name: str, parser) -> None:
     parser.add_argument("--data", default="embedded",
                         help="toggle: the set evaluated; model: the set whose calibration rows a calibrated plan uses")
     device_arg(parser)
+    runtime_arg(parser)
 
 
 def run(_name: str, args):
@@ -24,7 +26,13 @@ def run(_name: str, args):
         from engine.analysis.toggle import bench_toggle
 
         return bench_toggle(model, tokenizer, args.data, device=args.device)
-    from engine.analysis.benchmark import bench
+    from engine.analysis.benchmark import bench, bench_exported
 
-    return bench(model, tokenizer, resolved_plan(args, model), args.batch, args.tokens, args.device,
-                 data=load_dataset(args.data))
+    plan, data = resolved_plan(args, model), load_dataset(args.data)
+    if args.runtime == "torch":
+        return bench(model, tokenizer, plan, args.batch, args.tokens, args.device, data=data)
+    if args.runtime != "onnxruntime" or args.device != "cpu":
+        raise UsageError("runtime must be torch, or onnxruntime (on the CPU)")
+    from cache import results
+
+    return bench_exported(results.exports().folder(model, tokenizer, plan, data), tokenizer, args.batch, args.tokens)

@@ -36,7 +36,22 @@ def plan_arg(parser: argparse.ArgumentParser, default: str = "fp32") -> None:
 
 
 def kernels_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernels", default="simulated", choices=("simulated", "real"))
+    parser.add_argument("--kernels", default=None, choices=("simulated", "real"),
+                        help="simulated (exact numerics, default on torch) or real kernels (default on onnxruntime: "
+                             "the exported graph itself)")
+
+
+def runtime_arg(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    parser.add_argument("--runtime", default="torch",
+                        help="comma-separated: torch, onnxruntime" if several else "torch or onnxruntime")
+
+
+def runtimes(text: str) -> list[str]:
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in ("torch", "onnxruntime")]
+    if unknown or not chosen:
+        raise UsageError(f"runtime {unknown[0] if unknown else 'none'!r}: choose torch or onnxruntime")
+    return chosen
 
 
 def device_arg(parser: argparse.ArgumentParser) -> None:
@@ -126,8 +141,12 @@ def execute(run: Callable[[], object], as_json: bool) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    if as_json:
-        print(json.dumps(jsonable(result), ensure_ascii=False))
-    else:
-        _print_human(result)
+    try:
+        if as_json:
+            print(json.dumps(jsonable(result), ensure_ascii=False))
+        else:
+            _print_human(result)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader (| head) stopped reading: nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

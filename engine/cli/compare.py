@@ -1,7 +1,8 @@
 """`compare`: plans side by side on several sets."""
 from __future__ import annotations
 
-from engine.cli.common import UsageError, device_arg, load, model_arg, positive_int, progress_printer
+from engine.cli.common import (UsageError, device_arg, load, model_arg, positive_int, progress_printer, runtime_arg,
+                               runtimes)
 
 
 def setup(_name: str, parser) -> None:
@@ -11,6 +12,7 @@ def setup(_name: str, parser) -> None:
     parser.add_argument("--data", default="embedded", help="comma-separated: embedded, amazon, tweets, nyt, sst2, .csv")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N examples of each set")
     device_arg(parser)
+    runtime_arg(parser, several=True)
 
 
 def run(_name: str, args):
@@ -24,4 +26,8 @@ def run(_name: str, args):
     resolve_device(args.device)  # before loading anything: a missing GPU is reported at once
     model, tokenizer = load(args)
     plans = [resolve_plan_item(item, model) for item in items]
-    return compare_plans(model, tokenizer, plans, sets, args.device, progress=progress_printer(), limit=args.limit)
+    from cache import results
+
+    chosen = runtimes(args.runtime)
+    return compare_plans(model, tokenizer, plans, sets, args.device, progress=progress_printer(), limit=args.limit,
+                         runtimes=chosen, exports=results.exports() if "onnxruntime" in chosen else None)

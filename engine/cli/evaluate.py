@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from engine.cli.common import (data_args, device_arg, evaluation_set, kernels_arg, load, model_arg, plan_arg,
-                               resolved_plan)
+from engine.cli.common import (UsageError, data_args, device_arg, evaluation_set, kernels_arg, load, model_arg,
+                               plan_arg, resolved_plan, runtime_arg)
 
 
 def setup(name: str, parser) -> None:
@@ -14,6 +14,7 @@ def setup(name: str, parser) -> None:
         plan_arg(parser)
         kernels_arg(parser)
         device_arg(parser)
+        runtime_arg(parser)
     elif name == "predict":
         model_arg(parser)
         plan_arg(parser)
@@ -46,13 +47,36 @@ def _stdin_lines() -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
+def exported_evaluation(model, tokenizer, data, plan, device: str) -> dict:
+    """The exported graph itself (exported once, kept beside the cache) on the set's fixed batches."""
+    from cache import results
+    from engine.evaluation.deployed import evaluate_exported
+    from engine.evaluation.evaluate import get_evaluator
+
+    if device != "cpu":
+        raise UsageError("ONNX Runtime runs on its CPU provider here: use --device cpu")
+    folder = results.exports().folder(model, tokenizer, plan, data)
+    result = evaluate_exported(get_evaluator(model, tokenizer, data), folder)
+    return {**result.as_dict(), "size_bytes": (folder / "model.onnx").stat().st_size, "plan": result.plan.to_json(),
+            "kernels": "real", "runtime": "onnxruntime", "data": data.name, "device": "cpu",
+            "seconds": round(result.seconds, 3), "export": str(folder)}
+
+
 def run(name: str, args):
     if name == "eval":
         from engine.evaluation.evaluate import evaluate
 
         data = evaluation_set(args)
         model, tokenizer = load(args)
-        return evaluate(model, tokenizer, data, resolved_plan(args, model), args.kernels, None, args.device)
+        plan = resolved_plan(args, model)
+        if args.runtime == "torch":
+            return evaluate(model, tokenizer, data, plan, args.kernels or "simulated", None, args.device)
+        if args.runtime != "onnxruntime":
+            raise UsageError(f"runtime {args.runtime!r}: choose torch or onnxruntime")
+        if args.kernels == "simulated":  # ONNX Runtime's numerics, simulated exactly: the layer map's live figure
+            return {**evaluate(model, tokenizer, data, plan.on("onnxruntime"), "simulated", None, args.device),
+                    "runtime": "onnxruntime"}
+        return exported_evaluation(model, tokenizer, data, plan, args.device)
     if name == "predict":
         from engine.analysis.predict import predict
         from engine.core.plan import parse_plan
@@ -63,7 +87,7 @@ def run(name: str, args):
         for text in args.texts:
             texts += _stdin_lines() if text == "-" else [clean_surrogates(text)]
         model, tokenizer = load(args)
-        return predict(model, tokenizer, texts, resolved_plan(args, model), args.kernels)
+        return predict(model, tokenizer, texts, resolved_plan(args, model), args.kernels or "simulated")
     from engine.analysis.perturb import perturb
     from engine.core.tokens import clean_surrogates
 

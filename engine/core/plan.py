@@ -17,6 +17,8 @@ from typing import Mapping, Sequence, Union
 from engine.core.errors import EngineError
 from engine.core.numerics import ACT_SCHEMES
 from engine.core.precisions import PRECISION_NAMES as PRECISIONS
+from engine.core.precisions import PRECISIONS as REGISTRY
+from engine.core.precisions import RUNTIMES
 
 OPTIONS_KEY = "options"
 DEFAULT_GROUP_SIZE = 64
@@ -36,6 +38,7 @@ class Plan:
     act: str = "dynamic"
     smooth_alpha: float | tuple[tuple[str, float], ...] | None = None
     calib: int = DEFAULT_CALIB
+    runtime: str = "torch"  # whose numerics the simulation reproduces: the runtime the plan is deployed on
 
     def __post_init__(self) -> None:
         for pattern, precision in self.rules:
@@ -50,6 +53,8 @@ class Plan:
             raise PlanError(f"plan option act: {self.act!r} is not one of {', '.join(ACT_SCHEMES)}")
         if isinstance(self.calib, bool) or not isinstance(self.calib, int) or self.calib < 1:
             raise PlanError(f"plan option calib: {self.calib!r} is not a positive integer")
+        if self.runtime not in RUNTIMES:
+            raise PlanError(f"plan option runtime: {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         alpha = self.smooth_alpha
         if alpha is not None and not isinstance(alpha, (int, float, tuple)):
             raise PlanError(f"plan option smooth_alpha: {alpha!r} is not a number or an object of layer: alpha")
@@ -84,7 +89,7 @@ class Plan:
                 raise PlanError(f"plan entry {key!r}: the precision must be a string, not {value!r}")
             else:
                 rules.append((key, value))
-        unknown = set(options) - {"group_size", "act", "smooth_alpha", "calib"}
+        unknown = set(options) - {"group_size", "act", "smooth_alpha", "calib", "runtime"}
         if unknown:
             raise PlanError(f"plan options: unknown option {sorted(unknown)[0]!r}")
         if isinstance(options.get("smooth_alpha"), dict):
@@ -110,6 +115,8 @@ class Plan:
                 else dict(self.smooth_alpha)
         if self.calib != DEFAULT_CALIB:
             options["calib"] = self.calib
+        if self.runtime != "torch":
+            options["runtime"] = self.runtime
         return options
 
     def key(self) -> str:
@@ -121,11 +128,32 @@ class Plan:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def with_rules(self, rules: Sequence[tuple[str, str]]) -> "Plan":
-        return Plan(tuple(rules), self.group_size, self.act, self.smooth_alpha, self.calib)
+        return Plan(tuple(rules), self.group_size, self.act, self.smooth_alpha, self.calib, self.runtime)
+
+    def on(self, runtime: str) -> "Plan":
+        """The same plan with the numerics of another runtime."""
+        return Plan(self.rules, self.group_size, self.act, self.smooth_alpha, self.calib, runtime)
 
     def precisions_only(self) -> "Plan":
         """The same precisions and group size, without activation scheme or smoothing (what bytes depend on)."""
         return Plan(self.rules, self.group_size)
+
+    def check_runtime(self, resolved: dict[str, str]) -> None:
+        """Raise PlanError when the plan's runtime cannot run what `resolved` (its per-layer precisions) asks."""
+        used = set(resolved.values())
+        for precision in used:
+            entry = REGISTRY[precision]
+            if self.runtime not in entry.numerics:
+                layer = next(name for name, p in resolved.items() if p == precision)
+                raise PlanError(f"layer {layer}: {precision} on {self.runtime}: {entry.unsupported[self.runtime]}")
+        if self.runtime != "onnxruntime":
+            return
+        if "int8" in used and self.act == "token":
+            raise PlanError("int8 with act 'token': ONNX Runtime has no per-token dynamic int8 MatMul "
+                            "(use act 'dynamic' or 'static')")
+        if "int4" in used and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
+            raise PlanError(f"int4 group_size {self.group_size}: ONNX Runtime's MatMulNBits needs a power of two "
+                            "of at least 16")
 
     @property
     def needs_calibration(self) -> bool:
@@ -134,7 +162,8 @@ class Plan:
 
     # ---- resolution ---------------------------------------------------------------------
     def resolve(self, layer_names: Sequence[str], strict: bool = True) -> dict[str, str]:
-        """Each layer's precision. With strict, a pattern that matches no layer is an error."""
+        """Each layer's precision. With strict, a pattern that matches no layer is an error, and so is a
+        precision the plan's runtime cannot run."""
         resolved = {name: "fp32" for name in layer_names}
         for pattern, precision in self.rules:
             matched = [name for name in layer_names if fnmatch.fnmatchcase(name, pattern)]
@@ -142,6 +171,8 @@ class Plan:
                 raise PlanError(f"plan entry {pattern!r}: matches no layer of this model")
             for name in matched:
                 resolved[name] = precision
+        if strict:
+            self.check_runtime(resolved)
         return resolved
 
     def alpha_for(self, layer_name: str) -> float | None:

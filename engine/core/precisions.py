@@ -1,43 +1,61 @@
-"""The precision registry: one entry per precision says how to simulate it, how to run it for real
-on each device, and how many bytes it takes. Adding a precision is one new entry here.
+"""The precision registry: one entry per precision says how each runtime computes it (to simulate it
+exactly), how to run it for real on each device, and how many bytes it takes. Adding a precision, or a
+runtime's numerics for one, is an entry here.
 
-Simulated weights are the exact values the real kernel computes with, so that simulated accuracy is
-the deployed accuracy; `apply_plan` builds its modules from these entries alone.
+Simulated values are the exact values the real kernel computes with, so that simulated accuracy is the
+deployed accuracy; `apply_plan` builds its modules from these entries alone.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 from engine.core import kernels
-from engine.core.numerics import int4_round_trip
+from engine.core.numerics import int4_round_trip, quantize_activation, static_qparams
+from engine.core.ort_numerics import (ort_int4_table, ort_int4_weight, ort_int8_integers, ort_int8_weight,
+                                      ort_quantize_activation, ort_static_qparams, ort_uint8_table)
 from engine.core.qmodules import FLOAT_DTYPES, CastEmbedding, CastLinear, Int4Embedding, Int4Linear
 
 Tensor = torch.Tensor
+RUNTIMES = ("torch", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How one runtime computes a precision. Weights use the Linear convention [out, in]."""
+
+    weight: Callable[[Tensor, int], Tensor]  # (Linear weight, group size) -> the values computed with
+    table: Callable[[Tensor, int], Tensor]  # (embedding table, group size) -> the values looked up
+    integers: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # integer kernels: (integers, row scales)
+    activation: Callable = quantize_activation  # (x, scheme, reduce_range, static) -> (q - zero point, scale)
+    static: Callable = static_qparams  # (calibrated low, high, reduce_range) -> (scale, zero point)
+    reduce_range: bool = True  # 7-bit activations (torch's x86 kernels)
 
 
 @dataclass(frozen=True)
 class Precision:
-    """How one precision is simulated, run and sized. Weights use the Linear convention [out, in]."""
+    """How one precision is simulated per runtime, run for real on torch, and sized."""
 
     name: str
     description: str
     quantizes_activations: bool
-    simulated_weight: Callable[[Tensor, int], Tensor]  # (Linear weight, group size) -> the values computed with
-    simulated_table: Callable[[Tensor, int], Tensor]  # (embedding table, group size) -> the values looked up
+    numerics: dict[str, Numerics]
     real_linear: Callable[[Tensor, Tensor | None, int, torch.device], nn.Module]
     real_table: Callable[[Tensor, int | None, int, torch.device], nn.Module]
     weight_bytes: Callable[[int, int, int], int]  # (rows, cols, group size) -> bytes of weights and their scales
-    integer_weight: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None  # (integers, per-row scales) of an
-    # integer kernel's Linear weight, so the simulation sums integers as the kernel does
+    unsupported: dict[str, str] = field(default_factory=dict)  # runtime -> why it cannot run this precision
 
     def layer_bytes(self, rows: int, cols: int, bias_numel: int, group_size: int) -> int:
         """Bytes of one layer in the real format: weights, scales and offsets, and a float32 bias."""
         return self.weight_bytes(rows, cols, group_size) + 4 * bias_numel
+
+
+def _same(values: Tensor, _group: int) -> Tensor:
+    return values
 
 
 def _float_linear(weight: Tensor, bias: Tensor | None, _group: int, device: torch.device) -> nn.Module:
@@ -52,15 +70,16 @@ def _float_table(table: Tensor, padding_idx: int | None, _group: int, device: to
     return nn.Embedding(*table.shape, padding_idx=padding_idx, _weight=table.detach().float().to(device))
 
 
-def _cast(name: str) -> Precision:
+def _cast(name: str, unsupported: dict[str, str] | None = None) -> Precision:
     dtype = FLOAT_DTYPES[name]
+    rounded = Numerics(lambda weight, _group: weight.to(dtype).float(), lambda table, _group: table.to(dtype).float())
+    numerics = {runtime: rounded for runtime in RUNTIMES if runtime not in (unsupported or {})}
     return Precision(
-        name, f"{name.upper()}: weights, inputs and matmul in {dtype}".replace("torch.", ""), False,
-        lambda weight, _group: weight.to(dtype).float(), lambda table, _group: table.to(dtype).float(),
+        name, f"{name.upper()}: weights, inputs and matmul in {str(dtype).replace('torch.', '')}", False, numerics,
         lambda weight, bias, _group, device: CastLinear(weight.to(device), None if bias is None else bias.to(device),
                                                         dtype),
         lambda table, padding, _group, device: CastEmbedding(table.to(device), padding, dtype),
-        lambda rows, cols, _group: 2 * rows * cols)
+        lambda rows, cols, _group: 2 * rows * cols, unsupported or {})
 
 
 def _int8_linear(weight: Tensor, bias: Tensor | None, _group: int, device: torch.device) -> nn.Module:
@@ -86,17 +105,23 @@ def _int4_bytes(rows: int, cols: int, group: int) -> int:
 
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
-    Precision("fp32", "FP32, the reference", False, lambda weight, _group: weight, lambda table, _group: table,
-              _float_linear, _float_table,
+    Precision("fp32", "FP32, the reference", False,
+              {runtime: Numerics(_same, _same) for runtime in RUNTIMES}, _float_linear, _float_table,
               lambda rows, cols, _group: 4 * rows * cols),
     _cast("fp16"),
-    _cast("bf16"),
+    _cast("bf16", {"onnxruntime": "ONNX Runtime's CPU provider has no bfloat16 MatMul kernel (use fp16, int8 or "
+                                  "int4)"}),
     Precision("int8", "INT8 (W8A8): int8 weights per output channel, int8 activations per tensor at run time", True,
-              lambda weight, _group: kernels.int8_linear_weight(weight),
-              lambda table, _group: kernels.int8_embedding_table(table), _int8_linear, _int8_table,
-              lambda rows, cols, _group: rows * cols + 8 * rows, kernels.int8_linear_integers),
-    Precision("int4", "INT4 weight-only, group-wise asymmetric", False, int4_round_trip, int4_round_trip, _int4_linear,
-              lambda table, padding, group, device: Int4Embedding(table.to(device), padding, group), _int4_bytes),
+              {"torch": Numerics(lambda weight, _group: kernels.int8_linear_weight(weight),
+                                 lambda table, _group: kernels.int8_embedding_table(table),
+                                 kernels.int8_linear_integers),
+               "onnxruntime": Numerics(ort_int8_weight, ort_uint8_table, ort_int8_integers, ort_quantize_activation,
+                                       ort_static_qparams, reduce_range=False)},
+              _int8_linear, _int8_table, lambda rows, cols, _group: rows * cols + 8 * rows),
+    Precision("int4", "INT4 weight-only, group-wise asymmetric", False,
+              {"torch": Numerics(int4_round_trip, int4_round_trip),
+               "onnxruntime": Numerics(ort_int4_weight, ort_int4_table)},
+              _int4_linear, lambda table, padding, group, device: Int4Embedding(table.to(device), padding, group),
+              _int4_bytes),
 )}
 PRECISION_NAMES = tuple(PRECISIONS)
-

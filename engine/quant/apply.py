@@ -14,7 +14,7 @@ import torch
 from cachetools import LRUCache, cached
 from torch import nn
 
-from engine.core.numerics import int8_reduce_range, static_qparams
+from engine.core.numerics import int8_reduce_range
 from engine.core.plan import FP32, PlanError, PlanLike, as_plan
 from engine.core.precisions import PRECISIONS
 from engine.core.qmodules import ScaledInput, SimLinear, linear_parts
@@ -61,27 +61,30 @@ def _simulated(key: tuple, compute) -> torch.Tensor:
 
 
 def simulated_weight(model_key: str, name: str, precision: str, weight: torch.Tensor, group_size: int,
-                     embedding: bool = False, transform: str | None = None) -> torch.Tensor:
-    """The values a layer computes with at `precision` (memoized per weights, layer, precision, transform)."""
-    entry = PRECISIONS[precision]
-    compute = (lambda: entry.simulated_table(weight, group_size)) if embedding else \
-        (lambda: entry.simulated_weight(weight, group_size))
-    return _simulated((model_key, name, precision, group_size if precision == "int4" else 0, embedding, transform),
-                      compute)
+                     embedding: bool = False, transform: str | None = None, runtime: str = "torch") -> torch.Tensor:
+    """The values a layer computes with at `precision` on `runtime` (memoized per weights, layer, precision,
+    runtime and transform)."""
+    numerics = PRECISIONS[precision].numerics[runtime]
+    quantize = numerics.table if embedding else numerics.weight
+    compute = lambda: quantize(weight, group_size)
+    return _simulated((model_key, name, precision, runtime, group_size if precision == "int4" else 0, embedding,
+                       transform), compute)
 
 
 def simulated_linear(model_key: str, name: str, precision: str, weight: torch.Tensor, bias: torch.Tensor | None,
                      plan, static=None, in_scale=None, transform: str | None = None) -> SimLinear:
-    """The simulated module of one Linear: integer weights and scales where the precision's kernel sums
+    """The simulated module of one Linear: integer weights and scales where the runtime's kernel sums
     integers, else the quantize-dequantized weight."""
-    entry = PRECISIONS[precision]
-    reduce_range = int8_reduce_range()
-    if entry.integer_weight is not None:
-        integers, scales = _simulated((model_key, name, precision, "integers", transform),
-                                      lambda: entry.integer_weight(weight))
-        return SimLinear(integers, bias, precision, plan.act, static, in_scale, reduce_range, scales)
-    values = simulated_weight(model_key, name, precision, weight, plan.group_size, transform=transform)
-    return SimLinear(values, bias, precision, plan.act, static, in_scale, reduce_range)
+    numerics = PRECISIONS[precision].numerics[plan.runtime]
+    reduce_range = numerics.reduce_range and int8_reduce_range()
+    if numerics.integers is not None:
+        integers, scales = _simulated((model_key, name, precision, plan.runtime, "integers", transform),
+                                      lambda: numerics.integers(weight))
+        return SimLinear(integers, bias, precision, plan.act, static, in_scale, reduce_range, scales,
+                         numerics.activation)
+    values = simulated_weight(model_key, name, precision, weight, plan.group_size, transform=transform,
+                              runtime=plan.runtime)
+    return SimLinear(values, bias, precision, plan.act, static, in_scale, reduce_range, quantize=numerics.activation)
 
 
 def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = "simulated", *, calibration=None,
@@ -95,6 +98,9 @@ def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = "simulate
     plan = as_plan(plan)
     if kernels not in KERNELS:
         raise PlanError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
+    if kernels == "real" and plan.runtime != "torch":
+        raise PlanError(f"real {plan.runtime} kernels run the exported graph (engine.runtime.onnx_export), "
+                        "not a torch module: simulate this plan, or export it")
     layers = inventory(model)
     resolved = plan.resolve([layer.name for layer in layers])
     if plan.smooth_alpha is not None and smoothing is None:
@@ -104,7 +110,6 @@ def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = "simulate
     clone = shallow_copy(model)
     model_key = fingerprint(model)
     device = next(model.parameters()).device
-    reduce_range = int8_reduce_range()
     for layer in layers:
         precision = resolved[layer.name]
         transform = smoothing.transform_key(layer.name) if smoothing is not None else None
@@ -116,7 +121,8 @@ def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = "simulate
             if kernels == "real" and precision != "fp32":
                 replacement = PRECISIONS[precision].real_table(table, original.padding_idx, plan.group_size, device)
             else:
-                values = simulated_weight(model_key, layer.name, precision, table, plan.group_size, embedding=True)
+                values = simulated_weight(model_key, layer.name, precision, table, plan.group_size, embedding=True,
+                                          runtime=plan.runtime)
                 replacement = with_tensors(original, weight=values)
             set_module(clone, layer.name, replacement.requires_grad_(False))
             continue
@@ -126,7 +132,9 @@ def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = "simulate
             weight, bias, in_scale = smoothing.transformed(layer.name, weight, bias)
         static = None
         if precision == "int8" and plan.act == "static":
-            static = static_qparams(*calibration.input_range(layer.name, smoothing), reduce_range)
+            numerics = PRECISIONS[precision].numerics[plan.runtime]
+            static = numerics.static(*calibration.input_range(layer.name, smoothing),
+                                     numerics.reduce_range and int8_reduce_range())
         if kernels == "real":
             module = PRECISIONS[precision].real_linear(weight, bias, plan.group_size, device)
             replacement = module if in_scale is None else ScaledInput(in_scale, module)

@@ -30,13 +30,12 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from engine.quantize import shallow_copy
+from engine.model.inventory import inventory
+from engine.quant.apply import shallow_copy
 
 OPSET = 20  # the TorchScript exporter's newest; MatMulNBitsQuantizer relabels it 21 for int4 tables
 INPUTS = ("input_ids", "attention_mask")
-LINEAR_TYPES = (nn.Linear, Conv1D)
 TRACE_TEXTS = ("a short one", "a somewhat longer second sentence, so the trace sees padding")
 
 
@@ -45,11 +44,9 @@ class GraphError(ValueError):
 
 
 # ---- the torch side -------------------------------------------------------------------------
-def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Word-embedding table and every Linear / Conv1D, by torch module name, in module order."""
-    embedding = model.get_input_embeddings()
-    return {name: module for name, module in model.named_modules()
-            if module is embedding or isinstance(module, LINEAR_TYPES)}
+def quantizable_layers(model: nn.Module) -> dict[str, str]:
+    """The engine's inventory as {layer name: "embedding" | "linear"}, in forward order."""
+    return {layer.name: layer.kind for layer in inventory(model)}
 
 
 def prepared(model: nn.Module, tokenizer):
@@ -105,7 +102,7 @@ def module_of(node_name: str, module_names: set[str]) -> str | None:
     return path
 
 
-def layer_nodes(graph: onnx.GraphProto, layers: dict[str, nn.Module], module_names: set[str]) -> dict[str, list[str]]:
+def layer_nodes(graph: onnx.GraphProto, layers: dict[str, str], module_names: set[str]) -> dict[str, list[str]]:
     """Each layer's weight-reading node names (MatMul for a linear, Gather for the table)."""
     initializers = {init.name for init in graph.initializer}
     found: dict[str, list[str]] = {name: [] for name in layers}
@@ -114,7 +111,7 @@ def layer_nodes(graph: onnx.GraphProto, layers: dict[str, nn.Module], module_nam
         if index is None or len(node.input) <= index or node.input[index] not in initializers:
             continue
         owner = module_of(node.name, module_names)
-        if owner in found and (node.op_type == "Gather") == isinstance(layers[owner], nn.Embedding):
+        if owner in found and (node.op_type == "Gather") == (layers[owner] == "embedding"):
             found[owner].append(node.name)
     missing = [name for name, nodes in found.items() if not nodes]
     if missing:

@@ -1,0 +1,71 @@
+"""Deploy what you chose: a plan exported to ONNX Runtime with its model card measured on this machine,
+and a folder of exports reused by plan, so evaluating or timing a plan on ONNX Runtime exports it once."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from engine.core.data import EvalSet, load_dataset
+from engine.core.plan import PlanLike, as_plan
+from engine.evaluation.deployed import evaluate_exported
+from engine.evaluation.evaluate import get_evaluator
+from engine.model.loading import fingerprint
+from engine.quant.calibration import calibration_texts
+from engine.quant.prepare import prepare
+from engine.runtime.latency import bench_inputs
+from engine.runtime.onnx_export import ExportError, export_onnx
+from engine.runtime.onnx_session import benchmark, ort_call
+
+CARD_TOKENS = 32
+
+
+def deploy(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path, data: EvalSet | None = None,
+           limit: int | None = None, latency: bool = True, measure: bool = True,
+           progress: Callable[[str, float], None] | None = None) -> dict:
+    """Export `plan` to `out_dir` for ONNX Runtime, calibrated on `data`'s calibration pool (the embedded set's by
+    default), with a card measured on `data` itself (accuracy with its interval, agreement with FP32, latency)
+    unless `measure` is off."""
+    plan = as_plan(plan).on("onnxruntime")
+    data = data if data is not None else load_dataset("embedded")
+    _, smoothing = prepare(model, tokenizer, plan, data.calibration, data.calibration_source)
+    texts = calibration_texts(data.calibration, plan.calib) if plan.act == "static" else None
+
+    def card(folder: Path) -> dict:
+        evaluator = get_evaluator(model, tokenizer, data.head(limit))
+        result = evaluate_exported(evaluator, folder)
+        figures = {**result.as_dict(), "data": evaluator.dataset.name,
+                   "fp32_accuracy": evaluator.baseline.comparison.accuracy}
+        if latency:
+            call = ort_call(folder, bench_inputs(tokenizer, data.texts, 1, CARD_TOKENS, "cpu"))
+            timing = benchmark({"onnx": call}, batch=1, protocol="back_to_back")["onnx"]
+            figures["latency"] = {**timing, "batch": 1, "tokens": CARD_TOKENS, "threads": torch.get_num_threads()}
+        return figures
+
+    return export_onnx(model, tokenizer, plan, out_dir, calibration_texts=texts, smoothing=smoothing,
+                       card=card if measure else None, progress=progress)
+
+
+class Exports:
+    """Exported folders under `root`, one per (weights, plan, ONNX Runtime version): an export is made once
+    and reused by every evaluation and timing of that plan on ONNX Runtime."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def folder(self, model: nn.Module, tokenizer, plan: PlanLike, data: EvalSet | None = None) -> Path:
+        plan = as_plan(plan).on("onnxruntime")
+        key = hashlib.blake2b(f"{fingerprint(model)}:{plan.key()}:{ort.__version__}".encode(), digest_size=10)
+        target = self.root / key.hexdigest()
+        if not (target / "model.onnx").is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                deploy(model, tokenizer, plan, target, data, measure=False)
+            except ExportError:
+                if not (target / "model.onnx").is_file():  # another session's export of the same plan won the race
+                    raise
+        return target
