@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Sequence
 
 from engine.grid import work
-from engine.plan import Plan, parse_plan
+from engine.plan import Plan, PlanError, parse_plan
 
 KINDS = ("eval", "sensitivity")
 SWEEP_PRECISIONS = ("int8", "int4")
@@ -102,7 +102,11 @@ def plan_json(item: str, model: work.ModelInfo) -> str:
     if item.strip() == PRESET_INT8_LINEAR:
         rules = {"*": "int8", **{name: "fp32" for name, kind in model.layers if kind == "embedding"}}
         return json.dumps(Plan.from_mapping(rules).to_json())
-    return json.dumps(parse_plan(item).to_json())
+    try:
+        return json.dumps(parse_plan(item).to_json())
+    except PlanError as error:
+        message = str(error)
+        raise PlanError(message if item in message else f"plan {item!r}: {message}") from None
 
 
 def build_tasks(models: Sequence[str], datasets: Sequence[str], plans: Sequence[str] = (),
