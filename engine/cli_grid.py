@@ -8,6 +8,7 @@ grid never imports it). `python -m engine.cli_grid ...` runs the command on its 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -119,10 +120,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             print(f"[{done / total:4.0%}] grid: {done}/{total} rows", file=sys.stderr, flush=True)
 
     lookup, store = cache_functions()
-    rows = run_grid(tasks, backend, lookup, store, args.out, progress)
+    # Ray's driver prints the cluster's messages (a worker died, a task is retried) on stdout from a thread of
+    # its own; --json promises one document there, so everything printed during the run goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        rows = run_grid(tasks, backend, lookup, store, args.out, progress)
     s = rows.stats
     line = (f"grid: {s['tasks']} rows: {s['from_cache']} from the cache, {s['from_out']} from {args.out or 'no file'}, "
-            f"{s['computed']} computed ({s['errors']} failed) in {s['wall_s']:.1f} s on {s['workers']} worker(s)")
+            f"{s['computed']} computed ({s['errors']} failed)")
+    if s["computed"]:
+        line += f" in {s['wall_s']:.1f} s on {s['workers']} worker(s)"
     if s.get("task_s_mean") is not None:
         line += f"; {s['task_s_mean']:.3f} s a task, overhead {s.get('overhead_per_task_s', 0):.3f} s a task"
     print(line, file=sys.stderr, flush=True)

@@ -125,7 +125,7 @@ def run_grid(tasks: Sequence[Task], backend: Backend, lookup: Lookup | None = No
             progress(done, len(unique), row)
 
     computed: list[dict] = []
-    backend_started = time.perf_counter()
+    backend_started, backend_wall = time.perf_counter(), time.time()
     output = None
     if out_path:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def run_grid(tasks: Sequence[Task], backend: Backend, lookup: Lookup | None = No
     try:
         if todo:
             with backend:
-                backend_started = time.perf_counter()
+                backend_started, backend_wall = time.perf_counter(), time.time()
                 for task, result in backend.run(todo):
                     row = make_row(task, result, backend.name)
                     if "error" not in row:
@@ -159,7 +159,7 @@ def run_grid(tasks: Sequence[Task], backend: Backend, lookup: Lookup | None = No
         temporary.write_text("".join(dumps(row) + "\n" for row in rows), encoding="utf-8")
         os.replace(temporary, out_path)
     rows.stats = _stats(backend, len(tasks), len(unique), from_out, from_cache, computed, backend_s,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, backend_wall)
     return rows
 
 
@@ -181,7 +181,7 @@ def _store(store: Store | None, task: Task, row: dict) -> None:
 
 
 def _stats(backend: Backend, tasks: int, unique: int, from_out: int, from_cache: int, computed: list[dict],
-           backend_s: float, total_s: float) -> dict:
+           backend_s: float, total_s: float, backend_wall: float) -> dict:
     """Counts and times of the run, and the per-task overhead: worker time not spent inside tasks."""
     ok = [row for row in computed if "error" not in row]
     task_s = [row["task_s"] for row in computed if isinstance(row.get("task_s"), (int, float))]
@@ -189,10 +189,11 @@ def _stats(backend: Backend, tasks: int, unique: int, from_out: int, from_cache:
     for row in computed:
         if row.get("worker") and "_start" in row:
             by_worker.setdefault(row["worker"], []).append(row)
-    gaps = []
+    gaps, startup = [], []
     for rows in by_worker.values():
         rows.sort(key=lambda r: r["_start"])
         gaps += [max(0.0, b["_start"] - a["_end"]) for a, b in zip(rows, rows[1:])]
+        startup.append(rows[0]["_start"] - backend_wall)  # cluster connection, worker start, model load, FP32 pass
     workers = max(1, getattr(backend, "workers", 1) or 1)
     open_s = list(getattr(backend, "open_s", []) or [])
     stats = {"backend": backend.name, "tasks": tasks, "unique": unique, "from_out": from_out,
@@ -201,6 +202,7 @@ def _stats(backend: Backend, tasks: int, unique: int, from_out: int, from_cache:
              "task_s_sum": round(sum(task_s), 3),
              "task_s_mean": round(statistics.fmean(task_s), 4) if task_s else None,
              "open_s": [round(s, 3) for s in open_s],
+             "startup_s": sorted(round(s, 3) for s in startup),
              "gap_s_median": round(statistics.median(gaps), 5) if gaps else None,
              "tasks_per_s": round(len(computed) / backend_s, 4) if computed and backend_s > 0 else None}
     if computed and backend_s > 0:
