@@ -123,7 +123,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     # Ray's driver prints the cluster's messages (a worker died, a task is retried) on stdout from a thread of
     # its own; --json promises one document there, so everything printed during the run goes to stderr.
     with contextlib.redirect_stdout(sys.stderr):
-        rows = run_grid(tasks, backend, lookup, store, args.out, progress)
+        try:
+            rows = run_grid(tasks, backend, lookup, store, args.out, progress)
+        except GridError as error:  # no cluster to run on
+            raise UsageError(str(error)) from None
     s = rows.stats
     line = (f"grid: {s['tasks']} rows: {s['from_cache']} from the cache, {s['from_out']} from {args.out or 'no file'}, "
             f"{s['computed']} computed ({s['errors']} failed)")

@@ -90,6 +90,19 @@ def stop_local_cluster(temp_dir: str | None) -> None:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def connection_error(address: str | None, error: BaseException) -> str:
+    """One line on why the cluster could not be reached or started."""
+    where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+    chain, seen = error, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if type(chain).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(chain):
+            return (f"cannot connect to {where}: it uses token authentication; run with RAY_AUTH_MODE=token "
+                    f"(Ray reads the cluster's token from ~/.ray/auth_token or RAY_AUTH_TOKEN)")
+        chain = chain.__cause__ or chain.__context__
+    return f"cannot {'connect to' if address else 'start'} {where}: {one_line(error)}"
+
+
 class GridWorker:
     """A Ray actor: one worker state (a model on a set), many tasks. Never raises for a task's own failure."""
 
@@ -136,12 +149,17 @@ class RayBackend:
     def __enter__(self) -> "RayBackend":
         if ray.is_initialized():  # a driver that set up Ray itself (a test, a notebook) keeps it
             return self
-        if self.address:
-            if is_loopback(self.address):
-                loopback_only()
-            ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            self._temp_dir = start_local_cluster(self.num_cpus, self.object_store_mb)
+        try:
+            if self.address:
+                if is_loopback(self.address):
+                    loopback_only()
+                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                self._temp_dir = start_local_cluster(self.num_cpus, self.object_store_mb)
+        except Exception as error:
+            if self._temp_dir is None and not self.address:
+                ray.shutdown()
+            raise GridError(connection_error(self.address, error)) from None
         self._owns_connection = True
         return self
 
