@@ -141,8 +141,8 @@ def run_grid(tasks: Sequence[Task], backend: Backend, lookup: Lookup | None = No
                     if output is not None:
                         output.write(dumps(row) + "\n")
                         output.flush()
-                    results[task.key()] = row
-                    computed.append(row)
+                    results[task.key()] = public(row)  # the layer map's summary is stored: not kept here
+                    computed.append({k: row[k] for k in ("worker", "task_s", "_start", "_end", "error") if k in row})
                     done += 1
                     if progress is not None:
                         progress(done, len(unique), public(row))
