@@ -229,19 +229,20 @@ def test_ray_rows_equal_the_local_backends(ray_cluster, tasks, local_rows):
     from engine.grid.ray_backend import RayBackend
     from engine.grid.run import run_grid
 
+    chosen = [(task, row) for task, row in zip(tasks, local_rows) if task.data == "embedded"]  # 2 groups, 1 each
     backend = RayBackend(threads=1)
-    rows = run_grid(tasks, backend)
-    assert [figures(row) for row in rows] == [figures(row) for row in local_rows]
+    rows = run_grid([task for task, _ in chosen], backend)
+    assert [figures(row) for row in rows] == [figures(row) for _, row in chosen]
     assert {row["backend"] for row in rows} == {"ray"}
-    assert len({row["worker"] for row in rows}) == 4  # an actor per (model, set), each its own process
-    assert backend.workers == 2 and rows.stats["errors"] == 2
+    assert len({row["worker"] for row in rows}) == 2  # an actor per (model, set), each its own process
+    assert backend.workers == 2 and rows.stats["errors"] == 1
 
 
 def test_ray_a_killed_worker_loses_no_row(ray_cluster, folders, tasks, local_rows):
     from engine.grid.ray_backend import RayBackend
     from engine.grid.run import run_grid
 
-    chosen = [t for t in tasks if t.model == folders["bert"] and t.kind == "sensitivity"]  # 2 groups x 15 rows
+    chosen = [t for t in tasks if t.model == folders["bert"] and t.kind == "sensitivity" and t.data == "amazon"]
     expected = {row["key"]: figures(row) for row in local_rows}
     killed: list[int] = []
 
@@ -254,9 +255,8 @@ def test_ray_a_killed_worker_loses_no_row(ray_cluster, folders, tasks, local_row
     rows = run_grid(chosen, backend, progress=kill_first_worker)
     assert killed and len(rows) == len(chosen) and not [row for row in rows if "error" in row]
     assert [figures(row) for row in rows] == [expected[t.key()] for t in chosen]
-    group = next(row for row in rows if row["worker"].endswith(f":{killed[0]}"))["data"]
-    assert len({row["worker"] for row in rows if row["data"] == group}) == 2  # the restarted actor finished it
-    assert any(info["restarted"] for info in backend.actors_info)
+    assert len({row["worker"] for row in rows}) == 2  # the restarted actor, a new process, finished the group
+    assert [info["restarted"] for info in backend.actors_info] == [True]
 
 
 def test_cli_on_ray_starts_and_stops_its_cluster_and_a_rerun_answers_from_the_cache(ray_cluster, env, folders,
