@@ -6,9 +6,10 @@
 Two grids of the embedded model, computed cold (no cache, no output file):
 - evals: sets embedded and amazon x plans fp32, int8, int8-linear, int4 (8 tasks of seconds each, 2 groups);
 - sensitivity: one int8 row per layer on the first 256 embedded sentences (39 short tasks in one group,
-  run on Ray with 2 actors for the group, --replicas 2).
+  run on Ray with one actor for the group, and with 2, --replicas 2).
 Each runs on the local backend with 1 and 2 torch threads and on a local Ray cluster of 2 one-thread
-workers (the cluster is started once, beforehand: its start-up is reported on its own, like `ray start`).
+workers (the cluster is started once, beforehand: its start-up is reported on its own, like `ray start`),
+interleaved, for `--rounds` rounds.
 Prints a Markdown table and the Ray call round trip; writes everything to benchmarks/out/grid.json.
 """
 from __future__ import annotations
@@ -97,6 +98,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="48 sentences per set: a smoke run of the script")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "grid.json"))
+    parser.add_argument("--local-threads", default="1,2", type=lambda text: [int(x) for x in text.split(",")],
+                        help="torch threads of the local runs (default 1,2)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat local and Ray runs, interleaved")
     args = parser.parse_args()
 
     import ray
@@ -109,17 +113,21 @@ def main() -> int:
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version()},
                "quick": args.quick, "runs": []}
-    for name, tasks in plans.items():
-        for threads in (1, 2):
-            results["runs"].append(measure(name, tasks, LocalBackend(threads=threads)))
     t0 = time.perf_counter()
     temp_dir = start_local_cluster(num_cpus=2)
     try:
         results["ray_cluster_start_s"] = round(time.perf_counter() - t0, 2)
         results["round_trip"] = round_trip()
-        for name, tasks in plans.items():
-            replicas = 2 if name == "sensitivity" else 1
-            results["runs"].append(measure(name, tasks, RayBackend(threads=1, replicas=replicas)))
+        # Local and Ray runs interleaved, round after round, so a load that drifts hits both alike.
+        for round_ in range(args.rounds):
+            for name, tasks in plans.items():
+                for threads in args.local_threads:
+                    results["runs"].append(measure(name, tasks, LocalBackend(threads=threads)))
+                # One actor per group; the sensitivity grid (one group) also with 2 actors, so that one run
+                # has a single Ray worker (its per-task time against the local one's: Ray's own cost) and
+                # one has both cores busy (the speed-up, and the contention, of a second worker).
+                for replicas in ((1, 2) if name == "sensitivity" else (1,)):
+                    results["runs"].append(measure(name, tasks, RayBackend(threads=1, replicas=replicas)))
     finally:
         stop_local_cluster(temp_dir)
 
