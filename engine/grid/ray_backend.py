@@ -18,8 +18,8 @@ import shutil
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import ray
 from ray.exceptions import RayError
@@ -146,7 +146,7 @@ class RayBackend:
         self._live: dict[tuple, object] = {}
 
     # ---- the cluster ----------------------------------------------------------------------
-    def __enter__(self) -> "RayBackend":
+    def __enter__(self) -> RayBackend:
         if ray.is_initialized():  # a driver that set up Ray itself (a test, a notebook) keeps it
             return self
         try:
@@ -182,7 +182,7 @@ class RayBackend:
             self._owns_connection, self._temp_dir = False, None
 
     def _slots(self) -> int:
-        """How many actors of `threads` CPUs the cluster runs at once."""
+        """How many actors of `threads` CPUs the cluster runs at once (GPUs, for --device cuda, not counted)."""
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         per_node = [int(node.get("Resources", {}).get("CPU", 0) // self.threads) for node in nodes]
         if not any(per_node):
@@ -206,7 +206,8 @@ class RayBackend:
             for index in range(min(self.replicas, len(members))):
                 slot = (group, index)
                 self._live[slot] = actor_class.options(
-                    num_cpus=self.threads, max_restarts=self.max_restarts, max_task_retries=self.max_task_retries,
+                    num_cpus=self.threads, num_gpus=1 if group[3] == "cuda" else 0,  # group: model, set, limit, device
+                    max_restarts=self.max_restarts, max_task_retries=self.max_task_retries,
                     runtime_env=worker_env()).remote(group, keep, self.threads)
                 load[slot] = 0
         self.workers = min(len(self._live), slots)
