@@ -69,7 +69,8 @@ def test_eval_rows_are_what_evaluate_returns(folders, tasks, local_rows):
         if task.kind == "eval" and task.model == folders["bert"] and task.data == "amazon":
             expected = evaluate(model, tokenizer, "amazon", json.loads(task.plan), limit=LIMIT)
             assert {k: row[k] for k in EVAL_FIELDS} == {k: expected[k] for k in EVAL_FIELDS}, task.plan_name
-            assert (row["model"], row["data"], row["backend"], row["limit"]) == (folders["bert"], "amazon", "local", LIMIT)
+            assert (row["model"], row["data"], row["backend"], row["limit"]) == \
+                (folders["bert"], "amazon", "local", LIMIT)
 
 
 def test_sensitivity_rows_are_what_the_sweep_gives(folders, tasks, local_rows):
@@ -97,6 +98,19 @@ def test_a_failing_task_has_a_one_line_error_and_the_rest_run(folders, tasks, lo
     for row in failed:
         assert "matches no layer" in row["error"] and "\n" not in row["error"] and "accuracy" not in row
     assert all(row.get("accuracy") is not None for row in local_rows if "error" not in row)
+
+
+def test_latency_is_measured_on_the_worker_with_its_machine(folders):
+    from engine.grid.local import LocalBackend
+    from engine.grid.run import run_grid
+    from engine.grid.tasks import build_tasks
+
+    task = build_tasks([folders["bert"]], ["embedded"], ["int8"], limit=LIMIT, latency=True)[0]
+    row = run_grid([task], LocalBackend(threads=1))[0]
+    assert row["latency_ms_p50"] > 0 and row["latency_ms_p95"] >= row["latency_ms_p50"] and row["throughput_per_s"] > 0
+    assert row["machine"]["threads"] == 1 and row["machine"]["host"] and row["machine"]["tokens"] == 32
+    plain = build_tasks([folders["bert"]], ["embedded"], ["int8"], limit=LIMIT)[0]
+    assert plain.key() != task.key()  # a row without latency never answers a task that asks for it
 
 
 # ---- resume and the cache -------------------------------------------------------------------
@@ -194,8 +208,8 @@ def test_rows_land_under_the_pages_cache_keys(folders, monkeypatch, tmp_path):
 
 
 def _cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "engine.cli_grid", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "engine.cli_grid", *args], cwd=ROOT, env=env, check=False,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +280,7 @@ def test_cli_on_ray_starts_and_stops_its_cluster_and_a_rerun_answers_from_the_ca
     from engine.grid.tasks import build_tasks
 
     def servers() -> set[str]:
-        listing = subprocess.run(["pgrep", "-f", "gcs_server"], capture_output=True, text=True).stdout
+        listing = subprocess.run(["pgrep", "-f", "gcs_server"], check=False, capture_output=True, text=True).stdout
         return set(listing.split())
 
     before = servers()
@@ -277,7 +291,8 @@ def test_cli_on_ray_starts_and_stops_its_cluster_and_a_rerun_answers_from_the_ca
     assert servers() <= before  # the cluster it started is gone
     rows = json.loads(result.stdout)
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
-    assert [(r["backend"], r["plan_name"], "error" in r) for r in rows] == [("ray", "fp32", False), ("ray", "int8", False)]
+    assert [(r["backend"], r["plan_name"], "error" in r) for r in rows] == \
+        [("ray", "fp32", False), ("ray", "int8", False)]
 
     # A second run, here on the local backend, answers from the cache that the first one filled.
     monkeypatch.setenv("ENGINE_CACHE_DIR", env["ENGINE_CACHE_DIR"])
