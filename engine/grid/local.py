@@ -6,7 +6,7 @@ turns a task's own failure into a one-line error in its result rather than an ex
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -56,7 +56,7 @@ class LocalBackend:
         self.workers = 1
         self.open_s: list[float] = []
 
-    def __enter__(self) -> "LocalBackend":
+    def __enter__(self) -> LocalBackend:
         return self
 
     def __exit__(self, *exc) -> None:

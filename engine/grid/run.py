@@ -14,8 +14,9 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 from engine.grid.tasks import Task
 
@@ -32,7 +33,7 @@ class Backend(Protocol):
     workers: int
     open_s: list[float]
 
-    def __enter__(self) -> "Backend": ...
+    def __enter__(self) -> Backend: ...
 
     def __exit__(self, *exc) -> None: ...
 

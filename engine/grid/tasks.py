@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Iterable, Sequence
 
 from engine.grid import work
 from engine.plan import Plan, PlanError, parse_plan
@@ -75,7 +75,7 @@ class Task:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Task":
+    def from_json(cls, data: dict) -> Task:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
@@ -143,7 +143,7 @@ def build_tasks(models: Sequence[str], datasets: Sequence[str], plans: Sequence[
     return tasks
 
 
-def group_tasks(tasks: Iterable[Task]) -> "OrderedDict[tuple, list[Task]]":
+def group_tasks(tasks: Iterable[Task]) -> OrderedDict[tuple, list[Task]]:
     """Tasks by worker state (model, set, limit, device), in order of first appearance."""
     groups: OrderedDict[tuple, list[Task]] = OrderedDict()
     for task in tasks:
