@@ -1,0 +1,7 @@
+"""The grid: many (model, set, plan) evaluations and sensitivity rows, run locally or on a Ray cluster.
+
+`tasks` builds the task list and the cache keys, `work` is the one adapter to the engine's evaluation
+(open a (model, set) worker state once, run many tasks on it), `local` and `ray_backend` run tasks and
+stream rows back as they finish, and `run.run_grid` resumes from the cache and an existing JSONL file.
+Nothing here imports the `cache` package: the caller injects `lookup(task)` and `store(task, row)`.
+"""

@@ -1,0 +1,303 @@
+"""The grid (issue 16): its rows are `eval`'s and `sensitivity`'s, it resumes from the cache and from its
+output file, a failing task's row says why, and on a Ray cluster (started here on 127.0.0.1 with 2 CPUs,
+stopped after) its rows equal the local backend's, even when a worker process is killed mid-run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import _tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMIT = 24
+BAD_PLAN = '{"bert.encoder.*": "int8"}'  # fits the BERT model, matches no layer of the DistilBERT one
+VOLATILE = {"seconds", "task_s", "worker", "backend", "cached"}  # who ran a row and how long it took
+EVAL_FIELDS = ("accuracy", "ci95", "n", "agreement", "flips", "kl", "mcnemar_p", "size_bytes", "plan", "kernels",
+               "device")
+
+
+def figures(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in VOLATILE}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer) -> dict[str, str]:
+    """Tiny random BERT and DistilBERT classifiers saved as local model folders, with the embedded tokenizer."""
+    out = {}
+    for family in ("bert", "distilbert"):
+        folder = tmp_path_factory.mktemp(f"tiny-{family}")
+        _tiny(family).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        out[family] = str(folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tasks(folders):
+    """2 models x 2 sets x 4 plans (one failing on DistilBERT), and an int8 sensitivity row per layer."""
+    from engine.grid.tasks import build_tasks
+
+    return build_tasks([folders["bert"], folders["distilbert"]], ["embedded", "amazon"],
+                       ["fp32", "int8", "int4", BAD_PLAN], ["int8"], limit=LIMIT)
+
+
+@pytest.fixture(scope="module")
+def local_rows(tasks):
+    from engine.grid.local import LocalBackend
+    from engine.grid.run import run_grid
+
+    return run_grid(tasks, LocalBackend(threads=1))
+
+
+def _by_key(rows):
+    return {row["key"]: row for row in rows}
+
+
+# ---- what a row holds -----------------------------------------------------------------------
+def test_eval_rows_are_what_evaluate_returns(folders, tasks, local_rows):
+    from engine.evaluation import evaluate
+    from engine.models import load_model
+
+    model, tokenizer = load_model(folders["bert"])
+    for task, row in zip(tasks, local_rows):
+        if task.kind == "eval" and task.model == folders["bert"] and task.data == "amazon":
+            expected = evaluate(model, tokenizer, "amazon", json.loads(task.plan), limit=LIMIT)
+            assert {k: row[k] for k in EVAL_FIELDS} == {k: expected[k] for k in EVAL_FIELDS}, task.plan_name
+            assert (row["model"], row["data"], row["backend"], row["limit"]) == \
+                (folders["bert"], "amazon", "local", LIMIT)
+
+
+def test_sensitivity_rows_are_what_the_sweep_gives(folders, tasks, local_rows):
+    from engine.data import load_dataset
+    from engine.evaluation import get_evaluator
+    from engine.models import load_model
+    from engine.sensitivity import sqnr_proxy, sweep
+
+    model, tokenizer = load_model(folders["distilbert"])
+    evaluator = get_evaluator(model, tokenizer, load_dataset("embedded").head(LIMIT), keep_states=True)
+    expected = {(r.layer, r.precision): r.as_dict() for r in
+                sweep(evaluator, ["int8"], "one", sqnr_proxy(model, tokenizer, precisions=["int8"])).rows}
+    got = {(row["layer"], row["precision"]): row for task, row in zip(tasks, local_rows)
+           if task.kind == "sensitivity" and task.model == folders["distilbert"] and task.data == "embedded"}
+    assert got.keys() == expected.keys() and len(got) == 15
+    for key, row in expected.items():
+        assert {k: got[key][k] for k in row if k != "seconds"} == {k: v for k, v in row.items() if k != "seconds"}
+
+
+def test_a_failing_task_has_a_one_line_error_and_the_rest_run(folders, tasks, local_rows):
+    assert len(local_rows) == len(tasks)
+    failed = [row for row in local_rows if "error" in row]
+    assert {(row["model"], row["plan_name"]) for row in failed} == {(folders["distilbert"], BAD_PLAN)}
+    assert len(failed) == 2  # one per set
+    for row in failed:
+        assert "matches no layer" in row["error"] and "\n" not in row["error"] and "accuracy" not in row
+    assert all(row.get("accuracy") is not None for row in local_rows if "error" not in row)
+
+
+def test_latency_is_measured_on_the_worker_with_its_machine(folders):
+    from engine.grid.local import LocalBackend
+    from engine.grid.run import run_grid
+    from engine.grid.tasks import build_tasks
+
+    task = build_tasks([folders["bert"]], ["embedded"], ["int8"], limit=LIMIT, latency=True)[0]
+    row = run_grid([task], LocalBackend(threads=1))[0]
+    assert row["latency_ms_p50"] > 0 and row["latency_ms_p95"] >= row["latency_ms_p50"] and row["throughput_per_s"] > 0
+    assert row["machine"]["threads"] == 1 and row["machine"]["host"] and row["machine"]["tokens"] == 32
+    plain = build_tasks([folders["bert"]], ["embedded"], ["int8"], limit=LIMIT)[0]
+    assert plain.key() != task.key()  # a row without latency never answers a task that asks for it
+
+
+# ---- resume and the cache -------------------------------------------------------------------
+class Counting:
+    """A local backend that remembers how many tasks it was given."""
+
+    def __init__(self):
+        from engine.grid.local import LocalBackend
+
+        self.inner, self.given = LocalBackend(threads=1), []
+        self.name, self.workers, self.open_s = "local", 1, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def run(self, tasks):
+        self.given += list(tasks)
+        yield from self.inner.run(tasks)
+
+
+def test_an_interrupted_run_resumes_from_the_cache_and_the_output_file(folders, tasks, local_rows, tmp_path):
+    from engine.grid.run import run_grid
+
+    chosen = [t for t in tasks if t.model == folders["bert"]]
+    expected = [figures(row) for task, row in zip(tasks, local_rows) if task.model == folders["bert"]]
+    memo: dict[str, dict] = {}
+    lookup, store = (lambda task: memo.get(task.key())), (lambda task, row: memo.__setitem__(task.key(), row))
+    out = tmp_path / "rows.jsonl"
+
+    def stop_after_five(done, total, row):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(chosen, Counting(), lookup, store, out, stop_after_five)
+    assert len(memo) == 5 and len(out.read_text().splitlines()) == 5  # each row kept as it finished
+
+    again = Counting()
+    rows = run_grid(chosen, again, lookup, store, out)
+    assert len(again.given) == len(chosen) - 5
+    assert [figures(row) for row in rows] == expected
+    assert sum(bool(row.get("cached")) for row in rows) == 5
+    assert [json.loads(line)["key"] for line in out.read_text().splitlines()] == [t.key() for t in chosen]
+
+    # With the cache gone, the output file alone resumes the run: nothing is recomputed.
+    memo.clear()
+    third = Counting()
+    rows = run_grid(chosen, third, lookup, store, out)
+    assert third.given == [] and [figures(row) for row in rows] == expected
+    assert len(memo) == len(chosen)  # and its rows went back into the cache
+
+
+def test_rows_land_under_the_pages_cache_keys(folders, monkeypatch, tmp_path):
+    """A sensitivity row is stored as the sensitivity page stores it, a full-set evaluation as the layer map does."""
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    import cache
+    from engine.cli_grid import cache_functions
+    from engine.grid.local import LocalBackend
+    from engine.grid.run import run_grid
+    from engine.grid.tasks import Task, build_tasks
+    from engine.plan import Plan
+    from engine.sensitivity import Row, layer_plan
+
+    lookup, store = cache_functions()
+    chosen = build_tasks([folders["bert"]], ["embedded"], ["int8"], ["int4"])  # the whole set: 1,056 sentences
+    eval_task, layer_task = chosen[0], chosen[1]
+    rows = run_grid([eval_task, layer_task], LocalBackend(threads=1), lookup, store)
+
+    page_row_key = {"model": layer_task.model_fp, "data": layer_task.data_fp,
+                    "plan": layer_plan(layer_task.layer, "int4", "one").key(), "kernels": "simulated", "device": "cpu",
+                    "layer": layer_task.layer, "precision": "int4", "direction": "one"}
+    stored = cache.lookup(cache.make_key("sensitivity-row", **page_row_key))
+    assert Row.from_dict(stored).as_dict() == {k: rows[1][k] for k in stored}
+
+    plan_key = Plan.from_json(json.loads(eval_task.plan)).key()
+    summary = cache.lookup(cache.make_key("layer-map-eval", model=eval_task.model_fp, data=eval_task.data_fp,
+                                          plan=plan_key, kernels="simulated", device="cpu", batch=32))
+    assert {k: summary[k] for k in ("accuracy", "ci95", "n", "flips", "kl")} == \
+        {k: rows[0][k] for k in ("accuracy", "ci95", "n", "flips", "kl")}
+    assert len(summary["positive_probs"]) == 1056
+    assert cache.lookup(cache.make_key("size", model=eval_task.model_fp, plan=plan_key)) == rows[0]["size_bytes"]
+
+    # The layer map's rows answer a grid task the grid never stored itself.
+    assert isinstance(eval_task, Task)
+    cache.store().clear()
+    cache.store().set(cache.make_key("layer-map-eval", model=eval_task.model_fp, data=eval_task.data_fp,
+                                     plan=plan_key, kernels="simulated", device="cpu", batch=32), summary)
+    cache.store().set(cache.make_key("size", model=eval_task.model_fp, plan=plan_key), rows[0]["size_bytes"])
+    again = Counting()
+    rerun = run_grid([eval_task], again, lookup, store)
+    assert again.given == [] and rerun[0]["accuracy"] == rows[0]["accuracy"] and rerun[0]["cached"]
+
+
+def _cli(env, *args):
+    return subprocess.run([sys.executable, "-m", "engine.cli_grid", *args], cwd=ROOT, env=env, check=False,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+            "ENGINE_CACHE_DIR": str(tmp_path_factory.mktemp("grid-cache")), "PYTHONPATH": str(ROOT)}
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(env, folders):
+    result = _cli(env, "--models", folders["bert"], "--plans", "int3", "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "int3" in result.stderr
+
+
+# ---- Ray ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster for the module: 2 CPUs, every server on 127.0.0.1, stopped even on failure."""
+    pytest.importorskip("ray")
+    from engine.grid.ray_backend import start_local_cluster, stop_local_cluster
+
+    temp_dir = None
+    try:
+        temp_dir = start_local_cluster(num_cpus=2)
+        yield
+    finally:
+        stop_local_cluster(temp_dir)
+
+
+def test_ray_rows_equal_the_local_backends(ray_cluster, tasks, local_rows):
+    from engine.grid.ray_backend import RayBackend
+    from engine.grid.run import run_grid
+
+    chosen = [(task, row) for task, row in zip(tasks, local_rows) if task.data == "embedded"]  # 2 groups, 1 each
+    backend = RayBackend(threads=1)
+    rows = run_grid([task for task, _ in chosen], backend)
+    assert [figures(row) for row in rows] == [figures(row) for _, row in chosen]
+    assert {row["backend"] for row in rows} == {"ray"}
+    assert len({row["worker"] for row in rows}) == 2  # an actor per (model, set), each its own process
+    assert backend.workers == 2 and rows.stats["errors"] == 1
+
+
+def test_ray_a_killed_worker_loses_no_row(ray_cluster, folders, tasks, local_rows):
+    from engine.grid.ray_backend import RayBackend
+    from engine.grid.run import run_grid
+
+    chosen = [t for t in tasks if t.model == folders["bert"] and t.kind == "sensitivity" and t.data == "amazon"]
+    expected = {row["key"]: figures(row) for row in local_rows}
+    killed: list[int] = []
+
+    def kill_first_worker(done, total, row):
+        if not killed and row.get("worker"):  # the actor has 2 tasks queued: both must be rerun
+            killed.append(int(row["worker"].rsplit(":", 1)[1]))
+            os.kill(killed[0], signal.SIGKILL)
+
+    backend = RayBackend(threads=1)
+    rows = run_grid(chosen, backend, progress=kill_first_worker)
+    assert killed and len(rows) == len(chosen) and not [row for row in rows if "error" in row]
+    assert [figures(row) for row in rows] == [expected[t.key()] for t in chosen]
+    assert len({row["worker"] for row in rows}) == 2  # the restarted actor, a new process, finished the group
+    assert [info["restarted"] for info in backend.actors_info] == [True]
+
+
+def test_cli_on_ray_starts_and_stops_its_cluster_and_a_rerun_answers_from_the_cache(ray_cluster, env, folders,
+                                                                                     tmp_path, monkeypatch):
+    from engine.cli_grid import cache_functions
+    from engine.grid.run import run_grid
+    from engine.grid.tasks import build_tasks
+
+    def servers() -> set[str]:
+        listing = subprocess.run(["pgrep", "-f", "gcs_server"], check=False, capture_output=True, text=True).stdout
+        return set(listing.split())
+
+    before = servers()
+    out = tmp_path / "rows.jsonl"
+    result = _cli(env, "--models", folders["distilbert"], "--data", "embedded", "--plans", "fp32,int8", "--limit",
+                  str(LIMIT), "--backend", "ray", "--num-cpus", "1", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    assert servers() <= before  # the cluster it started is gone
+    rows = json.loads(result.stdout)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert [(r["backend"], r["plan_name"], "error" in r) for r in rows] == \
+        [("ray", "fp32", False), ("ray", "int8", False)]
+
+    # A second run, here on the local backend, answers from the cache that the first one filled.
+    monkeypatch.setenv("ENGINE_CACHE_DIR", env["ENGINE_CACHE_DIR"])
+    again = Counting()
+    rerun = run_grid(build_tasks([folders["distilbert"]], ["embedded"], ["fp32", "int8"], limit=LIMIT), again,
+                     *cache_functions())
+    assert again.given == [] and all(row["cached"] for row in rerun)
+    assert [figures(row) for row in rerun] == [figures(row) for row in rows]
