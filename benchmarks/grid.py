@@ -119,7 +119,7 @@ def main() -> int:
         results["ray_cluster_start_s"] = round(time.perf_counter() - t0, 2)
         results["round_trip"] = round_trip()
         # Local and Ray runs interleaved, round after round, so a load that drifts hits both alike.
-        for round_ in range(args.rounds):
+        for _ in range(args.rounds):
             for name, tasks in plans.items():
                 for threads in args.local_threads:
                     results["runs"].append(measure(name, tasks, LocalBackend(threads=threads)))

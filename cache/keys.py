@@ -20,11 +20,16 @@ def evaluator_evaluation(evaluator, plan: Plan, kernels: str = "simulated") -> s
     return evaluation(model_fp, data_fp, plan, kernels, device, evaluator.batch_size)
 
 
-def sweep_row(evaluator, layer: str, precision: str, direction: str) -> str:
+def layer_row(model_fp: str, data_fp: str, device: str, batch: int, layer: str, precision: str,
+              direction: str) -> str:
     """One sensitivity row (a layer at a precision, alone or all but it)."""
+    return make_key("sensitivity-row", model=model_fp, data=data_fp, device=device, batch=batch, layer=layer,
+                    precision=precision, direction=direction)
+
+
+def sweep_row(evaluator, layer: str, precision: str, direction: str) -> str:
     model_fp, data_fp, device = evaluator.key
-    return make_key("sensitivity-row", model=model_fp, data=data_fp, device=device, batch=evaluator.batch_size,
-                    layer=layer, precision=precision, direction=direction)
+    return layer_row(model_fp, data_fp, device, evaluator.batch_size, layer, precision, direction)
 
 
 def sqnr(model, data_fp: str, precisions: tuple[str, ...]) -> str:
@@ -32,12 +37,19 @@ def sqnr(model, data_fp: str, precisions: tuple[str, ...]) -> str:
 
 
 def size(model, plan: Plan) -> str:
-    return make_key("size", model=fingerprint(model), plan=plan.precisions_only().key())
+    """`model`: the model or its fingerprint."""
+    model_fp = model if isinstance(model, str) else fingerprint(model)
+    return make_key("size", model=model_fp, plan=plan.precisions_only().key())
 
 
 def latency(model, plan: Plan, reference: Plan, batch: int, tokens: int, device: str, runtime: str = "torch") -> str:
     return make_key("latency", model=fingerprint(model), plan=plan.key(), reference=reference.key(), batch=batch,
                     tokens=tokens, device=device, runtime=runtime)
+
+
+def worker_latency(model_fp: str, plan: Plan, device: str, batch: int, tokens: int) -> str:
+    """A grid task's latency, timed alone on the worker that ran it (its machine is in the value)."""
+    return make_key("worker-latency", model=model_fp, plan=plan.key(), device=device, batch=batch, tokens=tokens)
 
 
 def comparison(model, data_fps: list[str], plans: list[tuple[str, str]], device: str, limit: int | None,

@@ -61,8 +61,7 @@ def _by_key(rows):
 
 # ---- what a row holds -----------------------------------------------------------------------
 def test_eval_rows_are_what_evaluate_returns(folders, tasks, local_rows):
-    from engine.evaluation import evaluate
-    from engine.models import load_model
+    from engine import evaluate, load_model
 
     model, tokenizer = load_model(folders["bert"])
     for task, row in zip(tasks, local_rows):
@@ -74,15 +73,14 @@ def test_eval_rows_are_what_evaluate_returns(folders, tasks, local_rows):
 
 
 def test_sensitivity_rows_are_what_the_sweep_gives(folders, tasks, local_rows):
-    from engine.data import load_dataset
-    from engine.evaluation import get_evaluator
-    from engine.models import load_model
-    from engine.sensitivity import sqnr_proxy, sweep
+    from engine import load_dataset, load_model
+    from engine.analysis.sensitivity import proxy_texts, sqnr_proxy, sweep
+    from engine.evaluation.evaluate import get_evaluator
 
     model, tokenizer = load_model(folders["distilbert"])
     evaluator = get_evaluator(model, tokenizer, load_dataset("embedded").head(LIMIT), keep_states=True)
-    expected = {(r.layer, r.precision): r.as_dict() for r in
-                sweep(evaluator, ["int8"], "one", sqnr_proxy(model, tokenizer, precisions=["int8"])).rows}
+    sqnr = sqnr_proxy(model, tokenizer, proxy_texts(evaluator), ["int8"])
+    expected = {(r.layer, r.precision): r.as_dict() for r in sweep(evaluator, ["int8"], "one", sqnr).rows}
     got = {(row["layer"], row["precision"]): row for task, row in zip(tasks, local_rows)
            if task.kind == "sensitivity" and task.model == folders["distilbert"] and task.data == "embedded"}
     assert got.keys() == expected.keys() and len(got) == 15
@@ -163,52 +161,46 @@ def test_an_interrupted_run_resumes_from_the_cache_and_the_output_file(folders, 
     third = Counting()
     rows = run_grid(chosen, third, lookup, store, out)
     assert third.given == [] and [figures(row) for row in rows] == expected
-    assert len(memo) == len(chosen)  # and its rows went back into the cache
 
 
 def test_rows_land_under_the_pages_cache_keys(folders, monkeypatch, tmp_path):
-    """A sensitivity row is stored as the sensitivity page stores it, a full-set evaluation as the layer map does."""
+    """A sensitivity row is stored as the sensitivity page stores it, an evaluation as the layer map does,
+    and the pages' own entries answer the grid."""
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
     import cache
-    from engine.cli_grid import cache_functions
+    from cache import grid as cached
+    from cache import results
+    from engine import load_dataset, load_model
+    from engine.evaluation.evaluate import get_evaluator
     from engine.grid.local import LocalBackend
     from engine.grid.run import run_grid
-    from engine.grid.tasks import Task, build_tasks
-    from engine.plan import Plan
-    from engine.sensitivity import Row, layer_plan
+    from engine.grid.tasks import build_tasks
 
-    lookup, store = cache_functions()
-    chosen = build_tasks([folders["bert"]], ["embedded"], ["int8"], ["int4"])  # the whole set: 1,056 sentences
+    chosen = build_tasks([folders["bert"]], ["embedded"], ["int8"], ["int4"], limit=LIMIT)
     eval_task, layer_task = chosen[0], chosen[1]
-    rows = run_grid([eval_task, layer_task], LocalBackend(threads=1), lookup, store)
+    rows = run_grid([eval_task, layer_task], LocalBackend(threads=1), cached.find, cached.keep)
 
-    page_row_key = {"model": layer_task.model_fp, "data": layer_task.data_fp,
-                    "plan": layer_plan(layer_task.layer, "int4", "one").key(), "kernels": "simulated", "device": "cpu",
-                    "layer": layer_task.layer, "precision": "int4", "direction": "one"}
-    stored = cache.lookup(cache.make_key("sensitivity-row", **page_row_key))
-    assert Row.from_dict(stored).as_dict() == {k: rows[1][k] for k in stored}
-
-    plan_key = Plan.from_json(json.loads(eval_task.plan)).key()
-    summary = cache.lookup(cache.make_key("layer-map-eval", model=eval_task.model_fp, data=eval_task.data_fp,
-                                          plan=plan_key, kernels="simulated", device="cpu", batch=32))
+    model, tokenizer = load_model(folders["bert"])
+    evaluator = get_evaluator(model, tokenizer, load_dataset("embedded").head(LIMIT), keep_states=True)
+    page_rows = results.known_rows(evaluator, ["int4"], "one")
+    assert page_rows[(layer_task.layer, "int4")].as_dict() == {k: rows[1][k] for k in page_rows[(layer_task.layer,
+                                                                                                   "int4")].as_dict()}
+    summary = results.cached_evaluation(evaluator, eval_task.plan_object)
     assert {k: summary[k] for k in ("accuracy", "ci95", "n", "flips", "kl")} == \
         {k: rows[0][k] for k in ("accuracy", "ci95", "n", "flips", "kl")}
-    assert len(summary["positive_probs"]) == 1056
-    assert cache.lookup(cache.make_key("size", model=eval_task.model_fp, plan=plan_key)) == rows[0]["size_bytes"]
+    assert len(summary["predicted"]) == LIMIT and results.size(model, eval_task.plan_object) == rows[0]["size_bytes"]
 
-    # The layer map's rows answer a grid task the grid never stored itself.
-    assert isinstance(eval_task, Task)
+    # The layer map's own entries answer a grid task the grid never stored itself.
     cache.store().clear()
-    cache.store().set(cache.make_key("layer-map-eval", model=eval_task.model_fp, data=eval_task.data_fp,
-                                     plan=plan_key, kernels="simulated", device="cpu", batch=32), summary)
-    cache.store().set(cache.make_key("size", model=eval_task.model_fp, plan=plan_key), rows[0]["size_bytes"])
+    results.evaluation(evaluator, eval_task.plan_object)
+    results.size(model, eval_task.plan_object)
     again = Counting()
-    rerun = run_grid([eval_task], again, lookup, store)
+    rerun = run_grid([eval_task], again, cached.find, cached.keep)
     assert again.given == [] and rerun[0]["accuracy"] == rows[0]["accuracy"] and rerun[0]["cached"]
 
 
 def _cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "engine.cli_grid", *args], cwd=ROOT, env=env, check=False,
+    return subprocess.run([sys.executable, "-m", "engine", "grid", *args], cwd=ROOT, env=env, check=False,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -275,7 +267,7 @@ def test_ray_a_killed_worker_loses_no_row(ray_cluster, folders, tasks, local_row
 
 def test_cli_on_ray_starts_and_stops_its_cluster_and_a_rerun_answers_from_the_cache(ray_cluster, env, folders,
                                                                                      tmp_path, monkeypatch):
-    from engine.cli_grid import cache_functions
+    from cache import grid as cached
     from engine.grid.run import run_grid
     from engine.grid.tasks import build_tasks
 
@@ -298,6 +290,6 @@ def test_cli_on_ray_starts_and_stops_its_cluster_and_a_rerun_answers_from_the_ca
     monkeypatch.setenv("ENGINE_CACHE_DIR", env["ENGINE_CACHE_DIR"])
     again = Counting()
     rerun = run_grid(build_tasks([folders["distilbert"]], ["embedded"], ["fp32", "int8"], limit=LIMIT), again,
-                     *cache_functions())
+                     cached.find, cached.keep)
     assert again.given == [] and all(row["cached"] for row in rerun)
     assert [figures(row) for row in rerun] == [figures(row) for row in rows]

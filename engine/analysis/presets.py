@@ -48,8 +48,9 @@ def split_plan_list(text: str) -> list[str]:
     return [item for item in items if item]
 
 
-def resolve_plan_item(item: str, model: nn.Module) -> tuple[str, Plan]:
-    """(label, plan) for a preset name, a .json file path or inline JSON, checked against the model."""
+def resolve_plan_item(item: str, model: nn.Module, check: bool = True) -> tuple[str, Plan]:
+    """(label, plan) for a preset name, a .json file path or inline JSON, checked against the model
+    unless `check` is off (a grid reports a plan that fits one model but not another in that row)."""
     item = item.strip()
     if item in PRESETS:
         label, plan = item, preset_plan(item, model)
@@ -58,7 +59,8 @@ def resolve_plan_item(item: str, model: nn.Module) -> tuple[str, Plan]:
             raise PlanError(f"unknown plan {item!r}: use a preset ({', '.join(PRESETS)}), a .json file or inline JSON")
         plan = parse_plan(item)
         label = Path(item).stem if item.endswith(".json") and not item.startswith("{") else plan.label()
-    plan.resolve([layer.name for layer in inventory(model)])
+    if check:
+        plan.resolve([layer.name for layer in inventory(model)])
     return label, plan
 
 

@@ -139,7 +139,6 @@ def sweep(evaluator: Evaluator, precisions: Sequence[str] = SWEEP_PRECISIONS, di
         raise SweepError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
     done = dict(done or {})
     started = time.perf_counter()
-    base = evaluator.baseline.comparison.accuracy
     tasks = [(layer, p) for layer in evaluator.layers for p in precisions]
     cuts = {layer.name: evaluator.cuts[layer.name] for layer in evaluator.layers}
     todo_work = {(layer.name, p): _work(cuts[layer.name], evaluator.stages.n_blocks)
@@ -175,13 +174,7 @@ def sweep(evaluator: Evaluator, precisions: Sequence[str] = SWEEP_PRECISIONS, di
                 spent_work += todo_work[("*", precision)]
                 remaining -= todo_work[("*", precision)]
             source = starts[precision]
-        t0 = time.perf_counter()
-        plan = layer_plan(layer.name, precision, direction)
-        evaluated, _ = evaluator.run(plan, source=source)
-        c = evaluated.comparison
-        row = Row(layer.name, layer.block, layer.role, precision, direction, c.accuracy, tuple(c.ci95), c.flips,
-                  c.kl, c.mcnemar_p, (sqnr or {}).get(key), 100.0 * (base - c.accuracy), c.agreement, c.n,
-                  evaluated.start_cut, time.perf_counter() - t0)
+        row = measure_row(evaluator, layer, precision, direction, source, sqnr)
         spent_s += row.seconds
         spent_work += todo_work[key]
         remaining -= todo_work[key]
@@ -192,6 +185,18 @@ def sweep(evaluator: Evaluator, precisions: Sequence[str] = SWEEP_PRECISIONS, di
         report(row)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def measure_row(evaluator: Evaluator, layer: Layer, precision: str, direction: str, source: Trace,
+                sqnr: dict[tuple[str, str], float] | None = None) -> Row:
+    """One row, resumed from `source`: the FP32 states for "one", the uniform plan's for "all-but-one"."""
+    started = time.perf_counter()
+    evaluated, _ = evaluator.run(layer_plan(layer.name, precision, direction), source=source)
+    c = evaluated.comparison
+    drop = 100.0 * (evaluator.baseline.comparison.accuracy - c.accuracy)
+    return Row(layer.name, layer.block, layer.role, precision, direction, c.accuracy, tuple(c.ci95), c.flips, c.kl,
+               c.mcnemar_p, (sqnr or {}).get((layer.name, precision)), drop, c.agreement, c.n, evaluated.start_cut,
+               time.perf_counter() - started)
 
 
 # ---- the proxy ------------------------------------------------------------------------------

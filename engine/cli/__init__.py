@@ -23,6 +23,7 @@ COMMANDS = {
     "sensitivity": ("engine.cli.sweep", "each layer alone (or all but it) at int8/int4: accuracy, CI, flips, KL, SQNR"),
     "search": ("engine.cli.sweep", "the smallest verified plan for an accuracy budget (or the best for a size)"),
     "export": ("engine.cli.export", "a plan as a folder ONNX Runtime serves, with a model card measured here"),
+    "grid": ("engine.cli.grid", "many (model, set, plan) evaluations and sensitivity rows, locally or on Ray"),
 }
 
 

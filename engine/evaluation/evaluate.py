@@ -13,6 +13,7 @@ from engine.model.inventory import list_layers
 from engine.model.loading import fingerprint
 from engine.runtime.size import model_size_bytes
 
+PER_SENTENCE = ("flipped", "predicted", "confidence", "start_cut")
 _EVALUATORS: LRUCache = LRUCache(maxsize=8)
 _LOCK = threading.Lock()
 
@@ -32,6 +33,14 @@ def get_evaluator(model: nn.Module, tokenizer, dataset: EvalSet, device: str | N
         return _EVALUATORS.setdefault(key + (keep_states,), evaluator)
 
 
+def figures(summary: dict, size_bytes: int, device: str) -> dict:
+    """`evaluate`'s figures from a result's summary (what the cache keeps), so that a stored evaluation
+    and a fresh one read the same."""
+    out = {k: v for k, v in summary.items() if k not in PER_SENTENCE}
+    out.update({"size_bytes": size_bytes, "device": device, "seconds": round(summary["seconds"], 3)})
+    return out
+
+
 def evaluate(model: nn.Module, tokenizer, dataset: str | EvalSet = "embedded", plan: PlanLike = FP32,
              kernels: str = "simulated", limit: int | None = None, device: str | None = "cpu",
              progress: Progress | None = None) -> dict:
@@ -41,10 +50,8 @@ def evaluate(model: nn.Module, tokenizer, dataset: str | EvalSet = "embedded", p
     data = (load_dataset(dataset) if isinstance(dataset, str) else dataset).head(limit)
     evaluator = get_evaluator(model, tokenizer, data, device)
     result, _ = evaluator.run(plan, kernels, progress=progress)
-    out = result.as_dict()
-    out.update({"size_bytes": model_size_bytes(model, plan), "plan": plan.to_json(), "kernels": kernels,
-                "data": data.name, "device": str(evaluator.device), "classes": list(evaluator.classes.names),
-                "seconds": round(result.seconds, 3)})
+    out = figures(result.summary(), model_size_bytes(model, plan), str(evaluator.device))
+    out["classes"] = list(evaluator.classes.names)
     if plan.needs_calibration:
         out["calibration"] = data.calibration_source
     return out

@@ -18,14 +18,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from engine.evaluation.evaluate import figures as evaluation_figures
 from engine.grid.tasks import Task
 
 Lookup = Callable[[Task], "dict | None"]
 Store = Callable[[Task, dict], None]
 Progress = Callable[[int, int, dict], None]
 
-BOOKKEEPING = ("kind", "model", "data", "limit", "plan_name", "layer", "precision", "backend", "key", "cached")
 log = logging.getLogger(__name__)
+WORKER_FIELDS = ("worker", "task_s", "_start", "_end")  # who ran a task, how long it took, when
 
 
 class Backend(Protocol):
@@ -46,16 +47,35 @@ class GridRows(list):
     stats: dict
 
 
-def make_row(task: Task, result: dict, backend: str, cached: bool = False) -> dict:
-    """A task's output row: what it is (kind, model, set, plan or layer), its figures, the backend, its key."""
+def identity(task: Task) -> dict:
+    """What a row is, as the command line named it: model, set, limit, and the plan or the layer."""
     row: dict = {"kind": task.kind, "model": task.model, "data": task.data, "limit": task.limit}
     if task.kind == "eval":
         row["plan_name"] = task.plan_name
     else:
         row.update({"layer": task.layer, "precision": task.precision})
-    row.update({k: v for k, v in result.items() if k not in BOOKKEEPING and k != "error"})
-    if task.kind == "eval" and "plan" not in row:
-        row["plan"] = json.loads(task.plan)
+    return row
+
+
+def named(task: Task, row: dict, **extra) -> dict:
+    """`row`'s figures under `task`'s names (tasks with equal keys share one computed row)."""
+    out = identity(task)
+    out.update({k: v for k, v in row.items() if k not in out})
+    out.update(extra)
+    return out
+
+
+def make_row(task: Task, result: dict, backend: str, cached: bool = False) -> dict:
+    """A task's row from its result (computed or from the cache): `eval --json`'s figures, with latency
+    and its machine when asked, or a `sensitivity --json` row; or the task's one-line error."""
+    figures: dict = {}
+    if not result.get("error"):
+        if task.kind == "eval":
+            figures = evaluation_figures(result["summary"], result["size_bytes"], task.device)
+            figures.update(result.get("latency") or {})
+        else:
+            figures = dict(result["row"])
+    row = named(task, figures, **{k: result[k] for k in WORKER_FIELDS if k in result})
     row.update({"backend": backend, "key": task.key()})
     if cached:
         row["cached"] = True
@@ -65,7 +85,7 @@ def make_row(task: Task, result: dict, backend: str, cached: bool = False) -> di
 
 
 def public(row: dict) -> dict:
-    """The row without its private fields (timestamps, the layer map's summary)."""
+    """The row without its private fields (the worker's timestamps)."""
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
@@ -112,8 +132,7 @@ def run_grid(tasks: Sequence[Task], backend: Backend, lookup: Lookup | None = No
     from_out = from_cache = 0
     for key, task in unique.items():
         if key in known:
-            results[key], from_out = make_row(task, known[key], backend.name, cached=True), from_out + 1
-            _store(store, task, known[key])  # a row the cache lost (or never had) goes back in
+            results[key], from_out = named(task, known[key], cached=True), from_out + 1
         elif lookup is not None:
             found = _lookup(lookup, task)
             if found is not None:
@@ -138,11 +157,11 @@ def run_grid(tasks: Sequence[Task], backend: Backend, lookup: Lookup | None = No
                 for task, result in backend.run(todo):
                     row = make_row(task, result, backend.name)
                     if "error" not in row:
-                        _store(store, task, row)
+                        _store(store, task, result)
                     if output is not None:
                         output.write(dumps(row) + "\n")
                         output.flush()
-                    results[task.key()] = public(row)  # the layer map's summary is stored: not kept here
+                    results[task.key()] = public(row)
                     computed.append({k: row[k] for k in ("worker", "task_s", "_start", "_end", "error") if k in row})
                     done += 1
                     if progress is not None:
@@ -152,9 +171,7 @@ def run_grid(tasks: Sequence[Task], backend: Backend, lookup: Lookup | None = No
             output.close()
     backend_s = time.perf_counter() - backend_started if todo else 0.0
 
-    rows = GridRows(public(make_row(task, results[task.key()], results[task.key()]["backend"],
-                                    cached=bool(results[task.key()].get("cached"))))
-                    for task in tasks)
+    rows = GridRows(public(named(task, results[task.key()])) for task in tasks)
     if out_path:
         temporary = Path(f"{out_path}.tmp")
         temporary.write_text("".join(dumps(row) + "\n" for row in rows), encoding="utf-8")
