@@ -6,8 +6,8 @@ import plotly.express as px
 import streamlit as st
 import torch
 
-from app_pages import common
-from cache import keys, lookup, put
+from app_pages import cluster, common, deployment
+from cache import keys, lookup, put, results
 from engine.analysis.compare import disagreements, run_comparison
 from engine.analysis.findings import findings
 from engine.analysis.presets import PRESETS, display_name, resolve_plan_item
@@ -16,6 +16,10 @@ from engine.core.data import VENDORED
 from engine.core.errors import EngineError
 from engine.core.hub import hub_reachable
 from engine.core.plan import FP32, parse_plan
+from engine.grid.tasks import build_tasks
+
+
+RUNTIMES = {"torch": "torch", "onnxruntime": "ONNX Runtime"}
 
 
 @st.cache_data(ttl=600, show_spinner=False)
@@ -42,6 +46,10 @@ def choices(model):
         device = st.radio("Device", devices, horizontal=True, key="compare_device")
         if len(devices) == 1:
             st.caption("No CUDA GPU here: every timing is on this CPU's real kernels.")
+        runtimes = st.multiselect("Runtimes", list(RUNTIMES), default=["torch"], format_func=RUNTIMES.get,
+                                  key="compare_runtimes",
+                                  help="ONNX Runtime: each plan exported (once) and run as deployed, its own "
+                                       "accuracy measured on the exported graph and timed in the same rounds")
     try:
         plans = [resolve_plan_item(name, model) for name in presets]
         if use_current:
@@ -54,17 +62,20 @@ def choices(model):
     except (EngineError, UnicodeDecodeError) as error:
         st.error(f"Cannot use that choice: {error}")
         st.stop()
-    return plans, chosen_sets, device
+    if "onnxruntime" in runtimes and device != "cpu":
+        st.error("ONNX Runtime variants run on its CPU provider here: choose the cpu device to compare them.")
+        st.stop()
+    return plans, chosen_sets, device, runtimes
 
 
-def run(model, tokenizer, plans, sets, device) -> dict | None:
+def run(model, tokenizer, plans, sets, device, runtimes) -> dict | None:
     """The comparison, from the cache or run through the server's queue when asked for."""
     key = keys.comparison(model, [d.fingerprint for d in sets], [(label, p.key()) for label, p in plans], device,
-                          st.session_state.get("limit"), ["torch"])
+                          st.session_state.get("limit"), runtimes)
     stored = lookup(key)
     if stored is not None:
         return stored
-    if not st.button("Run comparison", type="primary", disabled=not plans or not sets):
+    if not st.button("Run comparison", type="primary", disabled=not plans or not sets or not runtimes):
         st.info("Choose plans and sets, then press **Run comparison**. Results are kept: the same choices answer "
                 "at once, in any session.")
         return None
@@ -73,7 +84,8 @@ def run(model, tokenizer, plans, sets, device) -> dict | None:
 
     def work(job):
         report = run_comparison(model, tokenizer, plans, sets, device, bench_seconds=0.1 if quick else 1.0,
-                                progress=lambda fraction, text: setattr(job, "progress", (fraction, text)))
+                                progress=lambda fraction, text: setattr(job, "progress", (fraction, text)),
+                                runtimes=runtimes, exports=results.exports())
         return {"rows": report.rows, "disagreements": disagreements(report.outcomes), "machine": report.machine}
 
     try:
@@ -90,9 +102,13 @@ def run(model, tokenizer, plans, sets, device) -> dict | None:
 def table(rows: list[dict]) -> None:
     st.caption(f"Latency at batch 1 and {rows[0]['tokens']} tokens, throughput at batch {rows[0]['throughput_batch']}, "
                "all plans timed interleaved round by round in one run; speedup is the median of the per-round "
-               "ratios to FP32, with its 95% interval.")
+               "ratios to torch FP32, with its 95% interval."
+               + (" ORT rows are the exported graphs themselves, timed with ORT's spinning threads off so that they "
+                  "do not take the cores from the next variant in the round." if any(r.get("runtime") ==
+                                                                                     "onnxruntime" for r in rows)
+                  else ""))
     frame = pd.DataFrame([{
-        "plan": display_name(r["plan"]), "set": r["data"], "n": r["n"],
+        "plan": variant(r), "set": r["data"], "n": r["n"],
         "accuracy": common.fmt_ci(r["accuracy"], r["ci95"]),
         "Δ vs FP32 (points)": f"{100 * r['accuracy_delta']:+.1f} [{100 * r['accuracy_delta_ci95'][0]:+.1f}, "
                               f"{100 * r['accuracy_delta_ci95'][1]:+.1f}]",
@@ -112,12 +128,13 @@ def table(rows: list[dict]) -> None:
 
 def charts(rows: list[dict]) -> None:
     frame = pd.DataFrame([{
-        "plan": display_name(r["plan"]), "set": r["data"], "accuracy (%)": 100 * r["accuracy"],
+        "plan": variant(r), "set": r["data"], "accuracy (%)": 100 * r["accuracy"],
         "ci_plus": 100 * (r["ci95"][1] - r["accuracy"]), "ci_minus": 100 * (r["accuracy"] - r["ci95"][0]),
         "delta (points)": 100 * r["accuracy_delta"],
         "delta_plus": 100 * (r["accuracy_delta_ci95"][1] - r["accuracy_delta"]),
         "delta_minus": 100 * (r["accuracy_delta"] - r["accuracy_delta_ci95"][0]),
-        "latency p50 (ms)": r["latency_ms_p50"], "size (MB)": r["size_bytes"] / 1e6, "fp32": r["plan_json"] == {},
+        "latency p50 (ms)": r["latency_ms_p50"], "size (MB)": r["size_bytes"] / 1e6,
+        "fp32": r["plan_json"] == {} and r.get("runtime", "torch") == "torch",
     } for r in rows])
     low = min(100 * r["ci95"][0] for r in rows)
     high = max(100 * r["ci95"][1] for r in rows)
@@ -140,6 +157,48 @@ def charts(rows: list[dict]) -> None:
         drop.add_hline(y=0, line_dash="dot")
         drop.update_layout(scattermode="group")
         st.plotly_chart(drop, width="stretch")
+
+
+def cluster_section(plans) -> None:
+    """With RAY_ADDRESS set: every plan on every chosen set as grid tasks on the cluster, each timed on the
+    worker that ran it (its host named), the rows shown as they land."""
+    names = st.session_state.get("compare_sets", [])
+    reason = cluster.unavailable_reason(names)
+    if not st.button("Evaluate on the cluster", disabled=reason is not None or not plans or not names,
+                     help=reason or f"Ray cluster at {cluster.address()}", key="compare_cluster"):
+        rows = st.session_state.get("compare_cluster_rows")
+    else:
+        try:
+            tasks = build_tasks([common.model_name()], names, plans, limit=st.session_state.get("limit"),
+                                latency=True)
+            rows = st.session_state["compare_cluster_rows"] = cluster.run(tasks, "Evaluating on the cluster")
+        except EngineError as error:
+            st.error(f"The cluster could not run the comparison: {error}")
+            return
+    if not rows:
+        return
+    st.caption("From the cluster: accuracy figures as on this page; latency at batch 1 timed on the worker that "
+               "ran each row, alone, so compare timings only between rows of the same host.")
+    st.dataframe(pd.DataFrame([{
+        "plan": display_name(r["plan_name"]), "set": r["data"], "error": r.get("error", ""),
+        **({} if "error" in r else {
+            "accuracy": common.fmt_ci(r["accuracy"], r["ci95"]), "agreement": f"{r['agreement']:.1%}",
+            "flips": r["flips"], "McNemar p": r["mcnemar_p"], "size (MB)": r["size_bytes"] / 1e6,
+            "p50 (ms)": r.get("latency_ms_p50"), "host": r.get("machine", {}).get("host")})}
+        for r in rows]), hide_index=True, width="stretch")
+
+
+def variant(row: dict) -> str:
+    """A row's plan, with its runtime where the comparison has more than torch."""
+    name = display_name(row["plan"])
+    return name if row.get("runtime", "torch") == "torch" else f"{name} · ORT"
+
+
+def deploy_section(plans) -> None:
+    st.subheader("Deploy a plan")
+    labels = [label for label, _ in plans]
+    chosen = st.selectbox("Plan to export", labels, format_func=display_name, key="compare_export_plan")
+    deployment.export_button(dict(plans)[chosen], display_name(chosen), "compare")
 
 
 def report(stored: dict) -> None:
@@ -170,7 +229,10 @@ st.markdown("What each precision gains and loses on this model, these sets and t
             "interval, agreement with FP32, real-kernel size and latency. The findings below are computed from the "
             "numbers, and a difference inside its interval is never called one.")
 model, tokenizer = common.model_and_tokenizer()
-plans, sets, device = choices(model)
-stored = run(model, tokenizer, plans, sets, device)
+plans, sets, device, runtimes = choices(model)
+if cluster.address():
+    cluster_section(plans)
+stored = run(model, tokenizer, plans, sets, device, runtimes)
 if stored is not None:
     report(stored)
+    deploy_section(plans)

@@ -8,10 +8,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common
+from app_pages import common, deployment
 from app_pages.layer_grid import layer_grid, new_clicks
 from cache import results
 from engine.analysis.toggle import next_precision, set_layers
+from engine.core.errors import EngineError
 from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
 from engine.core.stats import SIGNIFICANCE
 from engine.evaluation.evaluator import Cancelled
@@ -38,13 +39,38 @@ def engine_session(evaluator) -> Session:
 
 
 def change_plan(plan: Plan, layer: str | None = None) -> None:
-    """Make `plan` current and queue it for evaluation (every change is evaluated, in order)."""
+    """Make `plan` current and queue it for evaluation (every change is evaluated, in order); a plan its
+    runtime cannot run (BF16 on ONNX Runtime) is refused with the reason."""
     current = common.current_plan()
     if plan.key() == current.key():
+        return
+    try:
+        plan.resolve(common.layer_names())
+    except PlanError as error:
+        state["lm_refused"] = str(error)
         return
     state["plan_undo"].append(current)
     common.set_current_plan(plan)
     state["lm_pending"].append({"plan": plan, "layer": layer})
+
+
+RUNTIMES = {"torch": "torch", "onnxruntime": "ONNX Runtime"}
+
+
+def _pick_runtime() -> None:
+    change_plan(common.current_plan().on(state["lm_runtime"]))
+
+
+def runtime_selector() -> None:
+    """Whose INT8 numerics the figures follow and which runtime the latency is timed on: the current
+    plan's runtime option, so every later click keeps it."""
+    state["lm_runtime"] = common.current_plan().runtime
+    st.radio("Runtime", list(RUNTIMES), format_func=RUNTIMES.get, horizontal=True, key="lm_runtime",
+             on_change=_pick_runtime,
+             help="torch: its dynamic per-token int8 activations and eager kernels. ONNX Runtime: the numerics of "
+                  "the exported model (uint8 activations per tensor), timed on the exported graph itself.")
+    if state.get("lm_refused"):
+        st.error(f"Not applied: {state.pop('lm_refused')}")
 
 
 # ---- the grid -----------------------------------------------------------------------------------
@@ -194,17 +220,25 @@ def latency_section(plan: Plan) -> None:
     and under what load it was taken."""
     model, tokenizer = common.model_and_tokenizer()
     data = common.dataset()  # read here: session state is this thread's, not the worker's
-    st.markdown(f"**Latency on real kernels** (torch, this CPU, {BENCH_TOKENS}-token inputs; the plan and FP32 "
-                "timed interleaved in one run)")
+    where = "the exported graph on ONNX Runtime" if plan.runtime == "onnxruntime" else "torch"
+    st.markdown(f"**Latency on real kernels** ({where}, this CPU, {BENCH_TOKENS}-token inputs; the plan and torch "
+                "FP32 timed interleaved in one run)")
     columns = st.columns(2)
     for column, batch in zip(columns, (1, 32)):
         measured = results.cached_latency(model, plan, FP32, batch, BENCH_TOKENS)
         fresh = column.button(f"Measure batch {batch} {'again' if measured else 'now'}", key=f"lm_measure_{batch}")
-        if (measured is None and batch == 1) or fresh:
-            measured = common.run_job("latency", f"Timing batch {batch}", lambda job, batch=batch: results.latency(
-                model, tokenizer, plan, FP32, batch, BENCH_TOKENS, fresh=True, data=data), column.empty())
+        # On torch batch 1 is timed after every change; an ONNX Runtime timing exports the plan first, so it
+        # waits to be asked for rather than slowing every click.
+        if (measured is None and batch == 1 and plan.runtime == "torch") or fresh:
+            try:
+                measured = common.run_job("latency", f"Timing batch {batch}", lambda job, batch=batch: results.latency(
+                    model, tokenizer, plan, FP32, batch, BENCH_TOKENS, fresh=True, data=data), column.empty())
+            except EngineError as error:
+                column.error(f"Cannot time this plan: {error}")
+                continue
         if measured is None:
-            column.caption(f"Batch {batch}: not measured yet (about 10 s).")
+            column.caption(f"Batch {batch}: not measured yet (about 10 s"
+                           + (", after exporting the plan)." if plan.runtime == "onnxruntime" else ")."))
             continue
         age = time.time() - measured["measured_at"]
         when = "just now" if age < 60 else f"{age / 60:.0f} min ago" if age < 3600 else f"{age / 3600:.1f} h ago"
@@ -297,6 +331,7 @@ for name, default in (("plan_undo", []), ("plan_history", []), ("layer_effects",
 engine_session(evaluator)
 st.caption(f"Evaluated on {evaluator.dataset.name} ({len(evaluator.labels):,} sentences) with "
            f"{common.model_name()}.")
+runtime_selector()
 grid_section(evaluator.layers)
 evaluate_pending(evaluator)
 plan = common.current_plan()
@@ -304,5 +339,7 @@ with st.expander("Current plan (JSON)"):
     st.code(json.dumps(plan.to_json(), indent=2) if plan.rules else '"fp32"', language="json")
 results_section(evaluator, plan)
 latency_section(plan)
+st.markdown("**Deploy this plan**")
+deployment.export_button(plan, "layer-map plan", "layer_map")
 bulk_controls(evaluator.layers)
 history_section()

@@ -9,11 +9,13 @@ import plotly.graph_objects as go
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from app_pages import common
+from app_pages import cluster, common, deployment
 from cache import keys, lookup, remember, results
 from engine.analysis import search as amp
 from engine.analysis import sensitivity as sens
+from engine.core.errors import EngineError
 from engine.core.plan import FP32, Plan
+from engine.grid.tasks import build_tasks
 from engine.core.stats import SIGNIFICANCE
 from engine.model.families import ALL_ROLES
 
@@ -60,6 +62,8 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str) -> None
                        f"({evaluator.dataset.name})"
                        + (f"; the rest will take about {fmt_seconds(estimated_seconds(evaluator, missing, direction))}"
                           if missing else "") + ". Each row is stored as soon as it is finished.")
+    if cluster.address() and missing:
+        cluster_button(precisions, direction)
     if not run:
         if state.get("sens_stop") and missing:
             st.warning(f"Stopped: {len(known)} rows kept. Resume to compute the other {len(missing)}.")
@@ -87,6 +91,21 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str) -> None
         known = results.known_rows(evaluator, precisions, direction)
     state["sens_last_run"] = (computed, time.perf_counter() - started, bool(state.get("sens_stop")))
     st.rerun()
+
+
+def cluster_button(precisions, direction: str) -> None:
+    """The missing rows as grid tasks on the Ray cluster of RAY_ADDRESS; they land in this page's own rows."""
+    reason = cluster.unavailable_reason([common.data_name()]) or (
+        None if direction == "one" else "The cluster computes direction-one rows (each layer alone).")
+    if st.button("Run on the cluster", disabled=reason is not None, key="sens_cluster",
+                 help=reason or f"Every missing row as a task on the Ray cluster at {cluster.address()}"):
+        try:
+            tasks = build_tasks([common.model_name()], [common.data_name()], [], precisions, limit=state.get("limit"))
+            cluster.run(tasks, "Sweeping on the cluster")
+        except EngineError as error:
+            st.error(f"The cluster could not run the sweep: {error}")
+            return
+        st.rerun()
 
 
 # ---- views of the rows ---------------------------------------------------------------------------
@@ -248,6 +267,7 @@ def outcome_section(outcome: dict) -> None:
                f"{common.fmt_ci(outcome['accuracy'], outcome['ci95'])}, drop {outcome['drop']:+.2f} points "
                f"(McNemar p = {outcome['mcnemar_p']:.3f}); "
                + ", ".join(f"{n} {p.upper()}" for p, n in sorted(outcome["layers"].items())) + ".")
+    deployment.export_button(Plan.from_json(outcome["plan"]), "searched plan", "search")
     int8 = outcome["references"]["int8"]
     st.caption(f"{outcome['evaluations']} plans verified in {outcome['seconds']:.0f} s. Uniform INT8 is "
                f"{int8['size_bytes'] / 1e6:.2f} MB at {common.fmt_ci(int8['accuracy'], int8['ci95'])}.")

@@ -99,13 +99,17 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
     timed = plans if any(p.key() == FP32.key() for _, p in plans) else [("fp32 (reference)", FP32)] + plans
     total = len(plans) * len(sets) * len(runtimes) + 2
     exports = exports or Exports(Path(tempfile.mkdtemp(prefix="compare-exports-")))
-    folders = {label: exports.folder(model, tokenizer, plan, sets[0]) for label, plan in plans} \
-        if "onnxruntime" in runtimes else {}
     done = 0
 
     def report(fraction: float, text: str) -> None:
         if progress is not None:
             progress(min(1.0, (done + fraction) / total), text)
+
+    folders = {}
+    if "onnxruntime" in runtimes:
+        for label, plan in plans:
+            report(0.0, f"exporting {display_name(label)} for ONNX Runtime")
+            folders[label] = exports.folder(model, tokenizer, plan, sets[0])
 
     outcomes = []
     for data in sets:

@@ -3,6 +3,8 @@ and a folder of exports reused by plan, so evaluating or timing a plan on ONNX R
 from __future__ import annotations
 
 import hashlib
+import io
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -58,14 +60,36 @@ class Exports:
         self.root = Path(root)
 
     def folder(self, model: nn.Module, tokenizer, plan: PlanLike, data: EvalSet | None = None) -> Path:
+        """The plan's export, without a card (for evaluating and timing it)."""
+        return self._made(model, tokenizer, plan, data, measured=False)
+
+    def deployed(self, model: nn.Module, tokenizer, plan: PlanLike, data: EvalSet,
+                 progress: Callable[[str, float], None] | None = None) -> Path:
+        """The plan's export with its card measured on `data`: what a person downloads."""
+        return self._made(model, tokenizer, plan, data, measured=True, progress=progress)
+
+    def _made(self, model, tokenizer, plan, data, measured: bool, progress=None) -> Path:
         plan = as_plan(plan).on("onnxruntime")
-        key = hashlib.blake2b(f"{fingerprint(model)}:{plan.key()}:{ort.__version__}".encode(), digest_size=10)
-        target = self.root / key.hexdigest()
+        what = f"{fingerprint(model)}:{plan.key()}:{ort.__version__}"
+        if measured:
+            what += f":card:{data.fingerprint}"
+        target = self.root / hashlib.blake2b(what.encode(), digest_size=10).hexdigest()
         if not (target / "model.onnx").is_file():
             self.root.mkdir(parents=True, exist_ok=True)
             try:
-                deploy(model, tokenizer, plan, target, data, measure=False)
+                deploy(model, tokenizer, plan, target, data, measure=measured, progress=progress)
             except ExportError:
                 if not (target / "model.onnx").is_file():  # another session's export of the same plan won the race
                     raise
         return target
+
+
+def archive(folder: str | Path) -> bytes:
+    """The exported folder as one zip file, its files under the folder's name."""
+    folder = Path(folder)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as bundle:
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                bundle.write(path, f"{folder.name}/{path.name}")
+    return buffer.getvalue()

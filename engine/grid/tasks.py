@@ -89,10 +89,11 @@ def split_items(text: str | None) -> list[str]:
     return split_plan_list(text or "")
 
 
-def build_tasks(models: Sequence[str], datasets: Sequence[str], plans: Sequence[str] = (),
+def build_tasks(models: Sequence[str], datasets: Sequence[str], plans: Sequence[str | tuple[str, Plan]] = (),
                 sensitivity: Sequence[str] = (), limit: int | None = None, latency: bool = False,
                 kernels: str = "simulated", device: str = "cpu") -> list[Task]:
     """Every (model, set, plan) evaluation, then, per (model, set), a sensitivity row per layer x precision.
+    A plan is a command-line item (preset, inline JSON, .json file) or a (name, Plan) pair.
 
     Each model is loaded once here, on the driver, for its fingerprint and its layers; a model, set,
     plan or device that cannot be used raises its one-line error before any work starts. A plan that
@@ -114,7 +115,9 @@ def build_tasks(models: Sequence[str], datasets: Sequence[str], plans: Sequence[
     for name in models:
         model = work.driver_model(name)
         info = work.describe(model)
-        resolved = [(item, json.dumps(resolve_plan_item(item, model, check=False)[1].to_json())) for item in plans]
+        resolved = [(item[0], json.dumps(item[1].to_json())) if isinstance(item, tuple)
+                    else (item, json.dumps(resolve_plan_item(item, model, check=False)[1].to_json()))
+                    for item in plans]
         for data in datasets:
             common = dict(model=name, data=data, limit=limit, device=device, model_fp=info.fingerprint,
                           data_fp=data_fps[data])
