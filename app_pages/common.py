@@ -5,6 +5,7 @@ Layout only: every figure comes from `engine` (through `cache` where it is expen
 """
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any, Callable
 
@@ -95,6 +96,17 @@ def current_plan() -> Plan:
 
 def set_current_plan(plan: Plan) -> None:
     state["plan"] = plan
+
+
+def log_ticks(values) -> dict:
+    """Ticks for a log axis at 1-2-5 steps, labelled in plain numbers (plotly's default leaves most unlabelled)."""
+    positive = [float(v) for v in values if v and v > 0]
+    if not positive:
+        return {}
+    low, high = min(positive) / 1.5, max(positive) * 1.5
+    ticks = [m * 10.0**e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+             for m in (1, 2, 5) if low <= m * 10.0**e <= high]
+    return {"tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
 
 
 def fmt_ci(accuracy: float, ci95) -> str:

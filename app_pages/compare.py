@@ -146,8 +146,11 @@ def charts(rows: list[dict]) -> None:
     columns[0].plotly_chart(accuracy, width="stretch")
     tradeoff = px.scatter(frame, x="latency p50 (ms)", y="accuracy (%)", size="size (MB)", color="plan", symbol="set",
                           title="Accuracy against latency (marker area: size)", hover_data=["size (MB)"],
-                          log_x=True)
+                          log_x=True,
+                          color_discrete_map={display_name(p): c for p, c in common.PRECISION_COLORS.items()})
+    tradeoff.update_traces(marker_line={"color": "#444", "width": 1})  # FP32's light grey stays visible
     tradeoff.update_layout(yaxis_range=span)
+    tradeoff.update_xaxes(**common.log_ticks(frame["latency p50 (ms)"]))
     columns[1].plotly_chart(tradeoff, width="stretch")
     quantized = frame[~frame["fp32"]]
     if not quantized.empty:

@@ -12,4 +12,5 @@ run runtimes compare --plans fp32,int8,int4 --runtime torch,onnxruntime
 run sensitivity sensitivity --precisions int8,int4
 run search search --max-drop 1.0
 run smoothquant-static smoothquant --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1,auto --act static
+python benchmarks/ort_agreement.py --json "$out/ort-agreement.json" > "$out/ort-agreement.md"
 run smoothquant-dynamic smoothquant --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1,auto --act dynamic
