@@ -188,6 +188,8 @@ def run_job(kind: str, label: str, work: Callable[[Any], Any], box=None, tag: st
     box = box or st.empty()
     job = SCHEDULER.submit(session_id(), kind, work, label, tag)
     try:
+        # Every pass draws something: each draw is where Streamlit can stop this run for a newer one, so a
+        # click made while the job runs is answered within 0.2 s, whatever the job reports.
         while not job.done_event.wait(0.2):
             if job.started is None:
                 ahead, eta = SCHEDULER.position(job), SCHEDULER.wait_estimate(job)
@@ -195,6 +197,8 @@ def run_job(kind: str, label: str, work: Callable[[Any], Any], box=None, tag: st
                          + (f", about {eta:.0f} s" if eta is not None else ""))
             elif show_progress is not None and job.progress is not None:
                 show_progress(job.progress)
+            else:
+                box.info(f"{label}…")
     finally:
         if not job.done and tag is None:
             SCHEDULER.cancel(job)

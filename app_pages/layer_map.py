@@ -11,6 +11,7 @@ import streamlit as st
 from app_pages import common, deployment
 from app_pages.layer_grid import layer_grid, new_clicks
 from cache import results
+from cache.scheduler import SCHEDULER
 from engine.analysis.toggle import next_precision, set_layers
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
@@ -227,9 +228,12 @@ def latency_section(plan: Plan) -> None:
     for column, batch in zip(columns, (1, 32)):
         measured = results.cached_latency(model, plan, FP32, batch, BENCH_TOKENS)
         fresh = column.button(f"Measure batch {batch} {'again' if measured else 'now'}", key=f"lm_measure_{batch}")
-        # On torch batch 1 is timed after every change; an ONNX Runtime timing exports the plan first, so it
-        # waits to be asked for rather than slowing every click.
-        if (measured is None and batch == 1 and plan.runtime == "torch") or fresh:
+        # On torch batch 1 is timed after every change, when nothing else runs: a timing taken next to other
+        # sessions' evaluations would mislead, and would hold their clicks back. An ONNX Runtime timing exports
+        # the plan first, so it waits to be asked for.
+        busy = SCHEDULER.load()
+        quiet = not (busy["running"] or busy["queued"])
+        if (measured is None and batch == 1 and plan.runtime == "torch" and quiet) or fresh:
             try:
                 measured = common.run_job("latency", f"Timing batch {batch}", lambda job, batch=batch: results.latency(
                     model, tokenizer, plan, FP32, batch, BENCH_TOKENS, fresh=True, data=data), column.empty())
@@ -238,7 +242,8 @@ def latency_section(plan: Plan) -> None:
                 continue
         if measured is None:
             column.caption(f"Batch {batch}: not measured yet (about 10 s"
-                           + (", after exporting the plan)." if plan.runtime == "onnxruntime" else ")."))
+                           + (", after exporting the plan)." if plan.runtime == "onnxruntime" else ")")
+                           + ("" if quiet or batch > 1 else "; not timed while other sessions' work runs."))
             continue
         age = time.time() - measured["measured_at"]
         when = "just now" if age < 60 else f"{age / 60:.0f} min ago" if age < 3600 else f"{age / 3600:.1f} h ago"
@@ -338,8 +343,8 @@ plan = common.current_plan()
 with st.expander("Current plan (JSON)"):
     st.code(json.dumps(plan.to_json(), indent=2) if plan.rules else '"fp32"', language="json")
 results_section(evaluator, plan)
+history_section()
 latency_section(plan)
 st.markdown("**Deploy this plan**")
 deployment.export_button(plan, "layer-map plan", "layer_map")
 bulk_controls(evaluator.layers)
-history_section()

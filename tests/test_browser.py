@@ -94,7 +94,8 @@ def _open_layer_map(browser, server: str, reviews: Path):
 def _settled(page, history_rows: int) -> None:
     """Wait until the history lists `history_rows` plans and no change is pending."""
     page.get_by_text(f"{history_rows} plans tried").wait_for(timeout=TIMEOUT)
-    page.wait_for_function("() => !document.querySelector('.cell.pending')", timeout=TIMEOUT)
+    # A locator, not document.querySelector: the grid's cells live in the component's shadow root.
+    playwright.expect(page.locator(".cell.pending")).to_have_count(0, timeout=TIMEOUT)
 
 
 def _labels(page) -> list[str]:

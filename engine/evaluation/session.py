@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from typing import Callable
 
 from engine.core.plan import FP32, Plan
@@ -25,17 +26,24 @@ class StateBudget:
     def __init__(self, limit_bytes: int | None = None):
         mb = float(os.environ.get("ENGINE_STATE_BUDGET_MB", DEFAULT_BUDGET_MB))
         self.limit = int(mb * 1024**2) if limit_bytes is None else limit_bytes
-        self.sessions: dict[int, tuple["Session", float]] = {}
+        # Weak references: a browser session that ends takes its Session, and its states, with it.
+        self.sessions: dict[int, tuple[weakref.ref, float]] = {}
         self.lock = threading.Lock()
+
+    def _alive(self) -> dict[int, tuple["Session", float]]:
+        alive = {key: (ref(), used) for key, (ref, used) in self.sessions.items()}
+        self.sessions = {key: self.sessions[key] for key, (s, _) in alive.items() if s is not None}
+        return {key: entry for key, entry in alive.items() if entry[0] is not None}
 
     def touch(self, session: "Session") -> None:
         """`session` was just used: record it, then drop the least recently used sessions' states
         while the total exceeds the budget (never the session just used)."""
         with self.lock:
-            self.sessions[id(session)] = (session, time.monotonic())
-            held = {key: s.owned_bytes() for key, (s, _) in self.sessions.items()}
+            self.sessions[id(session)] = (weakref.ref(session), time.monotonic())
+            alive = self._alive()
+            held = {key: s.owned_bytes() for key, (s, _) in alive.items()}
             total = sum(held.values())
-            for key, (other, _) in sorted(self.sessions.items(), key=lambda item: item[1][1]):
+            for key, (other, _) in sorted(alive.items(), key=lambda item: item[1][1]):
                 if total <= self.limit:
                     break
                 if other is not session and held[key]:
@@ -48,7 +56,7 @@ class StateBudget:
 
     def used_bytes(self) -> int:
         with self.lock:
-            return sum(s.owned_bytes() for s, _ in self.sessions.values())
+            return sum(s.owned_bytes() for s, _ in self._alive().values())
 
 
 BUDGET = StateBudget()

@@ -8,6 +8,7 @@ kept in one process-wide LRU, so toggling a layer back and forth costs nothing.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 
 import torch
@@ -53,7 +54,14 @@ def with_tensors(module: nn.Module, **tensors: torch.Tensor) -> nn.Module:
     return clone
 
 
-@cached(LRUCache(maxsize=512), key=lambda key, *_: key, lock=threading.Lock())
+def _nbytes(value) -> int:
+    return sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,)))
+
+
+# Bounded in bytes, not entries: a DistilBERT-size model's quantized weights at two precisions are half a
+# gigabyte, and a shared server must not keep every model's (ENGINE_WEIGHT_CACHE_MB, recomputed in ms).
+@cached(LRUCache(maxsize=int(float(os.environ.get("ENGINE_WEIGHT_CACHE_MB", 256)) * 2**20), getsizeof=_nbytes),
+        key=lambda key, *_: key, lock=threading.Lock())
 def _simulated(key: tuple, compute) -> torch.Tensor:
     # Outside inference mode: a weight computed under it could never become a module's parameter later.
     with torch.inference_mode(False), torch.no_grad():
