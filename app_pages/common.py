@@ -6,6 +6,7 @@ Layout only: every figure comes from `engine` (through `cache` where it is expen
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from typing import Any, Callable
 
@@ -188,14 +189,23 @@ def run_job(kind: str, label: str, work: Callable[[Any], Any], box=None, tag: st
     box = box or st.empty()
     job = SCHEDULER.submit(session_id(), kind, work, label, tag)
     try:
-        # Every pass draws something: each draw is where Streamlit can stop this run for a newer one, so a
-        # click made while the job runs is answered within 0.2 s, whatever the job reports.
+        # A draw is where Streamlit can stop this run for a newer one, so something is drawn at least every
+        # second (a click made meanwhile is answered within it); otherwise only what changed, because every
+        # draw is a message each waiting browser renders, on a server whose cores the evaluation needs.
+        shown, drawn_at = None, 0.0
         while not job.done_event.wait(0.2):
             if job.started is None:
                 ahead, eta = SCHEDULER.position(job), SCHEDULER.wait_estimate(job)
-                box.info(f"{label}: waiting for the server, {ahead} job(s) ahead"
-                         + (f", about {eta:.0f} s" if eta is not None else ""))
-            elif show_progress is not None and job.progress is not None:
+                now = ("wait", ahead, None if eta is None else round(eta / 5) * 5)
+            else:
+                now = ("progress", id(job.progress)) if show_progress and job.progress is not None else ("run",)
+            if now == shown and time.monotonic() - drawn_at < 1.0:
+                continue
+            shown, drawn_at = now, time.monotonic()
+            if now[0] == "wait":
+                box.info(f"{label}: waiting for the server, {now[1]} job(s) ahead"
+                         + (f", about {now[2]:.0f} s" if now[2] is not None else ""))
+            elif now[0] == "progress":
                 show_progress(job.progress)
             else:
                 box.info(f"{label}…")

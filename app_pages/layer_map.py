@@ -236,7 +236,12 @@ def latency_section(plan: Plan) -> None:
         if (measured is None and batch == 1 and plan.runtime == "torch" and quiet) or fresh:
             try:
                 measured = common.run_job("latency", f"Timing batch {batch}", lambda job, batch=batch: results.latency(
-                    model, tokenizer, plan, FP32, batch, BENCH_TOKENS, fresh=True, data=data), column.empty())
+                    model, tokenizer, plan, FP32, batch, BENCH_TOKENS, fresh=True, data=data,
+                    cancelled=job.cancelled), column.empty())
+            except Cancelled:
+                column.caption(f"Batch {batch}: the timing gave way to another session's evaluation; measure it "
+                               "when the server is quiet.")
+                continue
             except EngineError as error:
                 column.error(f"Cannot time this plan: {error}")
                 continue

@@ -13,7 +13,7 @@ from engine.analysis import sensitivity
 from engine.analysis.benchmark import bench_against
 from engine.analysis.deploy import Exports
 from engine.core.plan import Plan
-from engine.evaluation.evaluator import Evaluator
+from engine.evaluation.evaluator import Cancelled, Evaluator
 from engine.runtime.size import model_size_bytes
 
 from cache import cache_dir, keys, lookup, put, remember
@@ -70,10 +70,11 @@ def sweep(evaluator: Evaluator, precisions, direction: str, sqnr: dict | None = 
 
 
 def latency(model, tokenizer, plan: Plan, reference: Plan, batch: int, tokens: int, device: str = "cpu",
-            fresh: bool = False, data=None) -> dict:
+            fresh: bool = False, data=None, cancelled: Callable[[], bool] | None = None) -> dict:
     """The plan's latency and its paired speedup over `reference`, both timed interleaved in one run.
 
-    Cached with the time and load of the measurement; `fresh` measures again (and replaces it)."""
+    Cached with the time and load of the measurement; `fresh` measures again (and replaces it). `cancelled` is
+    asked between rounds; a cancelled timing raises Cancelled and stores nothing."""
     key = keys.latency(model, plan, reference, batch, tokens, device)
     if not fresh:
         found = lookup(key)
@@ -81,14 +82,26 @@ def latency(model, tokenizer, plan: Plan, reference: Plan, batch: int, tokens: i
             return found
     if plan.runtime == "onnxruntime":  # the exported graph itself, timed in the same rounds as the torch reference
         timed = bench_against(model, tokenizer, {"reference": reference}, "reference", batch, tokens, device,
-                              data=data, exported={"plan": exports().folder(model, tokenizer, plan, data)})
+                              data=data, exported={"plan": exports().folder(model, tokenizer, plan, data)},
+                              progress=stop_when(cancelled))
     else:
         timed = bench_against(model, tokenizer, {"plan": plan, "reference": reference}, "reference", batch, tokens,
-                              device, data=data)
+                              device, data=data, progress=stop_when(cancelled))
     value = {**timed["plan"], "reference_latency_ms_p50": timed["reference"]["latency_ms_p50"],
              "measured_at": time.time()}
     put(key, value)
     return value
+
+
+def stop_when(cancelled: Callable[[], bool] | None) -> Callable[[float], None] | None:
+    """A progress callback that stops a timing between rounds once `cancelled()` says so."""
+    if cancelled is None:
+        return None
+
+    def check(_fraction: float) -> None:
+        if cancelled():
+            raise Cancelled("the timing gave way to an evaluation")
+    return check
 
 
 def store_evaluation(evaluator: Evaluator, plan: Plan, summary: dict, kernels: str = "simulated") -> None:

@@ -21,6 +21,9 @@ import torch
 from engine.evaluation.evaluator import Cancelled
 
 HISTORY = 20
+# Jobs that stop when any other kind is submitted: a timing is only worth taking on a quiet machine, and
+# must not hold back a click's evaluation (the page times again when the server is quiet).
+YIELDING = ("latency",)
 
 
 @dataclass(eq=False)
@@ -59,7 +62,7 @@ class Scheduler:
     def __init__(self, workers: int | None = None, threads: int | None = None):
         cores = os.cpu_count() or 1
         self.workers = max(1, workers or int(os.environ.get("ENGINE_WORKERS", 1)))
-        self.threads = max(1, threads or cores // self.workers)
+        self.threads = max(1, threads or int(os.environ.get("ENGINE_THREADS", 0)) or cores // self.workers)
         self.queue: deque[Job] = deque()
         self.running: list[Job] = []
         self.durations: dict[str, deque[float]] = {}
@@ -91,6 +94,10 @@ class Scheduler:
             job = Job(owner, kind, run, label, tag)
             if tag is not None:
                 self.live[(owner, kind, tag)] = job
+            if kind not in YIELDING:  # a timing in progress gives way to anyone's evaluation
+                for running in self.running:
+                    if running.kind in YIELDING:
+                        running.cancel()
             self.queue.append(job)
             self.condition.notify()
         return job
