@@ -179,6 +179,9 @@ def test_search_measures_latency_for_the_front(tiny_sweeps, tiny_model, tokenize
     result = search(evaluator, tiny_model, tokenizer, sweeps["one"].rows, Budget("max_drop", 0.0))
     assert all(c.latency_ms_p50 is not None and c.latency_ms_p50 > 0 for c in result.front)
     assert result.chosen.latency_ms_p50 is not None
+    # Each candidate names where it came from in words, and the whole result is what --json prints.
+    out = json.loads(json.dumps(result.as_dict()))
+    assert all(isinstance(c["source"], str) for c in out["front"] + out["candidates"])
 
 
 def test_search_rejects_impossible_budgets(tiny_sweeps, tiny_model, tokenizer):

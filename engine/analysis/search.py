@@ -191,8 +191,8 @@ class _Verifier:
         if plan.key() in self.seen:
             return self.seen[plan.key()]
         options = [self.evaluator.baseline_trace] + list(self.traces.values())
-        source = max(options, key=lambda trace: self.evaluator.resume_cut(trace, plan))
-        result, trace = self.evaluator.run(plan, source=source, keep=True)
+        start = max(options, key=lambda trace: self.evaluator.resume_cut(trace, plan))
+        result, trace = self.evaluator.run(plan, source=start, keep=True)
         self.traces["last"] = trace
         resolved = plan.resolve(self.names, strict=False)
         counts: dict[str, int] = {}
