@@ -212,3 +212,23 @@ def test_a_baseline_over_its_budget_keeps_fewer_cuts_and_stays_exact(tokenizer, 
         updated = session.update(plan)
         assert np.array_equal(updated.logits, evaluator.run(plan)[0].logits), plan.to_json()
         assert set(session.trace.states[0]) <= set(kept)
+
+
+def test_a_budget_too_small_for_token_states_still_keeps_the_first_row_head_state(tokenizer, small_set):
+    model = _tiny("bert")
+    everything = Evaluator(model, tokenizer, small_set, batch_size=16, keep_states=True)
+    sizes = {cut: sum(batch[cut].numel() * batch[cut].element_size() for batch in everything.baseline_trace.states)
+             for cut in everything.baseline_trace.states[0]}
+    row_cuts = [cut for cut in sizes if everything.baseline_trace.states[0][cut].shape[1] == 1]
+    assert row_cuts, "the tiny BERT's last block hands its head only the first row"
+    wide = min(size for cut, size in sizes.items() if cut not in row_cuts)
+    kept = everything.affordable_cuts(min(wide * 0.9, sizes[max(row_cuts)] * 1.5) / 1024**2)
+    assert kept == {max(row_cuts)}
+    evaluator = Evaluator(model, tokenizer, small_set, batch_size=16, keep_states=True, kept_cuts=kept)
+    last = [layer.name for layer in evaluator.layers if evaluator.cuts[layer.name] >= max(row_cuts)]
+    assert last, "some layer runs after the first-row cut"
+    session = Session(evaluator, StateBudget())
+    plan = Plan.from_mapping({last[-1]: "int8"})
+    updated = session.update(plan)
+    assert updated.start_cut == max(row_cuts)
+    assert np.array_equal(updated.logits, evaluator.run(plan)[0].logits)

@@ -152,10 +152,12 @@ class Evaluator:
         return batches
 
     def affordable_cuts(self, budget_mb: float | None = None) -> frozenset[int] | None:
-        """The cuts whose FP32 states fit the baseline budget (None: all of them), spread evenly from the last.
+        """The cuts whose FP32 states fit the baseline budget (None: all of them).
 
-        States cost tokens x hidden x 4 bytes per cut; a large set keeps fewer cuts, and an update resumes
-        from the latest kept cut before the change: slower, never wrong.
+        A cut's states cost tokens x hidden x 4 bytes, or rows x hidden x 4 where only the first row goes on
+        (a [CLS]-pooled head's input): those small ones are kept first, latest first, then as many token-wide
+        cuts as the rest of the budget holds, spread evenly from the last. A large set keeps fewer cuts, and
+        an update resumes from the latest kept cut before the change: slower, never wrong.
         """
         budget = float(os.environ.get("ENGINE_BASELINE_BUDGET_MB", BASELINE_BUDGET_MB)) if budget_mb is None \
             else budget_mb
@@ -172,10 +174,16 @@ class Evaluator:
                    for cut, state in probe.items()}
         if sum(per_cut.values()) <= budget * 1024**2:
             return None
-        cuts = sorted(per_cut)
-        affordable = max(0, int(budget * 1024**2 // max(per_cut.values())))
-        step = len(cuts) / affordable if affordable else float("inf")
-        return frozenset(cuts[len(cuts) - 1 - int(i * step)] for i in range(affordable))
+        left = budget * 1024**2
+        kept = set()
+        for cut in sorted((c for c, state in probe.items() if state.shape[1] == 1), reverse=True):
+            if per_cut[cut] <= left:
+                kept.add(cut)
+                left -= per_cut[cut]
+        wide = sorted(c for c, state in probe.items() if state.shape[1] > 1)
+        affordable = min(len(wide), int(left // max(per_cut[c] for c in wide))) if wide else 0
+        step = len(wide) / affordable if affordable else float("inf")
+        return frozenset(kept | {wide[len(wide) - 1 - int(i * step)] for i in range(affordable)})
 
     def schedule(self) -> list[int]:
         """Batch order for a run: strided over lengths, so the first batches give a fair early estimate."""
