@@ -166,12 +166,12 @@ async def click_and_settle(page, at: tuple[float, float], history: int) -> tuple
     return start, clicked, time.monotonic()
 
 
-def browser_command(priority: str) -> str:
+def browser_command(priority: str, scratch: Path) -> str:
     """Chromium, or Chromium at the lowest CPU priority: the browsers stand in for users' own machines, so on
     a 2-core box they should not take the cores the server's evaluations need."""
     if priority == "normal":
         return CHROMIUM
-    wrapper = Path(tempfile.mkdtemp(prefix="load-test-")) / "chromium"
+    wrapper = scratch / "chromium"
     wrapper.write_text(f'#!/bin/sh\nexec nice -n 19 {CHROMIUM} "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)
@@ -181,7 +181,7 @@ async def measure(args, url: str, pid: int, samples: list, report: dict) -> None
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=browser_command(args.browser_priority), args=[
+        browser = await p.chromium.launch(executable_path=browser_command(args.browser_priority, args.scratch), args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run", "--disable-background-timer-throttling",
             "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows"])
@@ -295,6 +295,7 @@ def main() -> int:
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": machine()}
     started, process, samples, halt = time.monotonic(), None, [], threading.Event()
     with tempfile.TemporaryDirectory(prefix="load_test_") as tmp, open(Path(tmp) / "server.log", "w+") as log:
+        args.scratch = Path(tmp)
         try:
             process, url = start_server(Path(tmp) / "cache", log)
             threading.Thread(target=sample_rss, args=(process.pid, samples, halt), daemon=True).start()

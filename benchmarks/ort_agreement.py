@@ -44,18 +44,19 @@ def main() -> int:
     model, tokenizer = load_model(args.model)
     data = load_dataset(args.data)
     evaluator = get_evaluator(model, tokenizer, data)
-    exports = Exports(tempfile.mkdtemp(prefix="ort-agreement-"))
-    rows = []
-    for name, plan in plans(model).items():
-        simulated, _ = evaluator.run(plan.on("onnxruntime"))
-        exported = evaluate_exported(evaluator, exports.folder(model, tokenizer, plan, data))
-        agreement = float(np.mean(simulated.predictions == exported.predictions))
-        rows.append({"plan": name, "n": len(data), "agreement": agreement,
-                     "differing": int(np.sum(simulated.predictions != exported.predictions)),
-                     **{f"{what}_accuracy": result.comparison.accuracy for what, result in
-                        (("simulated", simulated), ("exported", exported))},
-                     **{f"{what}_ci95": list(result.comparison.ci95) for what, result in
-                        (("simulated", simulated), ("exported", exported))}})
+    with tempfile.TemporaryDirectory(prefix="ort-agreement-") as scratch:
+        exports = Exports(scratch)
+        rows = []
+        for name, plan in plans(model).items():
+            simulated, _ = evaluator.run(plan.on("onnxruntime"))
+            exported = evaluate_exported(evaluator, exports.folder(model, tokenizer, plan, data))
+            agreement = float(np.mean(simulated.predictions == exported.predictions))
+            rows.append({"plan": name, "n": len(data), "agreement": agreement,
+                         "differing": int(np.sum(simulated.predictions != exported.predictions)),
+                         **{f"{what}_accuracy": result.comparison.accuracy for what, result in
+                            (("simulated", simulated), ("exported", exported))},
+                         **{f"{what}_ci95": list(result.comparison.ci95) for what, result in
+                            (("simulated", simulated), ("exported", exported))}})
     print("| plan | simulated ORT accuracy | exported ORT accuracy | agreement (sentences differing) |")
     print("|---|---|---|---|")
     for r in rows:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -98,7 +97,10 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
     sets = [(load_dataset(d) if isinstance(d, str) else d).head(limit) for d in datasets]
     timed = plans if any(p.key() == FP32.key() for _, p in plans) else [("fp32 (reference)", FP32)] + plans
     total = len(plans) * len(sets) * len(runtimes) + 2
-    exports = exports or Exports(Path(tempfile.mkdtemp(prefix="compare-exports-")))
+    if exports is None and "onnxruntime" in runtimes:
+        with tempfile.TemporaryDirectory(prefix="compare-exports-") as scratch:
+            return run_comparison(model, tokenizer, plans, datasets, device, limit, progress, bench_seconds,
+                                  runtimes, Exports(scratch))
     done = 0
 
     def report(fraction: float, text: str) -> None:
