@@ -22,6 +22,7 @@ import zoo  # noqa: E402
 from engine.analysis.deploy import Exports, deploy  # noqa: E402
 from engine.core import ort_numerics as N  # noqa: E402
 from engine.core.data import load_dataset  # noqa: E402
+from engine.core.labels import LabelError  # noqa: E402
 from engine.core.plan import Plan  # noqa: E402
 from engine.evaluation.deployed import evaluate_exported  # noqa: E402
 from engine.evaluation.evaluator import Evaluator  # noqa: E402
@@ -206,6 +207,14 @@ def test_bad_input_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="quantizer broke$"):
         export_onnx(model, tokenizer, "int4", tmp_path / "half")
     assert not (tmp_path / "half").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_set_the_card_cannot_be_measured_on_fails_before_any_export(tmp_path, monkeypatch):
+    model, tokenizer = zoo.build("bert", num_labels=3)
+    monkeypatch.setattr(onnx_graph, "export_fp32", lambda *a, **k: pytest.fail("exported before checking labels"))
+    with pytest.raises(LabelError, match="that the model lacks"):
+        deploy(model, tokenizer, "int8", tmp_path / "out", DATA)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
 # ---- the folder on its own: a fresh process, the card, timing ---------------------------------

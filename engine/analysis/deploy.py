@@ -16,7 +16,7 @@ from engine.core.data import EvalSet, load_dataset
 from engine.core.plan import PlanLike, as_plan
 from engine.evaluation.deployed import evaluate_exported
 from engine.evaluation.evaluate import get_evaluator
-from engine.model.loading import fingerprint
+from engine.model.loading import fingerprint, label_space
 from engine.quant.calibration import calibration_texts
 from engine.quant.prepare import prepare
 from engine.runtime.latency import bench_inputs
@@ -34,6 +34,8 @@ def deploy(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path, dat
     unless `measure` is off."""
     plan = as_plan(plan).on("onnxruntime")
     data = data if data is not None else load_dataset("embedded")
+    if measure:
+        label_space(model).indices(data.labels, data.name)  # a set the card cannot be measured on fails first
     _, smoothing = prepare(model, tokenizer, plan, data.calibration, data.calibration_source)
     texts = calibration_texts(data.calibration, plan.calib) if plan.act == "static" else None
 
