@@ -45,7 +45,8 @@ def check(folder: Path, texts: list[str]) -> dict:
     wanted = {i.name for i in plain.get_inputs()}
     optimum_logits, plain_logits = [], []
     for start in range(0, len(texts), 32):
-        batch = tokenizer(texts[start:start + 32], padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="np")
+        batch = tokenizer(texts[start:start + 32], padding=True, truncation=True, max_length=MAX_TOKENS,
+                          return_tensors="np")
         optimum_logits.append(through_optimum(**{k: v for k, v in batch.items() if k in wanted}).logits)
         plain_logits.append(plain.run(None, {k: v for k, v in batch.items() if k in wanted})[0])
     a, b = np.concatenate(optimum_logits), np.concatenate(plain_logits)
