@@ -9,6 +9,9 @@ import streamlit as st
 st.set_page_config(page_title="Quantization lens", page_icon="🔬", layout="wide")
 
 from app_pages.common import sidebar  # noqa: E402  (set_page_config must come first)
+from engine.runtime.memory import release_freed_memory  # noqa: E402
+
+release_freed_memory()  # one server, many sessions' evaluations: freed activations must not stay resident
 
 ROOT = Path(__file__).resolve().parent
 PAGES = [
