@@ -195,6 +195,32 @@ def test_a_session_over_its_memory_budget_drops_states_and_stays_exact(tiny_eval
     assert np.array_equal(again.logits, full.logits)  # rebuilt from the FP32 states, still exact
 
 
+def test_room_for_an_update_is_made_before_it_runs(tiny_evaluator, monkeypatch):
+    evaluator = tiny_evaluator
+    names = list_layers(evaluator.model)
+    first_plan, second_plan = Plan.from_mapping({names[1]: "int8"}), Plan.from_mapping({names[2]: "int4"})
+    probe = Session(evaluator, StateBudget())
+    probe.update(first_plan)
+    one_session = probe.owned_bytes()
+    budget = StateBudget(limit_bytes=int(one_session * 1.5))  # one session's states fit, not two
+    first, second = Session(evaluator, budget), Session(evaluator, budget)
+    first.update(first_plan)
+    assert first.owned_bytes() == one_session
+    run = evaluator.run
+    alive_at_start = []
+
+    def watched(*args, **kwargs):
+        alive_at_start.append(first.trace is not None)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "run", watched)
+    second.update(second_plan)
+    assert alive_at_start == [False]  # dropped before the new states were computed, not after
+    assert second.owned_bytes() > 0
+    monkeypatch.undo()
+    assert np.array_equal(second.result.logits, evaluator.run(second_plan)[0].logits)
+
+
 def test_a_baseline_over_its_budget_keeps_fewer_cuts_and_stays_exact(tokenizer, small_set):
     model = _tiny("bert")
     full_states = Evaluator(model, tokenizer, small_set, batch_size=16, keep_states=True)

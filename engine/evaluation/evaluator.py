@@ -78,6 +78,10 @@ class Trace:
         seen = {id(t) for batch in (shared.states if shared else ()) for t in batch.values()}
         return sum(t.numel() * t.element_size() for batch in self.states for t in batch.values() if id(t) not in seen)
 
+    def nbytes_after(self, cut: int) -> int:
+        """Bytes of this trace's states at cuts after `cut`: what a run resumed at `cut` makes anew."""
+        return sum(t.numel() * t.element_size() for batch in self.states for c, t in batch.items() if c > cut)
+
 
 @dataclass
 class EvalResult:

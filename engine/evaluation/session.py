@@ -40,15 +40,24 @@ class StateBudget:
         while the total exceeds the budget (never the session just used)."""
         with self.lock:
             self.sessions[id(session)] = (weakref.ref(session), time.monotonic())
-            alive = self._alive()
-            held = {key: s.owned_bytes() for key, (s, _) in alive.items()}
-            total = sum(held.values())
-            for key, (other, _) in sorted(alive.items(), key=lambda item: item[1][1]):
-                if total <= self.limit:
-                    break
-                if other is not session and held[key]:
-                    other.drop_states()
-                    total -= held[key]
+            self._make_room(session, 0)
+
+    def reserve(self, session: "Session", nbytes: int) -> None:
+        """Make room for `nbytes` of new states before `session` computes them, so that the states alive at
+        once, the new ones included, stay within the budget."""
+        with self.lock:
+            self._make_room(session, nbytes)
+
+    def _make_room(self, session: "Session", nbytes: int) -> None:
+        alive = self._alive()
+        held = {key: s.owned_bytes() for key, (s, _) in alive.items()}
+        total = sum(held.values()) + nbytes
+        for key, (other, _) in sorted(alive.items(), key=lambda item: item[1][1]):
+            if total <= self.limit:
+                break
+            if other is not session and held[key]:
+                other.drop_states()
+                total -= held[key]
 
     def forget(self, session: "Session") -> None:
         with self.lock:
@@ -94,8 +103,12 @@ class Session:
         with self.lock:
             if self.result is not None and plan.key() == self.plan.key():
                 return self.result
-            result, trace = self.evaluator.run(plan, source=self.source_for(plan), keep=True, progress=progress,
-                                               cancelled=cancelled)
+            source = self.source_for(plan)
+            if source is not self.trace:
+                self.trace = None  # not resumed from: free it before the run allocates the new states
+            start = self.evaluator.resume_cut(source, plan)
+            self.budget.reserve(self, self.evaluator.baseline_trace.nbytes_after(start))
+            result, trace = self.evaluator.run(plan, source=source, keep=True, progress=progress, cancelled=cancelled)
             self.plan, self.trace, self.result = plan, trace, result
         self.budget.touch(self)
         return result
