@@ -19,6 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import zoo  # noqa: E402
+from engine.analysis.compare import run_comparison  # noqa: E402
 from engine.analysis.deploy import Exports, deploy  # noqa: E402
 from engine.core import ort_numerics as N  # noqa: E402
 from engine.core.data import load_dataset  # noqa: E402
@@ -209,12 +210,16 @@ def test_bad_input_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "half").exists() and _leftovers(tmp_path) == []
 
 
-def test_a_set_the_card_cannot_be_measured_on_fails_before_any_export(tmp_path, monkeypatch):
+def test_a_set_the_model_cannot_be_scored_on_fails_before_any_export(tmp_path, monkeypatch):
     model, tokenizer = zoo.build("bert", num_labels=3)
     monkeypatch.setattr(onnx_graph, "export_fp32", lambda *a, **k: pytest.fail("exported before checking labels"))
     with pytest.raises(LabelError, match="that the model lacks"):
         deploy(model, tokenizer, "int8", tmp_path / "out", DATA)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    with pytest.raises(LabelError, match="that the model lacks"):
+        run_comparison(model, tokenizer, [("int8", Plan.uniform("int8"))], [DATA], runtimes=("torch", "onnxruntime"),
+                       exports=Exports(tmp_path / "exports"))
+    assert not (tmp_path / "exports").exists()
 
 
 # ---- the folder on its own: a fresh process, the card, timing ---------------------------------

@@ -26,6 +26,7 @@ from engine.evaluation.deployed import evaluate_exported
 from engine.evaluation.evaluate import get_evaluator
 from engine.evaluation.evaluator import EvalResult
 from engine.model.inventory import inventory
+from engine.model.loading import label_space
 from engine.runtime.device import resolve_device
 from engine.runtime.latency import describe, machine
 
@@ -77,7 +78,11 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
                    runtimes: Sequence[str] = ("torch",), exports: Exports | None = None) -> Report:
     """Evaluate every plan on every set and runtime, and time every variant once, all in one interleaved
     run; torch FP32 is always the reference. An ONNX Runtime variant is the exported graph itself (exported
-    once into `exports`), evaluated and timed as it is deployed."""
+    once into `exports`, a temporary folder by default), evaluated and timed as it is deployed."""
+    if exports is None and "onnxruntime" in runtimes:
+        with tempfile.TemporaryDirectory(prefix="compare-exports-") as scratch:
+            return run_comparison(model, tokenizer, plans, datasets, device, limit, progress, bench_seconds,
+                                  runtimes, Exports(scratch))
     target = resolve_device(device)
     if not plans:
         raise PlanError("no plans to compare")
@@ -95,12 +100,11 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
         if "onnxruntime" in runtimes:
             plan.on("onnxruntime").resolve(names)
     sets = [(load_dataset(d) if isinstance(d, str) else d).head(limit) for d in datasets]
+    classes = label_space(model)
+    for data in sets:  # before any export: a set the model cannot be scored on fails at once
+        classes.indices(data.labels, data.name)
     timed = plans if any(p.key() == FP32.key() for _, p in plans) else [("fp32 (reference)", FP32)] + plans
     total = len(plans) * len(sets) * len(runtimes) + 2
-    if exports is None and "onnxruntime" in runtimes:
-        with tempfile.TemporaryDirectory(prefix="compare-exports-") as scratch:
-            return run_comparison(model, tokenizer, plans, datasets, device, limit, progress, bench_seconds,
-                                  runtimes, Exports(scratch))
     done = 0
 
     def report(fraction: float, text: str) -> None:
