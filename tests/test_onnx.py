@@ -120,6 +120,9 @@ def test_every_family_exports_and_maps_every_layer(family, tmp_path):
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     assert [row["layer"] for row in card["layers"]] == list_layers(model)
     assert all(row["nodes"] for row in card["layers"]) and result["size_bytes"] > 0
+    # the file is saved as ORT optimizes it offline, and the FP32 size the ratios use is that same file's
+    assert result["size_bytes"] == result["fp32_size_bytes"]
+    assert not onnx.load(str(tmp_path / "out" / "model.onnx")).graph.value_info
     evaluator = Evaluator(model, tokenizer, DATA, batch_size=7)
     exported = evaluate_exported(evaluator, tmp_path / "out", threads=1)
     np.testing.assert_allclose(exported.logits, evaluator.baseline_logits, atol=1e-4, rtol=1e-3)
@@ -143,6 +146,19 @@ def test_the_exported_graph_equals_the_simulated_ort_numerics(family, plan, tmp_
     assert np.array_equal(exported.predictions, simulated.predictions)
     np.testing.assert_allclose(exported.logits, simulated.logits, atol=2e-3 * max(1.0, np.abs(simulated.logits).max()))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input model is untouched
+
+
+def test_a_quantized_weight_folded_back_to_float_is_caught(tmp_path):
+    model, tokenizer = zoo.build("bert")
+    export_onnx(model, tokenizer, "int8", tmp_path / "out")
+    exported = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    onnx_graph.check_kept(exported, exported)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(exported)
+    weight = next(i for i in folded.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 2)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).astype(np.float32), weight.name))
+    with pytest.raises(onnx_graph.GraphError, match="low-precision weights"):
+        onnx_graph.check_kept(exported, folded)
 
 
 def test_static_smoothed_and_fp16_plans(tmp_path):

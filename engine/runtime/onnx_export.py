@@ -68,8 +68,10 @@ def _build(model, tokenizer, plan: Plan, resolved: dict[str, str], folder: Path,
     tokenizer.model_max_length = limit  # the folder's tokenizer truncates where the model stops reading
     say("exporting the FP32 graph", 0.1)
     onnx_graph.export_fp32(source, tokenizer, work / "fp32.onnx")
-    fp32_size = (work / "fp32.onnx").stat().st_size
     graph = onnx_graph.replace_gemm(onnx.load(str(work / "fp32.onnx")))
+    onnx.save(graph, str(work / "fp32-matmul.onnx"))
+    onnx_graph.optimize_offline(work / "fp32-matmul.onnx", work / "fp32-deployed.onnx")
+    fp32_size = (work / "fp32-deployed.onnx").stat().st_size  # the FP32 plan's own file, for the size ratio
     mapping = onnx_graph.layer_nodes(graph.graph, layers, {name for name, _ in source.named_modules()})
     chosen = lambda precision: [n for name in layers if resolved[name] == precision for n in mapping[name]]
     if chosen("fp16"):
@@ -85,7 +87,9 @@ def _build(model, tokenizer, plan: Plan, resolved: dict[str, str], folder: Path,
     for name, op in ops.items():
         if not any(mark in op for mark in _EXPECTED[resolved[name]]):
             raise GraphError(f"layer {name} should be {resolved[name]} but reads its weight with {op}")
-    onnx.save(graph, str(folder / "model.onnx"))
+    onnx.save(graph, str(work / "final.onnx"))
+    onnx_graph.optimize_offline(work / "final.onnx", folder / "model.onnx")
+    onnx_graph.check_kept(graph, onnx.load(str(folder / "model.onnx")))
     tokenizer.save_pretrained(folder)
     source.config.save_pretrained(folder)
     (folder / "plan.json").write_text(json.dumps(plan.to_json(), indent=1) + "\n")

@@ -15,6 +15,7 @@ that MatMul an input tensor of its own, see own_inputs) with `act: static`;
 int4 -> MatMulNBits (MatMulNBitsQuantizer, asymmetric, block = the plan's group size); embedding int8 ->
 Gather on a uint8 table + DequantizeLinear (quantize_dynamic); embedding int4 -> GatherBlockQuantized;
 fp16 -> the float16 converter of onnxruntime.transformers (casts around the layer); fp32 -> unchanged.
+Every file, FP32's included, is saved after ORT's basic offline optimizations (optimize_offline).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -238,6 +240,23 @@ def int4_weight_only(model: onnx.ModelProto, nodes: list[str], block_size: int) 
     return quantizer.model.model
 
 
+def optimize_offline(src: Path, dst: Path) -> None:
+    """`src` through ONNX Runtime's basic graph optimizations (constant folding, redundant nodes removed:
+    what every ORT session does on load, whatever the provider), saved as a plain ONNX file without the
+    inferred shapes of intermediate tensors, which ORT infers again on load. The deployed file is smaller
+    and loads faster; its numerics are those of the graph ORT would have run anyway."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(dst)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(dst))
+    model.graph.ClearField("value_info")
+    onnx.save(model, str(dst))
+
+
 # ---- reading an exported graph back ---------------------------------------------------------
 _SUFFIXES = ("", "_quant", "_Q4")  # quantize_dynamic renames a MatMul `<name>_quant`, MatMulNBitsQuantizer `<name>_Q4`
 
@@ -268,6 +287,26 @@ def layer_ops(model: onnx.ModelProto, mapping: dict[str, list[str]]) -> dict[str
         else:
             ops[layer] = f"{node.op_type} ({types.get(weight, '?')} weights)"
     return ops
+
+
+def low_precision_weights(model: onnx.ModelProto) -> dict[str, int]:
+    """Elements of the weight matrices stored below float32 (int8, uint8, int4, float16, ...), by element
+    type (scales and zero points aside: ORT shares identical ones)."""
+    T = onnx.TensorProto
+    totals: dict[str, int] = {}
+    for init in model.graph.initializer:
+        if len(init.dims) >= 2 and init.data_type in (T.INT8, T.UINT8, T.FLOAT16, T.BFLOAT16, T.INT4, T.UINT4):
+            kind = T.DataType.Name(init.data_type).lower()
+            totals[kind] = totals.get(kind, 0) + int(np.prod(init.dims))
+    return totals
+
+
+def check_kept(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """The offline optimizations kept every low-precision weight as it was: they may fuse an FP32 MatMul
+    and its Add into a Gemm, but must not fold a dequantized weight back into a float constant."""
+    old, new = low_precision_weights(before), low_precision_weights(after)
+    if old != new:
+        raise GraphError(f"ORT's offline optimizations changed the stored low-precision weights ({old} -> {new})")
 
 
 def static_activation_params(model: onnx.ModelProto, mapping: dict[str, list[str]]) -> dict[str, tuple[float, int]]:
