@@ -1,6 +1,7 @@
 """Measurement: Wilson intervals and exact McNemar against known values, KL, compare(), sizes, timing."""
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -137,6 +138,10 @@ def test_serialized_bytes_counts_the_weights():
     small, large = nn.Linear(10, 10), nn.Linear(100, 100)
     assert 440 <= serialized_bytes(small) < 440 + 4096
     assert serialized_bytes(large) - serialized_bytes(small) == pytest.approx((10100 - 110) * 4, rel=0.05)
+    quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(large, nn.ReLU(), small), {nn.Linear})
+    saved = io.BytesIO()
+    torch.save(quantized.state_dict(), saved)
+    assert serialized_bytes(quantized) == saved.getbuffer().nbytes  # counted, never held, and exact
 
 
 def test_time_call_counts():

@@ -13,11 +13,27 @@ from engine.model.loading import fingerprint
 from engine.quant.apply import apply_plan
 
 
+class _ByteCounter(io.RawIOBase):
+    """A sink that counts what is written to it: the size of a file without the file (or a copy of the
+    whole model in memory, which a shared server's sessions would each hold at once)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        written = memoryview(data).nbytes
+        self.count += written
+        return written
+
+
 def serialized_bytes(model: nn.Module) -> int:
     """Bytes of the model's state_dict saved with torch.save: the real packed format's size."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
+    sink = _ByteCounter()
+    torch.save(model.state_dict(), sink)
+    return sink.count
 
 
 @cached(LRUCache(maxsize=256), key=lambda model, plan: (fingerprint(model), plan.key()), lock=threading.Lock())
