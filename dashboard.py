@@ -9,9 +9,11 @@ import streamlit as st
 st.set_page_config(page_title="Quantization lens", page_icon="🔬", layout="wide")
 
 from app_pages.common import sidebar  # noqa: E402  (set_page_config must come first)
+from app_pages.upload_fix import keep_upload_answers  # noqa: E402
 from engine.runtime.memory import release_freed_memory  # noqa: E402
 
 release_freed_memory()  # one server, many sessions' evaluations: freed activations must not stay resident
+keep_upload_answers()
 
 ROOT = Path(__file__).resolve().parent
 PAGES = [
