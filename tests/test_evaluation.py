@@ -179,20 +179,31 @@ def test_embedded_reaches_its_accuracy(embedded):
     assert out["ci95"][0] < out["accuracy"] < out["ci95"][1]
 
 
-def test_a_session_over_its_memory_budget_drops_states_and_stays_exact(tiny_evaluator):
+def test_one_sessions_states_never_exceed_the_budget_and_stay_exact(tiny_evaluator):
     evaluator = tiny_evaluator
     names = list_layers(evaluator.model)
-    budget = StateBudget(limit_bytes=1)  # nothing fits: every other session loses its states
+    last_query = Plan.from_mapping({names[-8]: "int4"})  # the head's input stays its first row: small
+    last_ffn_out = Plan.from_mapping({names[-3]: "int8"})  # per-tensor scales: the head's input kept token-wide
+    probe = Session(evaluator, StateBudget())
+    probe.update(last_query)
+    first_new_cut = min(c for c in probe.trace.states[0] if c > probe.result.start_cut)
+    one_cut = sum(batch[first_new_cut].numel() * batch[first_new_cut].element_size() for batch in probe.trace.states)
+    budget = StateBudget(limit_bytes=one_cut // 2)  # not even one token-wide cut fits
     first, second = Session(evaluator, budget), Session(evaluator, budget)
-    plan_a = Plan.from_mapping({names[-3]: "int8"})
-    plan_b = Plan.from_mapping({names[-8]: "int4"})
-    first.update(plan_a)
-    assert first.owned_bytes() > 0
-    second.update(plan_b)
-    assert first.trace is None and second.owned_bytes() > 0  # the least recently used lost its states
-    again = first.update(Plan.from_mapping({names[-3]: "int8", names[-1]: "int4"}))
-    full, _ = evaluator.run(again.plan)
-    assert np.array_equal(again.logits, full.logits)  # rebuilt from the FP32 states, still exact
+    first.update(last_query)
+    assert 0 < first.owned_bytes() <= budget.limit  # the latest cut, which fits; not the one before it
+    assert max(first.trace.states[0]) == max(probe.trace.states[0])
+    assert len(first.trace.states[0]) < len(probe.trace.states[0])
+    second.update(last_ffn_out)
+    assert second.owned_bytes() <= budget.limit  # its token-wide head input did not fit: dropped after the run
+    for session, plan in ((first, Plan.from_mapping({names[-8]: "int4", names[-2]: "int8"})),
+                          (second, Plan.from_mapping({names[-3]: "int8", names[-1]: "int4"}))):
+        again = session.update(plan)
+        full, _ = evaluator.run(again.plan)
+        assert np.array_equal(again.logits, full.logits)  # resumed from fewer or the FP32 states, still exact
+        assert session.owned_bytes() <= budget.limit
+    nothing = Session(evaluator, StateBudget(limit_bytes=1))
+    assert np.array_equal(nothing.update(last_query).logits, probe.result.logits) and nothing.owned_bytes() == 0
 
 
 def test_room_for_an_update_is_made_before_it_runs(tiny_evaluator, monkeypatch):

@@ -228,12 +228,13 @@ class Evaluator:
                      self.dataset.calibration_source)
 
     def run(self, plan: Plan = FP32, kernels: str = "simulated", source: Trace | None = None, keep: bool = False,
-            progress: Progress | None = None,
+            kept_cuts: frozenset[int] | None = None, progress: Progress | None = None,
             cancelled: Callable[[], bool] | None = None) -> tuple[EvalResult, Trace | None]:
         """Evaluate `plan`; with `source` (a trace of another plan), start where the plans first differ.
 
         With `keep`, return the plan's trace: `source`'s states up to the start cut (shared, not copied)
-        and the new states after it. `cancelled` is asked between batches and stops the run (Cancelled).
+        and the new states after it, at `kept_cuts` (default: the evaluator's). `cancelled` is asked between
+        batches and stops the run (Cancelled).
         """
         started = time.perf_counter()
         start = self.resume_cut(source, plan)
@@ -253,7 +254,7 @@ class Evaluator:
                     state = previous[start]
                     if kept is not None:
                         kept.update({c: t for c, t in previous.items() if c <= start})
-                out = net(batch.inputs, start, state, kept, self.kept_cuts)
+                out = net(batch.inputs, start, state, kept, self.kept_cuts if kept_cuts is None else kept_cuts)
                 logits[batch.rows] = out.float().cpu().numpy()
                 done_rows.append(batch.rows)
                 if progress is not None:

@@ -17,7 +17,7 @@ from typing import Callable
 from engine.core.plan import FP32, Plan
 from engine.evaluation.evaluator import EvalResult, Evaluator, Progress, Trace
 
-DEFAULT_BUDGET_MB = 512
+DEFAULT_BUDGET_MB = 256
 
 
 class StateBudget:
@@ -97,6 +97,46 @@ class Session:
             return baseline
         return own if self.evaluator.resume_cut(own, plan) >= self.evaluator.resume_cut(baseline, plan) else baseline
 
+    def _cuts_within_budget(self, source: Trace, start: int) -> tuple[frozenset[int] | None, int]:
+        """The cuts after `start` this session may keep (None: all the evaluator keeps) and their bytes: the
+        latest ones, as many as the whole budget holds next to what it keeps from its own trace before `start`.
+        Sizes are FP32's: a quantized run can keep a [CLS]-pooled head's input token-wide where FP32 keeps its
+        first row (per-tensor activation scales read every row), which `_trim` settles after the run."""
+        baseline = self.evaluator.baseline_trace
+        sizes: dict[int, int] = {}
+        for states in baseline.states:
+            for cut, tensor in states.items():
+                if cut > start:
+                    sizes[cut] = sizes.get(cut, 0) + tensor.numel() * tensor.element_size()
+        own_before = source.nbytes(baseline) - source.nbytes_after(start) if source is self.trace else 0
+        room = self.budget.limit - own_before
+        if sum(sizes.values()) <= room:
+            return None, sum(sizes.values())
+        kept, used = set(), 0
+        for cut in sorted(sizes, reverse=True):
+            if used + sizes[cut] <= room:
+                kept.add(cut)
+                used += sizes[cut]
+        return frozenset(kept), used
+
+    def _trim(self, trace: Trace) -> None:
+        """Drop this session's own states, earliest cut first, until they fit the budget: one session's states
+        never exceed it, however large the set; an update past them resumes from an earlier cut, slower, never
+        wrong."""
+        shared = {id(t) for states in self.evaluator.baseline_trace.states for t in states.values()}
+        owned: dict[int, int] = {}
+        for states in trace.states:
+            for cut, tensor in states.items():
+                if id(tensor) not in shared:
+                    owned[cut] = owned.get(cut, 0) + tensor.numel() * tensor.element_size()
+        total = sum(owned.values())
+        for cut in sorted(owned):
+            if total <= self.budget.limit:
+                break
+            for states in trace.states:
+                states.pop(cut, None)
+            total -= owned[cut]
+
     def update(self, plan: Plan, progress: Progress | None = None,
                cancelled: Callable[[], bool] | None = None) -> EvalResult:
         """Evaluate `plan` from the latest cut any kept states allow, then make it current."""
@@ -107,8 +147,11 @@ class Session:
             if source is not self.trace:
                 self.trace = None  # not resumed from: free it before the run allocates the new states
             start = self.evaluator.resume_cut(source, plan)
-            self.budget.reserve(self, self.evaluator.baseline_trace.nbytes_after(start))
-            result, trace = self.evaluator.run(plan, source=source, keep=True, progress=progress, cancelled=cancelled)
+            kept, new_bytes = self._cuts_within_budget(source, start)
+            self.budget.reserve(self, new_bytes)
+            result, trace = self.evaluator.run(plan, source=source, keep=True, kept_cuts=kept, progress=progress,
+                                               cancelled=cancelled)
+            self._trim(trace)
             self.plan, self.trace, self.result = plan, trace, result
         self.budget.touch(self)
         return result
