@@ -73,14 +73,20 @@ class Trace:
     plan: Plan
     states: list[dict[int, torch.Tensor]] = field(default_factory=list)
 
+    def cut_bytes(self, shared: "Trace | None" = None) -> dict[int, int]:
+        """Bytes of the states this trace holds at each cut, leaving out those `shared` (the FP32 baseline) also
+        holds."""
+        seen = {id(t) for batch in (shared.states if shared else ()) for t in batch.values()}
+        sizes: dict[int, int] = {}
+        for batch in self.states:
+            for cut, tensor in batch.items():
+                if id(tensor) not in seen:
+                    sizes[cut] = sizes.get(cut, 0) + tensor.numel() * tensor.element_size()
+        return sizes
+
     def nbytes(self, shared: "Trace | None" = None) -> int:
         """Bytes of the states this trace holds that `shared` (the FP32 baseline) does not also hold."""
-        seen = {id(t) for batch in (shared.states if shared else ()) for t in batch.values()}
-        return sum(t.numel() * t.element_size() for batch in self.states for t in batch.values() if id(t) not in seen)
-
-    def nbytes_after(self, cut: int) -> int:
-        """Bytes of this trace's states at cuts after `cut`: what a run resumed at `cut` makes anew."""
-        return sum(t.numel() * t.element_size() for batch in self.states for c, t in batch.items() if c > cut)
+        return sum(self.cut_bytes(shared).values())
 
 
 @dataclass

@@ -103,12 +103,9 @@ class Session:
         Sizes are FP32's: a quantized run can keep a [CLS]-pooled head's input token-wide where FP32 keeps its
         first row (per-tensor activation scales read every row), which `_trim` settles after the run."""
         baseline = self.evaluator.baseline_trace
-        sizes: dict[int, int] = {}
-        for states in baseline.states:
-            for cut, tensor in states.items():
-                if cut > start:
-                    sizes[cut] = sizes.get(cut, 0) + tensor.numel() * tensor.element_size()
-        own_before = source.nbytes(baseline) - source.nbytes_after(start) if source is self.trace else 0
+        sizes = {cut: size for cut, size in baseline.cut_bytes().items() if cut > start}
+        own_before = sum(size for cut, size in source.cut_bytes(baseline).items() if cut <= start) \
+            if source is self.trace else 0
         room = self.budget.limit - own_before
         if sum(sizes.values()) <= room:
             return None, sum(sizes.values())
@@ -123,12 +120,7 @@ class Session:
         """Drop this session's own states, earliest cut first, until they fit the budget: one session's states
         never exceed it, however large the set; an update past them resumes from an earlier cut, slower, never
         wrong."""
-        shared = {id(t) for states in self.evaluator.baseline_trace.states for t in states.values()}
-        owned: dict[int, int] = {}
-        for states in trace.states:
-            for cut, tensor in states.items():
-                if id(tensor) not in shared:
-                    owned[cut] = owned.get(cut, 0) + tensor.numel() * tensor.element_size()
+        owned = trace.cut_bytes(self.evaluator.baseline_trace)
         total = sum(owned.values())
         for cut in sorted(owned):
             if total <= self.budget.limit:
