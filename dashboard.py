@@ -11,8 +11,10 @@ st.set_page_config(page_title="Quantization lens", page_icon="🔬", layout="wid
 from app_pages.common import sidebar  # noqa: E402  (set_page_config must come first)
 from app_pages.upload_fix import keep_upload_answers  # noqa: E402
 from engine.runtime.memory import release_freed_memory  # noqa: E402
+from engine.runtime.threads import single_core_here  # noqa: E402
 
 release_freed_memory()  # one server, many sessions' evaluations: freed activations must not stay resident
+single_core_here()  # this session's script thread: the evaluations' cores belong to the queue's worker
 keep_upload_answers()
 
 ROOT = Path(__file__).resolve().parent

@@ -37,7 +37,12 @@ def shared_model(name: str):
 @st.cache_resource(show_spinner="Tokenizing the evaluation set and running FP32 once…", max_entries=6)
 def _shared_evaluator(model_name: str, data_fingerprint: str, _data: EvalSet) -> Evaluator:
     model, tokenizer, _ = shared_model(model_name)
-    return get_evaluator(model, tokenizer, _data, keep_states=True)
+    # Built in the queue, on the worker's cores: a session's own thread keeps to one (dashboard.py).
+    job = SCHEDULER.submit("server", "evaluator", lambda job: get_evaluator(model, tokenizer, _data, keep_states=True))
+    job.done_event.wait()
+    if job.error is not None:
+        raise job.error
+    return job.result
 
 
 def session_id() -> str:

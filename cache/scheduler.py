@@ -73,7 +73,6 @@ class Scheduler:
     def _start(self) -> None:
         if not self.started:
             self.started = True
-            torch.set_num_threads(self.threads)
             for index in range(self.workers):
                 threading.Thread(target=self._serve, name=f"engine-worker-{index}", daemon=True).start()
 
@@ -157,6 +156,9 @@ class Scheduler:
         job.done_event.set()
 
     def _serve(self) -> None:
+        # Set here, not by the thread that submitted first: the count is per thread as well as global, and the
+        # sessions' own threads keep to one core (engine.runtime.threads).
+        torch.set_num_threads(self.threads)
         while True:
             with self.condition:
                 while not self.queue:
