@@ -138,9 +138,12 @@ def evaluate_pending(evaluator) -> None:
                          f"{common.fmt_ci(partial.accuracy, partial.ci95)}, agreement with FP32 "
                          f"{partial.agreement:.1%} ({partial.elapsed_s:.2f} s)")
 
-            def work(job, plan=plan):
+            def work(job, plan=plan, model=common.model_and_tokenizer()[0]):
                 result = session.update(plan, progress=lambda p: setattr(job, "progress", p),
                                         cancelled=job.cancelled)
+                # The history's size, measured here in the queue: torch work on a script thread would run
+                # next to the following session's evaluation, and its OpenMP threads with it.
+                results.size(model, plan)
                 return result.summary()
 
             try:

@@ -56,6 +56,8 @@ def bench_against(model: nn.Module, tokenizer, plans: Mapping[str, Plan], refere
     for label, plan in plans.items():
         net = real_model(model, tokenizer, plan, target, data)
         calls[label], sizes[label] = (lambda net=net: net(**inputs)), model_size_bytes(model, plan)
+        if progress is not None:  # a caller stopping the timing is heard between builds too, not only between rounds
+            progress(0.0)
     for label, folder in (exported or {}).items():
         calls[label] = ort_call(folder, inputs, spinning=False)
         sizes[label] = (Path(folder) / "model.onnx").stat().st_size

@@ -63,10 +63,13 @@ def interleaved(calls: Mapping[str, Callable[[], object]], repeats: int = 20, mi
                 sync: Callable[[], None] | None = None,
                 progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
     """Per-call wall times (s), taken round-robin after warm-up; the order rotates every round so that
-    any after-effect of one call on the next is spread over all of them."""
+    any after-effect of one call on the next is spread over all of them. `progress` hears the fraction done
+    after every warm-up call and every round (a callback that raises stops the timing there)."""
     labels = list(calls)
     for label in labels:
         time_call(calls[label], repeats=0, sync=sync)
+        if progress is not None:
+            progress(0.0)
     times: dict[str, list[float]] = {label: [] for label in labels}
     budget, started, rounds = min_seconds * len(labels), time.perf_counter(), 0
     while rounds < repeats or time.perf_counter() - started < budget:
