@@ -24,6 +24,10 @@ HISTORY = 20
 # Jobs that stop when any other kind is submitted: a timing is only worth taking on a quiet machine, and
 # must not hold back a click's evaluation (the page times again when the server is quiet).
 YIELDING = ("latency",)
+# A yielding job starts only once no other work has run or waited for this long, and queued work of other
+# kinds goes first: a timing started right after one session's update, as the next clicks arrive, held their
+# evaluations back until it reached its first check.
+QUIET_S = 1.0
 
 
 @dataclass(eq=False)
@@ -69,6 +73,7 @@ class Scheduler:
         self.live: dict[tuple[str, str, str], Job] = {}  # tagged jobs not yet claimed by their session
         self.condition = threading.Condition()
         self.started = False
+        self.busy_until = 0.0  # when the last job of a non-yielding kind finished
 
     def _start(self) -> None:
         if not self.started:
@@ -155,15 +160,26 @@ class Scheduler:
             del self.live[(job.owner, job.kind, job.tag)]  # a failed or cancelled job is submitted afresh
         job.done_event.set()
 
+    def _next(self) -> Job | None:
+        """The job to start now (under the lock): the first queued one of a non-yielding kind; else a yielding
+        one, once nothing else runs and the queue has been quiet for QUIET_S."""
+        for job in self.queue:
+            if job.kind not in YIELDING:
+                return job
+        busy = any(job.kind not in YIELDING for job in self.running)
+        if self.queue and not busy and time.monotonic() - self.busy_until >= QUIET_S:
+            return self.queue[0]
+        return None
+
     def _serve(self) -> None:
         # Set here, not by the thread that submitted first: the count is per thread as well as global, and the
         # sessions' own threads keep to one core (engine.runtime.threads).
         torch.set_num_threads(self.threads)
         while True:
             with self.condition:
-                while not self.queue:
-                    self.condition.wait()
-                job = self.queue.popleft()
+                while (job := self._next()) is None:
+                    self.condition.wait(QUIET_S if self.queue else None)
+                self.queue.remove(job)
                 job.started = time.monotonic()
                 self.running.append(job)
             try:
@@ -173,6 +189,8 @@ class Scheduler:
                 result, error = None, failure
             with self.condition:
                 self.running.remove(job)
+                if job.kind not in YIELDING:
+                    self.busy_until = time.monotonic()
                 if error is None:
                     self.durations.setdefault(job.kind, deque(maxlen=HISTORY)).append(time.monotonic() - job.started)
                 self._finish(job, result, error)
