@@ -11,11 +11,14 @@ from __future__ import annotations
 import streamlit as st
 
 _CSS = """
-.grid { display: grid; gap: 4px; font-family: var(--st-font); font-size: 12px; }
-.head { font-weight: 600; text-align: center; padding: 2px; color: var(--st-text-color); }
+.frame { overflow-x: auto; padding: 2px; }
+.grid { display: grid; gap: 4px; font-family: var(--st-font); font-size: 12px; min-width: min-content; }
+.head { font-weight: 600; text-align: center; align-self: end; padding: 2px; color: var(--st-text-color);
+        overflow-wrap: anywhere; }
 .row { font-weight: 600; align-self: center; text-align: right; padding-right: 6px; color: var(--st-text-color); }
-.cell { border: 1px solid #555; border-radius: 4px; min-height: 34px; display: flex; align-items: center;
-        justify-content: center; cursor: pointer; user-select: none; text-align: center; line-height: 1.15; }
+.cell { border: 1px solid #555; border-radius: 4px; min-height: 34px; display: flex; flex-direction: column;
+        align-items: center; justify-content: center; cursor: pointer; user-select: none; text-align: center;
+        line-height: 1.15; padding: 2px; overflow-wrap: anywhere; }
 .cell:hover { outline: 2px solid var(--st-primary-color); }
 .cell.pending { outline: 2px dashed var(--st-primary-color); }
 .empty { min-height: 34px; }
@@ -37,7 +40,7 @@ export default function(component) {
 
   const grid = document.createElement("div");
   grid.className = "grid";
-  grid.style.gridTemplateColumns = `max-content repeat(${data.columns.length}, minmax(56px, 1fr))`;
+  grid.style.gridTemplateColumns = `max-content repeat(${data.columns.length}, minmax(64px, 1fr))`;
   grid.appendChild(div("", "head"));
   for (const column of data.columns) grid.appendChild(div(column, "head"));
   for (const row of data.rows) {
@@ -46,7 +49,7 @@ export default function(component) {
       const cell = data.cells.find(c => c.row === row && c.col === column);
       if (!cell) { grid.appendChild(div("", "empty")); continue; }
       const precision = shown[cell.layer];
-      const box = div(`${cell.label}${cell.label ? "<br>" : ""}<b>${precision.toUpperCase()}</b>`, "cell");
+      const box = div(`${cell.label ? `<span>${cell.label}</span>` : ""}<b>${precision.toUpperCase()}</b>`, "cell");
       box.style.background = data.colors[precision];
       box.style.color = data.text[precision];
       box.title = cell.tip;
@@ -65,7 +68,15 @@ export default function(component) {
       grid.appendChild(box);
     }
   }
-  parentElement.replaceChildren(grid);
+  // parentElement is the shadow root, which also holds the element Streamlit mounted with this
+  // component's CSS: replacing the root's children would remove the stylesheet, so the grid is
+  // redrawn inside a frame of its own.
+  let frame = parentElement.querySelector(":scope > .frame");
+  if (!frame) {
+    frame = div("", "frame");
+    parentElement.appendChild(frame);
+  }
+  frame.replaceChildren(grid);
 
   function div(html, className) {
     const element = document.createElement("div");
