@@ -2,7 +2,9 @@
 and how its CPU kernels quantize activations, so that a simulated ORT plan is the exported model.
 
 - int8 weights (quantize_dynamic / quantize_static, per_channel=True, QInt8): per output channel,
-  symmetric, q in [-127, 127], scale = float32(2 * absmax / 254) computed in float64, q = round-half-even(w / scale).
+  symmetric, q in [-127, 127], scale = float32(2 * absmax / 254) computed in float64, q = round-half-even(w / scale);
+  with reduce_range (7-bit weights, for CPUs whose int8 GEMM saturates: engine.core.cpu) q in [-64, 64] and
+  scale = float32(2 * absmax / 128).
 - int8 activations (DynamicQuantizeLinear): uint8 per tensor over [min(0, x), max(0, x)], the full 8 bits,
   scale = (hi - lo) / 255 in float32 (1 when hi == lo), zero point = round-half-even(-lo / scale),
   q = clamp(round-half-even(x / scale) + zp, 0, 255). Static QDQ: the same with a calibrated (scale, zp),
@@ -32,17 +34,19 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.where((x - trunc).abs() == 0.5, trunc + x.sign(), torch.round(x))
 
 
-def ort_int8_integers(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 values as float, per-output-channel scales), as quantize_dynamic(per_channel=True) writes them."""
+def ort_int8_integers(weight: torch.Tensor, weight_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values as float, per-output-channel scales), as quantize_dynamic(per_channel=True) writes them:
+    8-bit, or 7-bit with reduce_range ([-64, 64], ORT's reduced symmetric range)."""
+    qmax = {8: 127, 7: 64}[weight_bits]
     w = weight.detach().float()
     absmax = torch.maximum(-w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)).double()
-    scale64 = 2 * absmax / 254.0
+    scale64 = 2 * absmax / (2.0 * qmax)
     scale = torch.where(scale64 < _TINY, torch.ones_like(scale64), scale64).float()
-    return torch.clamp(torch.round(w / scale[:, None]), -127, 127), scale
+    return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax), scale
 
 
-def ort_int8_weight(weight: torch.Tensor, _group: int = 0) -> torch.Tensor:
-    q, scale = ort_int8_integers(weight)
+def ort_int8_weight(weight: torch.Tensor, _group: int = 0, weight_bits: int = 8) -> torch.Tensor:
+    q, scale = ort_int8_integers(weight, weight_bits)
     return q * scale[:, None]
 
 

@@ -3,17 +3,20 @@
 JSON form (the contract): an object mapping globs to precisions, applied in order, later entries
 winning; unmatched layers stay fp32. A bare precision means {"*": precision}. Options ride along
 under the reserved key "options" (an object, never a precision, so it cannot be mistaken for a
-rule): int4 `group_size`, int8 activation scheme `act`, and SmoothQuant's `smooth_alpha`.
+rule): int4 `group_size`, int8 activation scheme `act`, SmoothQuant's `smooth_alpha`, the calibration
+size `calib`, the `runtime` whose numerics the simulation follows, and the `target_cpu` an ONNX Runtime
+plan's int8 weights are written for (engine.core.cpu; unset: this machine).
 """
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
+from engine.core.cpu import TARGET_NAMES, TargetCpu, as_target
 from engine.core.errors import EngineError
 from engine.core.numerics import ACT_SCHEMES
 from engine.core.precisions import PRECISION_NAMES as PRECISIONS
@@ -39,6 +42,7 @@ class Plan:
     smooth_alpha: float | tuple[tuple[str, float], ...] | None = None
     calib: int = DEFAULT_CALIB
     runtime: str = "torch"  # whose numerics the simulation reproduces: the runtime the plan is deployed on
+    target_cpu: str | None = None  # the CPU an ONNX Runtime plan's int8 is for (None: this machine)
 
     def __post_init__(self) -> None:
         for pattern, precision in self.rules:
@@ -55,6 +59,8 @@ class Plan:
             raise PlanError(f"plan option calib: {self.calib!r} is not a positive integer")
         if self.runtime not in RUNTIMES:
             raise PlanError(f"plan option runtime: {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
+        if self.target_cpu is not None and self.target_cpu not in TARGET_NAMES:
+            raise PlanError(f"plan option target_cpu: {self.target_cpu!r} is not one of {', '.join(TARGET_NAMES)}")
         alpha = self.smooth_alpha
         if alpha is not None and not isinstance(alpha, (int, float, tuple)):
             raise PlanError(f"plan option smooth_alpha: {alpha!r} is not a number or an object of layer: alpha")
@@ -89,7 +95,7 @@ class Plan:
                 raise PlanError(f"plan entry {key!r}: the precision must be a string, not {value!r}")
             else:
                 rules.append((key, value))
-        unknown = set(options) - {"group_size", "act", "smooth_alpha", "calib", "runtime"}
+        unknown = set(options) - {"group_size", "act", "smooth_alpha", "calib", "runtime", "target_cpu"}
         if unknown:
             raise PlanError(f"plan options: unknown option {sorted(unknown)[0]!r}")
         if isinstance(options.get("smooth_alpha"), dict):
@@ -117,22 +123,44 @@ class Plan:
             options["calib"] = self.calib
         if self.runtime != "torch":
             options["runtime"] = self.runtime
+        if self.target_cpu is not None:
+            options["target_cpu"] = self.target_cpu
         return options
+
+    @property
+    def cpu(self) -> TargetCpu:
+        """The CPU this plan's ONNX Runtime int8 is for: its target_cpu, else this machine."""
+        return as_target(self.target_cpu)
+
+    @property
+    def int8_weight_bits(self) -> int:
+        """Bits of the int8 weights the plan's runtime computes with: ORT's reduce_range (7) for a CPU whose
+        int8 GEMM saturates, else 8. Torch's kernels keep their 8-bit weights on every CPU."""
+        return self.cpu.int8_weight_bits if self.runtime == "onnxruntime" else 8
 
     def key(self) -> str:
         """A stable hash of the resolved meaning, independent of dict order in the source JSON."""
         options = self.options()
         if isinstance(self.smooth_alpha, tuple):  # per-layer alphas: order decides (later wins), so keep it
             options["smooth_alpha"] = [list(pair) for pair in self.smooth_alpha]
+        # The target CPU counts by what it changes: the same numerics share a key, whichever name chose them
+        # (a plan for this machine and one naming it), and a key made on a VNNI machine is what it always was.
+        options.pop("target_cpu", None)
+        if self.int8_weight_bits != 8:
+            options["int8_weight_bits"] = self.int8_weight_bits
         text = json.dumps({"rules": self.rules, "options": options}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def with_rules(self, rules: Sequence[tuple[str, str]]) -> "Plan":
-        return Plan(tuple(rules), self.group_size, self.act, self.smooth_alpha, self.calib, self.runtime)
+        return replace(self, rules=tuple(rules))
 
     def on(self, runtime: str) -> "Plan":
         """The same plan with the numerics of another runtime."""
-        return Plan(self.rules, self.group_size, self.act, self.smooth_alpha, self.calib, runtime)
+        return replace(self, runtime=runtime)
+
+    def for_cpu(self, target_cpu: str | None) -> "Plan":
+        """The same plan with its ONNX Runtime int8 written for another CPU (None: this machine)."""
+        return replace(self, target_cpu=target_cpu)
 
     def precisions_only(self) -> "Plan":
         """The same precisions and group size, without activation scheme or smoothing (what bytes depend on)."""

@@ -48,6 +48,14 @@ class Precision:
     real_table: Callable[[Tensor, int | None, int, torch.device], nn.Module]
     weight_bytes: Callable[[int, int, int], int]  # (rows, cols, group size) -> bytes of weights and their scales
     unsupported: dict[str, str] = field(default_factory=dict)  # runtime -> why it cannot run this precision
+    # runtime -> its numerics with 7-bit int8 weights (ORT's reduce_range, for CPUs whose int8 GEMM saturates)
+    reduced: dict[str, Numerics] = field(default_factory=dict)
+
+    def numerics_for(self, runtime: str, int8_weight_bits: int = 8) -> Numerics:
+        """How `runtime` computes this precision with weights of that many bits (Plan.int8_weight_bits)."""
+        if int8_weight_bits != 8 and runtime in self.reduced:
+            return self.reduced[runtime]
+        return self.numerics[runtime]
 
     def layer_bytes(self, rows: int, cols: int, bias_numel: int, group_size: int) -> int:
         """Bytes of one layer in the real format: weights, scales and offsets, and a float32 bias."""
@@ -117,7 +125,10 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
                                  kernels.int8_linear_integers),
                "onnxruntime": Numerics(ort_int8_weight, ort_uint8_table, ort_int8_integers, ort_quantize_activation,
                                        ort_static_qparams, reduce_range=False)},
-              _int8_linear, _int8_table, lambda rows, cols, _group: rows * cols + 8 * rows),
+              _int8_linear, _int8_table, lambda rows, cols, _group: rows * cols + 8 * rows,
+              reduced={"onnxruntime": Numerics(lambda weight, _group: ort_int8_weight(weight, weight_bits=7),
+                                               ort_uint8_table, lambda weight: ort_int8_integers(weight, 7),
+                                               ort_quantize_activation, ort_static_qparams, reduce_range=False)}),
     Precision("int4", "INT4 weight-only, group-wise asymmetric", False,
               {"torch": Numerics(int4_round_trip, int4_round_trip),
                "onnxruntime": Numerics(ort_int4_weight, ort_int4_table)},

@@ -83,10 +83,11 @@ def simulated_linear(model_key: str, name: str, precision: str, weight: torch.Te
                      plan, static=None, in_scale=None, transform: str | None = None) -> SimLinear:
     """The simulated module of one Linear: integer weights and scales where the runtime's kernel sums
     integers, else the quantize-dequantized weight."""
-    numerics = PRECISIONS[precision].numerics[plan.runtime]
+    bits = plan.int8_weight_bits
+    numerics = PRECISIONS[precision].numerics_for(plan.runtime, bits)
     reduce_range = numerics.reduce_range and int8_reduce_range()
     if numerics.integers is not None:
-        integers, scales = _simulated((model_key, name, precision, plan.runtime, "integers", transform),
+        integers, scales = _simulated((model_key, name, precision, plan.runtime, "integers", bits, transform),
                                       lambda: numerics.integers(weight))
         return SimLinear(integers, bias, precision, plan.act, static, in_scale, reduce_range, scales,
                          numerics.activation)
@@ -140,7 +141,7 @@ def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = "simulate
             weight, bias, in_scale = smoothing.transformed(layer.name, weight, bias)
         static = None
         if precision == "int8" and plan.act == "static":
-            numerics = PRECISIONS[precision].numerics[plan.runtime]
+            numerics = PRECISIONS[precision].numerics_for(plan.runtime, plan.int8_weight_bits)
             static = numerics.static(*calibration.input_range(layer.name, smoothing),
                                      numerics.reduce_range and int8_reduce_range())
         if kernels == "real":

@@ -118,13 +118,13 @@ def _int8(graph: onnx.ModelProto, nodes: list[str], layers: dict, mapping: dict[
             if not calibration_texts:
                 raise ExportError("static int8 needs calibration sentences (from the evaluated source's pool)")
             onnx_graph.int8_static(work / "stage.onnx", work / "static.onnx", linear, graph,
-                                   _calibration_feeds(tokenizer, calibration_texts, limit))
+                                   _calibration_feeds(tokenizer, calibration_texts, limit), plan.int8_weight_bits)
             if not table:
                 return onnx.load(str(work / "static.onnx"))
             linear, graph = [], onnx.load(str(work / "static.onnx"))
             onnx.save(graph, str(work / "stage.onnx"))
         say("int8 layers: dynamic", 0.45)
-        onnx_graph.int8_dynamic(work / "stage.onnx", work / "int8.onnx", linear + table, graph)
+        onnx_graph.int8_dynamic(work / "stage.onnx", work / "int8.onnx", linear + table, graph, plan.int8_weight_bits)
     return onnx.load(str(work / "int8.onnx"))
 
 

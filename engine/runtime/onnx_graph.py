@@ -168,13 +168,14 @@ def to_fp16(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
     return convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
 
 
-def int8_dynamic(src: Path, dst: Path, nodes: list[str], model: onnx.ModelProto) -> None:
-    """quantize_dynamic on exactly `nodes` (MatMuls and/or the table's Gather): per-channel int8 weights."""
+def int8_dynamic(src: Path, dst: Path, nodes: list[str], model: onnx.ModelProto, weight_bits: int = 8) -> None:
+    """quantize_dynamic on exactly `nodes` (MatMuls and/or the table's Gather): per-channel int8 weights, 7-bit
+    (reduce_range) for a CPU whose int8 GEMM saturates (engine.core.cpu); the table's uint8 is never reduced."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     types = sorted({node.op_type for node in model.graph.node if node.name in set(nodes)})
     others = [name for name in _all_of(model, tuple(types)) if name not in set(nodes)]
-    quantize_dynamic(src, dst, op_types_to_quantize=types, per_channel=True, reduce_range=False,
+    quantize_dynamic(src, dst, op_types_to_quantize=types, per_channel=True, reduce_range=weight_bits == 7,
                      weight_type=QuantType.QInt8, nodes_to_quantize=nodes, nodes_to_exclude=others,
                      extra_options={"MatMulConstBOnly": True})
 
@@ -200,9 +201,11 @@ def own_inputs(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
     return model
 
 
-def int8_static(src: Path, dst: Path, nodes: list[str], model: onnx.ModelProto, feeds: list[dict]) -> None:
+def int8_static(src: Path, dst: Path, nodes: list[str], model: onnx.ModelProto, feeds: list[dict],
+                weight_bits: int = 8) -> None:
     """quantize_static (QDQ, MinMax calibration on `feeds`) on exactly `nodes`: uint8 activations with a
-    calibrated per-tensor scale on the MatMul input, int8 per-channel weights, the MatMul output left float."""
+    calibrated per-tensor scale on the MatMul input (reduce_range leaves them 8-bit), int8 per-channel
+    weights (7-bit with reduce_range), the MatMul output left float."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -220,7 +223,7 @@ def int8_static(src: Path, dst: Path, nodes: list[str], model: onnx.ModelProto, 
 
     others = [name for name in _all_of(model, ("MatMul",)) if name not in set(nodes)]
     quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                    per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
+                    per_channel=True, reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, nodes_to_quantize=nodes, nodes_to_exclude=others,
                     calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"], "MatMulConstBOnly": True})
