@@ -2,6 +2,7 @@
 only here, so the same question asked anywhere finds the same answer."""
 from __future__ import annotations
 
+from engine.core.cpu import this_cpu
 from engine.core.plan import Plan
 from engine.model.loading import fingerprint
 
@@ -10,9 +11,11 @@ from cache import make_key
 
 def evaluation(model_fp: str, data_fp: str, plan: Plan, kernels: str = "simulated", device: str = "cpu",
                batch: int = 32) -> str:
-    """A plan's evaluation on a set (EvalResult.summary())."""
+    """A plan's evaluation on a set (EvalResult.summary()). The exported graph run by ONNX Runtime computes
+    what this CPU's int8 instructions compute (engine.core.cpu), so that result is keyed by the CPU too."""
+    ran_on = {"cpu": this_cpu().value} if kernels == "real" and plan.runtime == "onnxruntime" else {}
     return make_key("evaluation", model=model_fp, data=data_fp, plan=plan.key(), kernels=kernels, device=device,
-                    batch=batch)
+                    batch=batch, **ran_on)
 
 
 def evaluator_evaluation(evaluator, plan: Plan, kernels: str = "simulated") -> str:

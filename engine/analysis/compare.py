@@ -181,6 +181,7 @@ def _row(label: str, runtime: str, plan: Plan, outcome: SetOutcome, single: dict
         "peak_memory_bytes": None, "threads": single["threads"], "load_average": single["load_average"],
         "tokens": BENCH_TOKENS, "throughput_batch": THROUGHPUT_BATCH, "timing_repeats": single["repeats"],
         "machine": machine_text, "kernel_notes": notes, "plan_json": plan.to_json(),
+        "cpu_kernel": plan.cpu.kernel if runtime == "onnxruntime" else None,
     }
 
 

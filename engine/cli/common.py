@@ -33,6 +33,20 @@ def model_arg(parser: argparse.ArgumentParser) -> None:
 
 def plan_arg(parser: argparse.ArgumentParser, default: str = "fp32") -> None:
     parser.add_argument("--plan", default=default, help="a precision, inline JSON, or a .json file")
+    target_cpu_arg(parser)
+
+
+def target_cpu_arg(parser: argparse.ArgumentParser) -> None:
+    from engine.core.cpu import TARGET_NAMES
+
+    parser.add_argument("--target-cpu", default=None, choices=TARGET_NAMES,
+                        help="the CPU an ONNX Runtime plan's int8 is for (default: this machine): avx2 and avx512 "
+                             "(no VNNI) get 7-bit weights, exact on every CPU; vnni and amx 8-bit weights")
+
+
+def for_target(args: argparse.Namespace, plan):
+    """The plan with --target-cpu applied (a plan's own target_cpu option stands where the flag is absent)."""
+    return plan.for_cpu(args.target_cpu) if args.target_cpu else plan
 
 
 def kernels_arg(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +105,7 @@ def resolved_plan(args: argparse.Namespace, model):
     from engine.core.plan import parse_plan
     from engine.model.inventory import list_layers
 
-    plan = parse_plan(args.plan)
+    plan = for_target(args, parse_plan(args.plan))
     plan.resolve(list_layers(model))
     return plan
 

@@ -1,8 +1,8 @@
 """`compare`: plans side by side on several sets."""
 from __future__ import annotations
 
-from engine.cli.common import (UsageError, device_arg, load, model_arg, positive_int, progress_printer, runtime_arg,
-                               runtimes)
+from engine.cli.common import (UsageError, device_arg, for_target, load, model_arg, positive_int, progress_printer,
+                               runtime_arg, runtimes, target_cpu_arg)
 
 
 def setup(_name: str, parser) -> None:
@@ -13,6 +13,7 @@ def setup(_name: str, parser) -> None:
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N examples of each set")
     device_arg(parser)
     runtime_arg(parser, several=True)
+    target_cpu_arg(parser)
 
 
 def run(_name: str, args):
@@ -25,7 +26,7 @@ def run(_name: str, args):
         raise UsageError("compare needs at least one plan (--plans) and one set (--data)")
     resolve_device(args.device)  # before loading anything: a missing GPU is reported at once
     model, tokenizer = load(args)
-    plans = [resolve_plan_item(item, model) for item in items]
+    plans = [(label, for_target(args, plan)) for label, plan in (resolve_plan_item(item, model) for item in items)]
     from cache import results
 
     chosen = runtimes(args.runtime)

@@ -64,6 +64,7 @@ def exported_evaluation(model, tokenizer, data, plan, device: str) -> dict:
 
 def run(name: str, args):
     if name == "eval":
+        from engine.core.cpu import features_line
         from engine.evaluation.evaluate import evaluate
 
         data = evaluation_set(args)
@@ -73,10 +74,11 @@ def run(name: str, args):
             return evaluate(model, tokenizer, data, plan, args.kernels or "simulated", None, args.device)
         if args.runtime != "onnxruntime":
             raise UsageError(f"runtime {args.runtime!r}: choose torch or onnxruntime")
+        cpu = {"target_cpu": plan.cpu.value, "cpu_kernel": plan.cpu.kernel, "cpu_features": features_line()}
         if args.kernels == "simulated":  # ONNX Runtime's numerics, simulated exactly: the layer map's live figure
             return {**evaluate(model, tokenizer, data, plan.on("onnxruntime"), "simulated", None, args.device),
-                    "runtime": "onnxruntime"}
-        return exported_evaluation(model, tokenizer, data, plan, args.device)
+                    "runtime": "onnxruntime", **cpu}
+        return {**exported_evaluation(model, tokenizer, data, plan, args.device), **cpu}
     if name == "predict":
         from engine.analysis.predict import predict
         from engine.core.plan import parse_plan

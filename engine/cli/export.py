@@ -1,7 +1,8 @@
 """`export`: a plan as a folder ONNX Runtime can serve, with its model card measured on this machine."""
 from __future__ import annotations
 
-from engine.cli.common import UsageError, data_args, evaluation_set, load, model_arg, plan_arg, progress_printer
+from engine.cli.common import (UsageError, data_args, evaluation_set, for_target, load, model_arg, plan_arg,
+                               progress_printer)
 
 
 def setup(_name: str, parser) -> None:
@@ -19,7 +20,7 @@ def run(_name: str, args):
 
     if args.format != "onnx":
         raise UsageError(f"format {args.format!r}: only onnx is supported")
-    plan = parse_plan(args.plan)
+    plan = for_target(args, parse_plan(args.plan))
     data = evaluation_set(args)
     model, tokenizer = load(args)
     show = progress_printer("export: ")

@@ -220,9 +220,10 @@ class Plan:
 
     def label(self) -> str:
         """A short human name: the bare precision for uniform plans, else a summary."""
-        if len(self.rules) == 1 and self.rules[0][0] == "*" and not self.options():
+        options = {name: value for name, value in self.options().items() if name != "target_cpu"}
+        if len(self.rules) == 1 and self.rules[0][0] == "*" and not options:
             return self.rules[0][1]
-        if not self.rules and not self.options():
+        if not self.rules and not options:
             return "fp32"
         return f"plan-{self.key()[:8]}"
 

@@ -12,6 +12,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from engine.core.cpu import features_line
+
 from engine.core.stats import median_interval
 
 WARMUP = 3
@@ -27,7 +29,7 @@ def load_average() -> float | None:
 
 def machine(device: str | torch.device = "cpu") -> dict:
     """Where a timing was taken: processor, cores, torch threads, torch version, device and current load."""
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    info = {"cpu": platform.processor() or platform.machine(), "cpu_features": features_line(), "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
             "load_average": load_average()}
     if torch.device(device).type == "cuda":
@@ -37,7 +39,8 @@ def machine(device: str | torch.device = "cpu") -> dict:
 
 def describe(info: Mapping) -> str:
     """One line naming the machine, e.g. 'x86_64, 2 cores, 2 torch threads, load 1.3'."""
-    text = f"{info.get('gpu') or info['cpu']}, {info['cores']} cores, {info['threads']} torch threads"
+    features = f" ({info['cpu_features']})" if info.get("cpu_features") and not info.get("gpu") else ""
+    text = f"{info.get('gpu') or info['cpu']}{features}, {info['cores']} cores, {info['threads']} torch threads"
     return text + (f", load {info['load_average']}" if info.get("load_average") is not None else "")
 
 

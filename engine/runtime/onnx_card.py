@@ -12,6 +12,8 @@ import onnxruntime as ort
 import torch
 import transformers
 
+from engine.core.cpu import TargetCpu, features_line, this_cpu
+
 
 def versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
@@ -27,6 +29,21 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_path(target: TargetCpu, int8_layers: bool) -> dict:
+    """Which CPU's int8 instructions the file's figures assume, what this machine is, and a warning where
+    the two differ or where the file computes other integers on some CPUs."""
+    here = this_cpu()
+    warning = None
+    if int8_layers and not target.saturates:
+        warning = ("its int8 weights are 8-bit: on a CPU without VNNI or AMX (AVX2, AVX-512 without VNNI) ONNX "
+                   "Runtime's int8 GEMM saturates pairs of products and this model computes other logits than "
+                   "those measured here; export with --target-cpu avx2 to run the same everywhere")
+        if here.saturates:
+            warning = f"this machine ({here.value}) is such a CPU, so the figures below are not the target's: {warning}"
+    return {"target_cpu": target.value, "kernel": target.kernel, "int8_weight_bits": target.int8_weight_bits,
+            "measured_on": {"target_cpu": here.value, "features": features_line()}, "warning": warning}
 
 
 def _pct(x: float) -> str:
@@ -48,6 +65,11 @@ def markdown(card: dict) -> str:
              "", "## Plan", "", "```json", json.dumps(card["plan"], indent=1), "```", "",
              "| layer | precision | in model.onnx |", "|---|---|---|"]
     lines += [f"| `{row['layer']}` | {row['precision']} | {row['onnx']} |" for row in card["layers"]]
+    cpu = card["cpu"]
+    lines += ["", "## CPU kernel path", "", f"- written for: {cpu['kernel']}",
+              f"- measured on: {cpu['measured_on']['target_cpu']} ({cpu['measured_on']['features']})"]
+    if cpu["warning"]:
+        lines.append(f"- **warning**: {cpu['warning']}")
     size = card["size_bytes"]
     lines += ["", "## Measured on this machine", "",
               f"- size: model.onnx {size / 1e6:.1f} MB, {_pct(size / card['fp32_size_bytes'])} of the FP32 export "
@@ -72,8 +94,9 @@ def markdown(card: dict) -> str:
 
 
 def build(model_name: str, plan_json: dict, plan_label: str, rows: list[dict], size: int, fp32_size: int,
-          measured: dict | None) -> dict:
+          measured: dict | None, target: TargetCpu) -> dict:
+    int8_layers = any(row["precision"] == "int8" for row in rows)
     return {"model": model_name, "plan": plan_json, "plan_label": plan_label, "layers": rows, "size_bytes": size,
-            "fp32_size_bytes": fp32_size, "measured": measured,
+            "fp32_size_bytes": fp32_size, "measured": measured, "cpu": cpu_path(target, int8_layers),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": versions(), "machine": f"{cpu_name()}, {os.cpu_count()} cores"}

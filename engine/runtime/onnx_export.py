@@ -142,6 +142,7 @@ def export_onnx(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path
     say = progress or (lambda message, fraction: None)
     try:
         plan = as_plan(plan).on("onnxruntime")
+        plan = plan.for_cpu(plan.cpu.value)  # the folder's plan.json names the CPU its int8 was written for
         layers = onnx_graph.quantizable_layers(model)
         resolved = plan.resolve(list(layers))
     except PlanError as error:
@@ -166,7 +167,7 @@ def export_onnx(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path
             say("measuring accuracy and latency", 0.8)
             measured = card(folder)
         info = onnx_card.build(getattr(model, "name_or_path", None) or type(model).__name__, plan.to_json(),
-                               plan.label(), built["rows"], size, built["fp32_size"], measured)
+                               plan.label(), built["rows"], size, built["fp32_size"], measured, plan.cpu)
         (folder / "card.json").write_text(json.dumps(info, indent=1) + "\n")
         (folder / "README.md").write_text(onnx_card.markdown(info))
         if target.exists():
