@@ -10,16 +10,18 @@ import time
 import uuid
 from typing import Any, Callable
 
+import numpy as np
 import streamlit as st
 
 from cache.scheduler import SCHEDULER
+from engine.analysis.toggle import fit_plan, fit_undo
 from engine.core.data import DataError, EvalSet, available_sets, load_csv, load_dataset
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, Plan
 from engine.evaluation.evaluate import get_evaluator
 from engine.evaluation.evaluator import Evaluator
 from engine.model.inventory import inventory
-from engine.model.loading import REGISTRY, load_model_or_fallback
+from engine.model.loading import REGISTRY, label_space, load_model_or_fallback
 
 PRECISION_COLORS = {"fp32": "#d9d9d9", "fp16": "#9ecae1", "bf16": "#6baed6", "int8": "#fdae6b", "int4": "#a63603"}
 TEXT_ON = {"fp32": "#222", "fp16": "#222", "bf16": "#222", "int8": "#222", "int4": "#fff"}  # readable on each
@@ -96,12 +98,38 @@ def layer_names() -> list[str]:
 
 
 def current_plan() -> Plan:
-    """The layer map's plan for this session (FP32 until the person changes it)."""
-    return state.get("plan", FP32)
+    """The layer map's plan for this session (FP32 until the person changes it), fitted to the chosen model:
+    after a switch to another model, the rules that name none of its layers are dropped, once, with a note
+    that every page shows, and so are those of every plan that undo would bring back."""
+    plan = state.get("plan", FP32)
+    model = state.get("model_name", "embedded")
+    if state.get("plan_fitted_for") == (model, plan.key()):
+        return plan
+    names = layer_names()
+    fitted = fit_plan(plan, names)
+    if fitted.dropped:
+        plan = state["plan"] = fitted.plan
+        dropped = ", ".join(fitted.dropped[:3]) + (", …" if len(fitted.dropped) > 3 else "")
+        state["plan_note"] = (model, "The plan was made for another model; starting from FP32." if not plan.rules
+                              else f"The plan was made for another model: kept the {len(plan.rules)} rule(s) that "
+                                   f"match this one, dropped {len(fitted.dropped)} ({dropped}).")
+        state["plan_undo"] = fit_undo(state.get("plan_undo", []), names, plan)
+    state["plan_fitted_for"] = (model, plan.key())
+    return plan
 
 
 def set_current_plan(plan: Plan) -> None:
     state["plan"] = plan
+    state.pop("plan_note", None)  # the person has made a plan for this model
+
+
+def plan_note() -> None:
+    """Under the page's title (dashboard.py draws it): the one line that says the plan was fitted to a newly
+    chosen model."""
+    current_plan()
+    model, note = state.get("plan_note", (None, None))
+    if note and model == state.get("model_name", "embedded"):
+        st.info(note)
 
 
 def log_ticks(values) -> dict:
@@ -113,6 +141,11 @@ def log_ticks(values) -> dict:
     ticks = [m * 10.0**e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
              for m in (1, 2, 5) if low <= m * 10.0**e <= high]
     return {"tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
+
+
+def plain(value: float, digits: int = 2, sign: bool = False) -> str:
+    """A small number in plain notation with `digits` significant digits (0.000032, not 3.2e-05; 0, not 0.00e+00)."""
+    return np.format_float_positional(value, precision=digits, unique=False, fractional=False, trim="-", sign=sign)
 
 
 def fmt_ci(accuracy: float, ci95) -> str:
@@ -171,18 +204,31 @@ def sidebar() -> None:
         names = list(sets)
         if state.get("sidebar_data") != data_name() and data_name() in names:
             state["sidebar_data"] = data_name()
-        st.selectbox("Evaluation set", names, key="sidebar_data", on_change=_pick_set,
-                     format_func=lambda n: f"{n}: {sets[n]}")
+        # The set's name alone fits the sidebar's width; its description goes below, whole.
+        st.selectbox("Evaluation set", names, key="sidebar_data", on_change=_pick_set)
+        st.caption(sets.get(state["sidebar_data"], ""))
+        _label_readings(sets)
         st.file_uploader("Or upload a CSV (columns text,label)", type=["csv"], key="sidebar_upload",
                          on_change=_take_upload,
                          help="label: a class name of the model or an integer class id; a tenth of the rows "
                               "(at most 256) is held out for calibration and not evaluated")
         if state.get("upload_error"):
-            st.error(state["upload_error"])
+            st.error(f"{state['upload_error']}. The set in use stays {data_name()}.")
         load = SCHEDULER.load()
         if load["running"] or load["queued"]:
             st.caption(f"Server: {load['running']} evaluation(s) running, {load['queued']} queued "
                        f"({load['workers']} worker x {load['threads']} threads).")
+
+
+def _label_readings(sets: dict) -> None:
+    """For an uploaded set, how its labels that are not class names (integer ids, yes/no) were read."""
+    if sets.get(data_name()) != "uploaded CSV":
+        return
+    model, _ = model_and_tokenizer()
+    readings = label_space(model).readings(dataset().labels)
+    if readings:
+        shown = ", ".join(f"{label} → {name}" for label, name in list(readings.items())[:6])
+        st.caption(f"Labels read as classes: {shown}" + (", …" if len(readings) > 6 else "") + ".")
 
 
 # ---- the job queue -------------------------------------------------------------------------------

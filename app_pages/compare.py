@@ -32,7 +32,8 @@ def choices(model):
     left, right = st.columns(2)
     with left:
         presets = st.multiselect("Precisions", list(PRESETS), default=["fp32", "fp16", "int8", "int4"],
-                                 format_func=lambda p: f"{display_name(p)}: {PRESETS[p]}", key="compare_presets")
+                                 format_func=display_name, key="compare_presets",  # short chips: never cut
+                                 help="; ".join(f"{display_name(p)}: {about}" for p, about in PRESETS.items()))
         current = common.current_plan()
         use_current = current.key() != FP32.key() and st.checkbox(
             "The layer map's current plan", value=True, key="compare_current",
@@ -227,7 +228,7 @@ def report(stored: dict) -> None:
                                  "comparison.md", "text/markdown")
 
 
-st.title("Precision comparison")
+common.plan_note()
 st.markdown("What each precision gains and loses on this model, these sets and this machine: accuracy with its 95% "
             "interval, agreement with FP32, real-kernel size and latency. The findings below are computed from the "
             "numbers, and a difference inside its interval is never called one.")

@@ -7,7 +7,7 @@ from engine.core.plan import FP32
 from engine.model.inventory import inventory
 from engine.model.loading import REGISTRY, label_space
 
-st.title("Quantization lens")
+common.plan_note()
 st.markdown(
     "How far can this classifier be compressed before it breaks? Toggle layers on the **layer map**, "
     "compare whole precisions, type adversarial reviews, tune SmoothQuant and sweep layer sensitivity. "

@@ -71,7 +71,7 @@ export default function(component) {
   // parentElement is the shadow root, which also holds the element Streamlit mounted with this
   // component's CSS: replacing the root's children would remove the stylesheet, so the grid is
   // redrawn inside a frame of its own.
-  let frame = parentElement.querySelector(":scope > .frame");
+  let frame = parentElement.querySelector(".frame");
   if (!frame) {
     frame = div("", "frame");
     parentElement.appendChild(frame);

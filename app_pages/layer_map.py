@@ -12,7 +12,7 @@ from app_pages import common, deployment
 from app_pages.layer_grid import layer_grid, new_clicks
 from cache import results
 from cache.scheduler import SCHEDULER
-from engine.analysis.toggle import next_precision, set_layers
+from engine.analysis.toggle import change_label, next_precision, set_layers
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
 from engine.core.stats import SIGNIFICANCE
@@ -166,13 +166,14 @@ def record(plan: Plan, summary: dict, layer: str | None) -> None:
     previous = history[-1] if history else None
     if previous is None or previous["key"] != plan.key():
         model, _ = common.model_and_tokenizer()
+        changed = change_label(previous["plan"] if previous else None, plan, common.layer_names())
         history.append({"key": plan.key(), "plan": plan, "label": f"#{len(history) + 1}",
                         "accuracy": summary["accuracy"], "low": summary["ci95"][0], "high": summary["ci95"][1],
-                        "size_mb": results.size(model, plan) / 1e6, "flips": summary["flips"], "kl": summary["kl"],
-                        "changed": layer or "several layers"})
+                        "size_mb": results.size(model, plan) / 1e6, "flips": summary["flips"],
+                        "kl": summary["kl"], "changed": changed})
     if layer and previous is not None:
         state["layer_effects"][layer] = (f"{(summary['accuracy'] - previous['accuracy']) * 100:+.2f} pts accuracy, "
-                                         f"KL {summary['kl']:.1e}")
+                                         f"KL {common.plain(summary['kl'])}")
 
 
 # ---- figures ------------------------------------------------------------------------------------
@@ -187,16 +188,20 @@ def results_section(evaluator, plan: Plan) -> None:
     size, fp32_size = results.size(model, plan), results.size(model, FP32)
     accuracy, low, high = summary["accuracy"], *summary["ci95"]
     columns = st.columns(4)
+    # FP32's accuracy inside the plan's interval: no change this set can show, so no colour and no arrow.
+    within = low <= baseline.accuracy <= high
     columns[0].metric(f"Accuracy (n = {summary['n']:,})", f"{accuracy:.1%}",
-                      f"{(accuracy - baseline.accuracy) * 100:+.2f} pts vs FP32", delta_color="normal",
+                      f"{(accuracy - baseline.accuracy) * 100:+.2f} pts vs FP32",
+                      delta_color="off" if within else "normal", delta_arrow="off" if within else "auto",
                       help="95% Wilson interval below")
     columns[0].caption(f"95% CI [{low:.1%}, {high:.1%}]"
                        + (f" · {(accuracy - previous['accuracy']) * 100:+.2f} pts vs {previous['label']}"
                           if previous else ""))
     columns[1].metric("Agreement with FP32", f"{summary['agreement']:.1%}", f"{summary['flips']} flips",
                       delta_color="off", help=f"McNemar p = {summary['mcnemar_p']:.3g} against FP32")
-    columns[2].metric("Mean KL from FP32", f"{summary['kl']:.2e}",
-                      f"{summary['kl'] - previous['kl']:+.1e} vs {previous['label']}" if previous else None,
+    columns[2].metric("Mean KL from FP32", common.plain(summary["kl"]),
+                      f"{common.plain(summary['kl'] - previous['kl'], sign=True)} vs {previous['label']}"
+                      if previous else None,
                       delta_color="inverse")
     columns[3].metric("Size (real format)", f"{size / 1e6:.1f} MB", f"{size / fp32_size:.0%} of FP32",
                       delta_color="off")
@@ -227,6 +232,9 @@ def latency_section(plan: Plan) -> None:
     where = "the exported graph on ONNX Runtime" if plan.runtime == "onnxruntime" else "torch"
     st.markdown(f"**Latency on real kernels** ({where}, this CPU, {BENCH_TOKENS}-token inputs; the plan and torch "
                 "FP32 timed interleaved in one run)")
+    # Each figure names its plan: after fast clicks the grid already shows later changes than the plan timed.
+    entry = next((h for h in state["plan_history"] if h["key"] == plan.key()), None)
+    plan_name = f"plan {entry['label']} ({entry['changed']})" if entry else "this plan"
     columns = st.columns(2)
     for column, batch in zip(columns, (1, 32)):
         measured = results.cached_latency(model, plan, FP32, batch, BENCH_TOKENS)
@@ -255,12 +263,13 @@ def latency_section(plan: Plan) -> None:
             continue
         age = time.time() - measured["measured_at"]
         when = "just now" if age < 60 else f"{age / 60:.0f} min ago" if age < 3600 else f"{age / 3600:.1f} h ago"
+        clock = time.strftime("%H:%M:%S", time.localtime(measured["measured_at"]))
         low, high = measured["speedup_ci95"]
         column.metric(f"Batch {batch}, p50", f"{measured['latency_ms_p50']:.1f} ms",
                       f"{measured['speedup']:.2f}x FP32 [{low:.2f}, {high:.2f}]", delta_color="off",
                       help=f"FP32 {measured['reference_latency_ms_p50']:.1f} ms in the same run; p95 "
                            f"{measured['latency_ms_p95']:.1f} ms over {measured['repeats']} rounds")
-        column.caption(f"Measured {when} on {describe(measured['machine'])} (load then "
+        column.caption(f"For {plan_name}, measured at {clock} ({when}) on {describe(measured['machine'])} (load then "
                        f"{measured['load_average'][0]}–{measured['load_average'][1]}).")
 
 
@@ -314,16 +323,23 @@ def history_section() -> None:
         return
     st.subheader(f"{len(history)} plans tried in this session")
     frame = pd.DataFrame([{k: v for k, v in h.items() if k not in ("plan", "key")} for h in history])
+    # Plans of the same size and accuracy share one point: one label naming them all, not labels printed on top
+    # of each other.
+    spot = list(zip(frame["size_mb"].round(2), frame["accuracy"].round(4)))
+    together = {where: ", ".join(frame["label"][i] for i in range(len(spot)) if spot[i] == where) for where in spot}
+    text = [together[where] if spot.index(where) == i else "" for i, where in enumerate(spot)]
     figure = go.Figure(go.Scatter(
-        x=frame["size_mb"], y=frame["accuracy"], mode="markers+text", text=frame["label"], textposition="top center",
+        x=frame["size_mb"], y=frame["accuracy"], mode="markers+text", text=text, textposition="top center",
+        customdata=frame["changed"], hovertemplate="%{customdata}<br>%{x:.1f} MB, %{y:.1%}<extra></extra>",
         error_y=dict(type="data", symmetric=False, array=frame["high"] - frame["accuracy"],
                      arrayminus=frame["accuracy"] - frame["low"])))
     figure.update_layout(height=320, xaxis_title="size (MB, real format)", yaxis_title="accuracy (95% CI)",
                          yaxis_tickformat=".1%", margin=dict(l=10, r=10, t=10, b=10))
     st.plotly_chart(figure, width="stretch", key=f"lm_history_{len(history)}")
+    frame["kl"] = frame["kl"].map(common.plain)
     st.dataframe(frame, hide_index=True, width="stretch",
                  column_config={"accuracy": st.column_config.NumberColumn(format="percent"),
-                                "low": None, "high": None, "kl": st.column_config.NumberColumn(format="%.2e"),
+                                "low": None, "high": None, "kl": "mean KL",
                                 "size_mb": st.column_config.NumberColumn("size (MB)", format="%.1f")})
     choice = st.selectbox("Restore a plan", [h["label"] for h in history], index=len(history) - 1)
     if st.button("Restore"):
@@ -332,7 +348,7 @@ def history_section() -> None:
 
 
 # ---- the page -----------------------------------------------------------------------------------
-st.title("Layer map")
+common.plan_note()
 st.caption("Each cell is one layer. Click a cell to change its precision; every click is evaluated, from the "
            "first layer that changed, with a running estimate while the rest of the set is evaluated.")
 evaluator = common.safe_evaluator()

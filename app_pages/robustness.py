@@ -202,8 +202,9 @@ def batch_section(plans: dict[str, Plan], names: dict[str, str]) -> None:
     with st.form("rob_sweep"):
         left, middle, right = st.columns(3)
         names_list = list(sets)
-        data_name = left.selectbox("Evaluation set", names_list, format_func=lambda n: f"{n}: {sets[n]}",
-                                   index=names_list.index(common.data_name()) if common.data_name() in sets else 0)
+        data_name = left.selectbox("Evaluation set", names_list,  # names alone fit; descriptions in the help
+                                   index=names_list.index(common.data_name()) if common.data_name() in sets else 0,
+                                   help="; ".join(f"{name}: {about}" for name, about in sets.items()))
         size = left.number_input("Sample size", 10, 5000, 200, step=10)
         kinds = middle.multiselect("Kinds", KINDS, default=["swap", "keyboard", "homoglyph"])
         rates = middle.multiselect("Rates", RATE_OPTIONS, default=[0.1, 0.2, 0.4])
@@ -266,7 +267,7 @@ def batch_section(plans: dict[str, Plan], names: dict[str, str]) -> None:
 
 
 # ---- page -----------------------------------------------------------------------------------
-st.title("Typo playground")
+common.plan_note()
 st.markdown("Type a review, inject typos, and watch each precision answer. Does INT8 or INT4 break sooner than "
             "FP32 on noisy text, and on which words?")
 

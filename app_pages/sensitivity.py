@@ -352,7 +352,7 @@ def front_plans(front: list[dict]) -> None:
 
 
 # ---- the page ---------------------------------------------------------------------------------------
-st.title("Layer sensitivity and automatic mixed precision")
+common.plan_note()
 st.markdown(
     "Which layers can take INT4? Each layer is quantized **alone** (or every layer **but** it) and the whole "
     "set is evaluated: accuracy with its 95% interval, flips against FP32, KL and McNemar's p. Single-layer "

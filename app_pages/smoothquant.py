@@ -64,7 +64,7 @@ def metric(evaluator, column, title: str, result, base=None) -> None:
 
 
 def controls(evaluator) -> tuple[str, float, int, bool]:
-    columns = st.columns([2, 3, 1, 1])
+    columns = st.columns([2, 3, 1.5, 1.5])  # the narrow columns still fit their labels at 1400 px
     act = columns[0].radio("Activation scales", list(ACTS), format_func=ACTS.get, key="sq_act")
     calib = columns[2].selectbox("Calibration sentences", (32, 64, 128, 256), index=2, key="sq_calib",
                                  help=f"from {evaluator.dataset.calibration_source or 'no calibration rows'}, "
@@ -257,7 +257,7 @@ def forms_panel(model, calibration, plan: Plan) -> None:
                                 "sqnr_after_db": st.column_config.NumberColumn("SQNR after (dB)", format="%.1f")})
 
 
-st.title("SmoothQuant")
+common.plan_note()
 st.markdown("A few input channels carry activations tens of times larger than the rest, and one int8 scale per "
             "tensor spends its range on them. SmoothQuant divides each input channel by **s = max|X|^α / "
             "max|W|^(1−α)** and multiplies the weight by the same s: the float model is unchanged, the difficulty "

@@ -6,8 +6,10 @@ over the same tokenized, length-sorted batches, same kernels), both in one run.
 """
 from __future__ import annotations
 
+import fnmatch
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -35,6 +37,55 @@ def set_layers(plan: Plan, layer_names: list[str], targets: Iterable[str], preci
     for name in targets:
         resolved[name] = precision
     return plan.with_rules([(name, p) for name, p in resolved.items() if p != "fp32"])
+
+
+@dataclass(frozen=True)
+class FittedPlan:
+    """A plan cut down to the rules that match a layer of one model."""
+
+    plan: Plan
+    dropped: tuple[str, ...]  # the rules' patterns that match no layer of the model, in the plan's order
+
+
+def fit_plan(plan: Plan, layer_names: list[str]) -> FittedPlan:
+    """`plan` on another model: a session keeps its plan when the person picks another model, and a rule
+    that names no layer of the new one would make every evaluation of the plan fail."""
+    def matches(pattern: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for name in layer_names)
+
+    kept = [(pattern, precision) for pattern, precision in plan.rules if matches(pattern)]
+    dropped = tuple(pattern for pattern, _ in plan.rules if not matches(pattern))
+    return FittedPlan(plan.with_rules(kept) if dropped else plan, dropped)
+
+
+def change_label(before: Plan | None, after: Plan, layer_names: list[str]) -> str:
+    """What `after` changed from `before` (None: from FP32), in a few words for the history: "FP32" for a plan
+    that quantizes nothing, the layer and its new precision for one layer, else how many layers and to what."""
+    new = after.resolve(layer_names, strict=False)
+    if set(new.values()) <= {"fp32"} and after.runtime == "torch":
+        return "FP32"
+    old = before.resolve(layer_names, strict=False) if before is not None else dict.fromkeys(layer_names, "fp32")
+    changed = [name for name in layer_names if new[name] != old[name]]
+    if len(changed) == 1:
+        return f"{changed[0]} → {new[changed[0]].upper()}"
+    if changed:
+        return f"{len(changed)} layers → {'/'.join(sorted({new[name].upper() for name in changed}))}"
+    if before is not None and before.runtime != after.runtime:
+        return f"runtime {after.runtime}"
+    return "options"
+
+
+def fit_undo(plans: list[Plan], layer_names: list[str], current: Plan) -> list[Plan]:
+    """An undo stack fitted to another model: each plan fitted, without the steps that no longer change
+    anything (a plan equal to the one it would replace)."""
+    fitted: list[Plan] = []
+    for plan in plans:
+        plan = fit_plan(plan, layer_names).plan
+        if not fitted or fitted[-1].key() != plan.key():
+            fitted.append(plan)
+    while fitted and fitted[-1].key() == current.key():
+        fitted.pop()
+    return fitted
 
 
 def _naive_pass(evaluator, plan: Plan) -> float:

@@ -72,6 +72,14 @@ class LabelSpace:
             return int(text)
         return None
 
+    def readings(self, raw_labels: Sequence[object]) -> dict[str, str]:
+        """How each distinct label that is not a class name was read (an integer id, or yes/no-like words for a
+        sentiment model): label -> the class it means, so that a person can see the mapping and check it."""
+        lowered = {name.lower() for name in self.names}
+        distinct = dict.fromkeys(str(label).strip() for label in raw_labels)
+        return {label: self.display(index) for label in distinct
+                if label.lower() not in lowered and (index := self.index(label)) is not None}
+
     def indices(self, raw_labels: Sequence[object], source: str) -> np.ndarray:
         """Class indices of every label, or one LabelError naming the labels the model lacks."""
         distinct = list(dict.fromkeys(str(label).strip() for label in raw_labels))
