@@ -9,7 +9,7 @@ import streamlit as st
 
 from app_pages import common
 from cache import results
-from engine.analysis.deploy import archive
+from engine.analysis.deploy import archive, export_name
 from engine.core.errors import EngineError
 from engine.core.plan import Plan
 
@@ -44,6 +44,7 @@ def export_button(plan: Plan, label: str, key: str) -> None:
                    f"ONNX Runtime accuracy {common.fmt_ci(measured['accuracy'], measured['ci95'])} on "
                    f"{measured['data']}, agreement with FP32 {measured['agreement']:.1%}, batch 1 p50 "
                    f"{measured['latency']['latency_ms_p50']:.1f} ms.")
-        st.download_button("Download the ONNX folder (.zip)", lambda: archive(made[wanted]),
-                           file_name=f"{label.replace(' ', '-')}-onnx.zip", mime="application/zip",
+        named = export_name(common.model_name(), label, plan)
+        st.download_button("Download the ONNX folder (.zip)", lambda: archive(made[wanted], named),
+                           file_name=f"{named}.zip", mime="application/zip",
                            on_click="ignore", key=f"download_{key}")

@@ -1,5 +1,7 @@
 """Real-browser flows: clicks on the layer map each count, the history follows them, an upload then a
-dropdown choice, and two browser sessions toggling at once each see only their own plan.
+dropdown choice, and two browser sessions toggling at once each see only their own plan; and what a person
+sees: the first paint, the grid's layout, no text cut by an ellipsis, a model switch with a plan in place,
+and a full-page screenshot of every page in tests/screenshots/ (ignored by git) to look at.
 
 Needs Debian's Chromium (/usr/bin/chromium) and Playwright's Python package; skipped, saying so, where
 either is missing. The Streamlit server listens on 127.0.0.1 only and is stopped afterwards. The flows
@@ -18,12 +20,35 @@ from pathlib import Path
 
 import pytest
 
+import zoo
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 CELLS = ".cell"
 TIMEOUT = 240_000
+SCREENSHOTS = ROOT / "tests" / "screenshots"
+PAGES = {"": "Quantization lens", "layer_map": "Layer map", "compare": "Precision comparison",
+         "robustness": "Typo playground", "smoothquant": "SmoothQuant",
+         "sensitivity": "Layer sensitivity and automatic mixed precision"}
+# Every element whose text is cut: an ellipsis that hides text, or an input whose value is wider than it. The
+# walk enters shadow roots (the layer grid is a component with one).
+CUT_TEXT = """() => { const cut = [];
+  const walk = root => { for (const element of root.querySelectorAll("*")) {
+    if (element.shadowRoot) walk(element.shadowRoot);
+    const input = element.tagName === "INPUT";
+    const text = (input ? element.value : element.textContent || "").trim();
+    if ((input || getComputedStyle(element).textOverflow === "ellipsis") && text
+        && element.scrollWidth > element.clientWidth + 1) cut.push(text.slice(0, 80)); } };
+  walk(document); return cut; }"""
+# The grid's layout as the browser computed it: display, each cell's box and each heading's centre.
+GRID_LAYOUT = """cell => { const grid = cell.closest(".grid");
+  const box = e => e.getBoundingClientRect();
+  return { display: getComputedStyle(grid).display,
+           cells: Array.from(grid.querySelectorAll(".cell")).map(c => [box(c).x, box(c).y, box(c).width]),
+           heads: Array.from(grid.querySelectorAll(".head")).slice(1).map(h => box(h).x + box(h).width / 2),
+           rows: grid.querySelectorAll(".row").length }; }"""
 
 
 def _free_port() -> int:
@@ -102,6 +127,34 @@ def _labels(page) -> list[str]:
     return [text.split("\n")[-1] for text in page.locator(CELLS).all_inner_texts()]
 
 
+def _quiet(page, seconds: int = 3) -> None:
+    """Wait until the page has shown no spinner and no running script for `seconds` in a row."""
+    deadline, quiet = time.time() + TIMEOUT / 1000, 0
+    while quiet < seconds and time.time() < deadline:
+        page.wait_for_timeout(1000)
+        busy = page.locator("[data-testid='stSpinner'], [data-testid='stStatusWidget'] button").count()
+        quiet = 0 if busy else quiet + 1
+
+
+def test_every_page_paints_its_title_within_two_seconds(server, browser):
+    """The first test of the module, so the first page load meets a server that has imported nothing of the
+    engine yet and loaded no model. Each page is opened twice and its faster paint counts: on a machine shared
+    with other work (two cores in CI) one open in a few is slowed by the browser's own parse of Streamlit's
+    bundle, which no change to the app can help."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    took = {}
+    for path, title in PAGES.items():
+        for _ in range(2):
+            page = context.new_page()
+            started = time.monotonic()
+            page.goto(f"{server}/{path}", wait_until="commit", timeout=60_000)
+            page.get_by_role("heading", name=title).wait_for(timeout=60_000)
+            took.setdefault(path or "home", []).append(round(time.monotonic() - started, 2))
+            page.close()
+    context.close()
+    assert max(min(times) for times in took.values()) < 2.0, took
+
+
 def test_ten_clicks_change_ten_cells_and_the_history_shows_ten_plans(server, browser, reviews, tmp_path):
     page = _open_layer_map(browser, server, reviews)
     assert "INT8" not in _labels(page)
@@ -144,3 +197,67 @@ def test_an_upload_then_another_set_in_the_dropdown(server, browser, reviews):
     page.reload()
     page.get_by_text("Evaluated on").wait_for(timeout=TIMEOUT)
     assert page.get_by_text("Evaluated on reviews.csv").count() == 0  # a new page load is a new session
+
+
+def test_the_grid_is_blocks_by_roles_at_1400_and_900_px(server, browser, reviews):
+    page = _open_layer_map(browser, server, reviews)
+    for width in (1400, 900):
+        page.set_viewport_size({"width": width, "height": 1800})
+        page.wait_for_timeout(500)
+        layout = page.locator(CELLS).first.evaluate(GRID_LAYOUT)
+        assert layout["display"] == "grid"
+        columns = sorted({round(x + w / 2) for x, _, w in layout["cells"]})
+        rows = {round(y) for _, y, _ in layout["cells"]}
+        assert len(columns) == len(layout["heads"]) == 9, (width, columns)  # the embedded BERT's nine roles
+        assert len(rows) == layout["rows"] == 8, (width, rows)  # input, six blocks, head
+        assert all(min(abs(centre - head) for head in layout["heads"]) < 2 for centre in columns)  # headings align
+        SCREENSHOTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"layer-map-grid-{width}px.png"), full_page=True)
+
+
+def test_no_text_is_cut_on_any_page_and_each_is_photographed(server, browser):
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    cut = {}
+    for path in PAGES:
+        page.goto(f"{server}/{path}", timeout=60_000)
+        page.locator("h1").first.wait_for(timeout=TIMEOUT)
+        _quiet(page)
+        assert page.locator("[data-testid='stException']").count() == 0, path
+        cut[path or "home"] = page.evaluate(CUT_TEXT)
+        page.screenshot(path=str(SCREENSHOTS / f"{path or 'home'}.png"), full_page=True)
+    assert not any(cut.values()), cut
+
+
+def test_another_model_with_a_plan_in_place_starts_from_fp32_with_one_line(server, browser, reviews,
+                                                                           tmp_path_factory):
+    folder = zoo.save("distilbert", tmp_path_factory.mktemp("distilbert") / "model",
+                      names=("negative", "neutral", "positive"))
+    page = _open_layer_map(browser, server, reviews)
+    page.locator(CELLS).nth(30).click()  # a layer of block 4: the tiny DistilBERT has two blocks
+    _settled(page, 2)
+    page.locator("section[data-testid='stSidebar'] [data-testid='stSelectbox']").first.click()
+    page.get_by_role("option", name="other…").click()
+    typed = page.get_by_placeholder("org/model or /path/to/folder")
+    typed.fill(str(folder))
+    typed.press("Enter")
+    note = page.get_by_text("The plan was made for another model; starting from FP32.")
+    note.wait_for(timeout=TIMEOUT)
+    page.get_by_text(f"with {folder}").wait_for(timeout=TIMEOUT)
+    page.locator(CELLS).first.wait_for(timeout=TIMEOUT)
+    _quiet(page)
+    assert page.locator("[data-testid='stException']").count() == 0 and note.count() == 1
+    assert set(_labels(page)) == {"FP32"}
+    page.locator(CELLS).nth(2).click()  # a change on the new model, then undo: back to FP32
+    _settled(page, 2)
+    assert _labels(page).count("INT8") == 1
+    page.get_by_text("Bulk changes, undo, reset, import and export").click()
+    page.get_by_role("button", name="Undo").click()
+    page.get_by_text("3 plans tried").wait_for(timeout=TIMEOUT)
+    playwright.expect(page.locator(".cell.pending")).to_have_count(0, timeout=TIMEOUT)
+    assert set(_labels(page)) == {"FP32"}
+    for path, title in PAGES.items():  # every page, in the same session: no traceback
+        page.locator(f"[data-testid='stSidebarNav'] a[href$='/{path}']").first.click()
+        page.get_by_role("heading", name=title).wait_for(timeout=TIMEOUT)
+        _quiet(page)
+        assert page.locator("[data-testid='stException']").count() == 0, path

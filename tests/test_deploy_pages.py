@@ -34,7 +34,7 @@ def _page(name: str, folder: Path, limit: int = 24) -> AppTest:
 
 
 def test_layer_map_runtime_selector_and_export(folder, cache_dir):
-    from engine.analysis.deploy import archive
+    from engine.analysis.deploy import archive, export_name
 
     at = _page("layer_map", folder)
     assert not at.exception and at.radio(key="lm_runtime").value == "torch"
@@ -54,8 +54,10 @@ def test_layer_map_runtime_selector_and_export(folder, cache_dir):
     made = next(iter(at.session_state["exports_made"].values()))
     card = json.loads((Path(made) / "card.json").read_text())
     assert card["plan"] == plan.to_json() and card["measured"]["n"] == 24
-    names = zipfile.ZipFile(io.BytesIO(archive(made))).namelist()
-    assert {f"{Path(made).name}/model.onnx", f"{Path(made).name}/card.json"} <= set(names)
+    named = export_name(str(folder), "layer-map plan", plan)  # the download: the model and plan, not the hash
+    assert named.startswith("bert-layer-map-plan-int8-ort-")
+    names = zipfile.ZipFile(io.BytesIO(archive(made, named))).namelist()
+    assert {f"{named}/model.onnx", f"{named}/card.json"} <= set(names)
     # A BF16 layer cannot run on ONNX Runtime: the change is refused with its reason, the plan kept.
     at.selectbox(key="bulk_precision").set_value("bf16")
     next(b for b in at.button if b.label == "Apply to everything").click().run()

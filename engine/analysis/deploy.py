@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from engine.core.data import EvalSet, load_dataset
-from engine.core.plan import PlanLike, as_plan
+from engine.core.plan import Plan, PlanLike, as_plan
 from engine.evaluation.deployed import evaluate_exported
 from engine.evaluation.evaluate import get_evaluator
 from engine.model.loading import fingerprint, label_space
@@ -86,12 +87,23 @@ class Exports:
         return target
 
 
-def archive(folder: str | Path) -> bytes:
-    """The exported folder as one zip file, its files under the folder's name."""
+def archive(folder: str | Path, name: str | None = None) -> bytes:
+    """The exported folder as one zip file, its files under `name` (default: the folder's own name, which in
+    the cache is a hash; a person unpacking it wants the model and plan)."""
     folder = Path(folder)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as bundle:
         for path in sorted(folder.iterdir()):
             if path.is_file():
-                bundle.write(path, f"{folder.name}/{path.name}")
+                bundle.write(path, f"{name or folder.name}/{path.name}")
     return buffer.getvalue()
+
+
+def export_name(model_name: str, label: str, plan: Plan) -> str:
+    """A file-safe name for an export: the model (a local folder by its last part, a hub id whole), the page's
+    name for the plan, the precisions its rules name, the runtime and the plan's short key, e.g.
+    embedded-layer-map-plan-int4-int8-8cd04c21."""
+    model = Path(model_name).name if Path(model_name).is_dir() else model_name
+    precisions = "-".join(sorted({precision for _, precision in plan.rules})) or "fp32"
+    runtime = "-ort" if plan.runtime == "onnxruntime" else ""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}-{label}-{precisions}{runtime}-{plan.key()[:8]}").strip("-")
