@@ -80,3 +80,8 @@ def search(evaluator, budget: list, latency: bool, ladder: int, refine: int) -> 
     model_fp, data_fp, device = evaluator.key
     return make_key("search", model=model_fp, data=data_fp, device=device, budget=budget, latency=latency,
                     ladder=ladder, refine=refine)
+
+
+def diagnosis(model, data_fp: str, plan: Plan, sample: int) -> str:
+    """Every op's error under a plan, on a seeded sample of the set."""
+    return make_key("diagnosis", model=fingerprint(model), data=data_fp, plan=plan.key(), sample=sample)

@@ -12,6 +12,7 @@ from typing import Callable
 from engine.analysis import sensitivity
 from engine.analysis.benchmark import bench_against
 from engine.analysis.deploy import Exports
+from engine.analysis.diagnose import diagnose, sample
 from engine.core.plan import Plan
 from engine.evaluation.evaluator import Cancelled, Evaluator
 from engine.runtime.size import model_size_bytes
@@ -93,6 +94,15 @@ def latency(model, tokenizer, plan: Plan, reference: Plan, batch: int, tokens: i
     return value
 
 
+def diagnosis(model, tokenizer, data, plan: Plan, size: int,
+              progress: Callable[[float], None] | None = None) -> dict:
+    """Every op's local and accumulated SQNR under `plan` on a seeded sample of `size` of the set's sentences
+    (Diagnosis.as_dict()), calibrated on the set's calibration pool."""
+    return remember(keys.diagnosis(model, data.fingerprint, plan, size),
+                    lambda: diagnose(model, tokenizer, sample(data.texts, size), plan, data.calibration,
+                                     data.calibration_source, progress).as_dict())
+
+
 def stop_when(cancelled: Callable[[], bool] | None) -> Callable[[float], None] | None:
     """A progress callback that stops a timing between rounds once `cancelled()` says so."""
     if cancelled is None:
@@ -119,4 +129,11 @@ def deployed(model, tokenizer, plan: Plan, data, progress: Callable[[str, float]
 
 def exports() -> Exports:
     """Exported ONNX folders kept beside the cache, reused by every evaluation and timing of a plan on ORT."""
-    return Exports(cache_dir() / "exports")
+    folder = Exports(cache_dir() / "exports")
+    if str(folder.root) not in _swept:  # once per process: what a killed export left behind
+        _swept.add(str(folder.root))
+        folder.sweep()
+    return folder
+
+
+_swept: set[str] = set()

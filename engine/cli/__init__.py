@@ -22,6 +22,7 @@ COMMANDS = {
     "smoothquant": ("engine.cli.smoothquant", "W8A8 accuracy with SmoothQuant at each alpha, against W8A8 without it"),
     "sensitivity": ("engine.cli.sweep", "each layer alone (or all but it) at int8/int4: accuracy, CI, flips, KL, SQNR"),
     "search": ("engine.cli.sweep", "the smallest verified plan for an accuracy budget (or the best for a size)"),
+    "diagnose": ("engine.cli.diagnose", "where a plan's error enters: each op's local and accumulated SQNR vs FP32"),
     "export": ("engine.cli.export", "a plan as a folder ONNX Runtime serves, with a model card measured here"),
     "grid": ("engine.cli.grid", "many (model, set, plan) evaluations and sensitivity rows, locally or on Ray"),
 }
