@@ -19,12 +19,14 @@ from pathlib import Path
 
 from engine.core.errors import EngineError
 from engine.core.hub import hub_reachable
+from engine.core.settings import size_setting, where
 
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data"
 SPLIT_SEED = "rt-split-v1"
 HOLDOUT_SEED = "calibration-holdout-v1"
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, validation, test
 HOLDOUT_FRACTION, HOLDOUT_MAX = 0.1, 256
+CSV_MAX_BYTES, CSV_MAX_ROWS = 20 * 1024**2, 100_000  # ENGINE_MAX_CSV_BYTES, ENGINE_MAX_CSV_ROWS
 
 
 class DataError(EngineError):
@@ -151,8 +153,16 @@ def _vendored(name: str) -> EvalSet:
 
 
 def load_csv(path: str | Path, raw: bytes | None = None) -> EvalSet:
-    """A user's CSV with columns `text,label` (label: a class name of the model, or an integer id)."""
+    """A user's CSV with columns `text,label` (label: a class name of the model, or an integer id), within the
+    project's size and row limits (ENGINE_MAX_CSV_BYTES, ENGINE_MAX_CSV_ROWS): over them, one line and nothing
+    is kept."""
+    max_bytes = size_setting("max_csv_bytes") or CSV_MAX_BYTES
+    max_rows = size_setting("max_csv_rows") or CSV_MAX_ROWS
     try:
+        size = len(raw) if raw is not None else Path(path).stat().st_size
+        if size > max_bytes:
+            raise DataError(f"CSV {Path(path).name} is {size / 1024**2:.1f} MiB, over this server's limit of "
+                            f"{max_bytes / 1024**2:.1f} MiB ({_limit_source('max_csv_bytes')})")
         content = raw if raw is not None else Path(path).read_bytes()
         reader = csv.DictReader(io.StringIO(content.decode("utf-8-sig")))
         fields = [f.strip().lower() for f in reader.fieldnames or []]
@@ -163,6 +173,9 @@ def load_csv(path: str | Path, raw: bytes | None = None) -> EvalSet:
     texts, labels = [], []
     try:
         for line, row in enumerate(reader, start=2):
+            if len(texts) >= max_rows:
+                raise DataError(f"CSV {Path(path).name} has more than {max_rows:,} rows, this server's limit "
+                                f"({_limit_source('max_csv_rows')})")
             row = {k.strip().lower(): (v or "") for k, v in row.items() if k}
             if not row["label"].strip():
                 raise DataError(f"CSV {path}, line {line}: the label is empty")
@@ -173,6 +186,10 @@ def load_csv(path: str | Path, raw: bytes | None = None) -> EvalSet:
     if not texts:
         raise DataError(f"CSV {path} has no rows")
     return with_holdout(Path(path).name, tuple(texts), tuple(labels), f"user CSV {path}")
+
+
+def _limit_source(name: str) -> str:
+    return where(name) if size_setting(name) else f"the default; ENGINE_{name.upper()} sets it"
 
 
 def _sst2() -> EvalSet:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +24,7 @@ from engine.core.errors import EngineError
 from engine.core.hub import hub_reachable
 from engine.core.labels import LabelSpace
 from engine.core.tokens import max_length
+from engine.model import admission, footprint
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "embedded"
 REGISTRY = {
@@ -41,6 +43,10 @@ class ModelError(EngineError):
 
 class HubUnavailable(ModelError):
     """The HuggingFace Hub cannot be reached (offline mode, no DNS, no route, time-out)."""
+
+
+class NotAllowed(ModelError):
+    """A model this server's admission setting (ENGINE_ALLOWED_MODELS) does not allow."""
 
 
 # transformers' first load imports torchao, which logs the optional CUDA/triton kernels it lacks (and
@@ -84,12 +90,13 @@ def _check_classifier(source: str, local_only: bool) -> None:
                          f"this tool needs a ...{HEAD_SUFFIX} checkpoint (fine-tuned for classification)")
 
 
-def _load_pretrained(source: str, local_only: bool) -> tuple[nn.Module, object]:
+def _load_pretrained(source: str, local_only: bool, use_safetensors: bool = True) -> tuple[nn.Module, object]:
     with _quiet_loading():
         _check_classifier(source, local_only)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, local_files_only=local_only, dtype=torch.float32, output_loading_info=True)
+            source, local_files_only=local_only, dtype=torch.float32, output_loading_info=True,
+            use_safetensors=use_safetensors, weights_only=True)
     missing = [key for key in info.get("missing_keys", ()) if not key.endswith(("position_ids", "num_batches_tracked"))]
     if missing:
         raise ModelError(f"{source} lacks weights the classifier needs ({', '.join(sorted(missing)[:3])}"
@@ -108,24 +115,79 @@ def ensure_pad_token(model: nn.Module, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def _refused(name: str, rules: admission.Policy, why: str = "") -> NotAllowed:
+    return NotAllowed(f"{name} is not allowed here{why}: this server loads {rules.describe()} ({rules.source})")
+
+
+def _admitted(name: str) -> tuple[str, bool, bool]:
+    """(source to load, local files only, is a local folder) for a name this server admits; raises otherwise
+    before anything outside the allowed roots is touched (`engine.model.admission`)."""
+    if name == "embedded":
+        return str(EMBEDDED_DIR), True, True
+    if name in HUB_IDS:  # the project's own models are always allowed
+        return HUB_IDS[name], not hub_reachable(), False
+    rules = admission.policy()
+    if rules.any:
+        if Path(name).expanduser().is_dir():
+            return str(Path(name).expanduser()), True, True
+        if _looks_like_path(name):
+            raise ModelError(f"no model folder at {name}")
+        return name, not hub_reachable(), False
+    absolute = os.path.abspath(os.path.expanduser(name))
+    if _looks_like_path(name) or any(admission._under(absolute, root) for root in rules.roots):
+        try:
+            real = admission.resolve_confined(name, rules.roots)
+        except admission.Outside:
+            raise _refused(name, rules) from None
+        if real is None or not os.path.isdir(real):
+            raise ModelError(f"no model folder at {name}")
+        link = admission.links_outside(real, rules.roots)
+        if link:
+            raise _refused(name, rules, f" (its file {link} links outside the allowed folders)")
+        return real, True, True
+    if not admission.hub_allowed(name, rules.hub) or os.path.isdir(name):  # a same-named folder here: not the Hub
+        raise _refused(name, rules)
+    return name, not hub_reachable(), False
+
+
+def _footprint(name: str, source: str, local_only: bool, local: bool) -> footprint.Footprint | None:
+    if local:
+        return footprint.folder_footprint(Path(source), name)
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    try:
+        config_file = Path(hf_hub_download(source, "config.json", local_files_only=local_only))
+    except Exception:  # not on the Hub or not cached: transformers says which, below
+        return None
+    params = footprint.config_params(footprint.read_config(config_file, name))
+    if local_only:
+        cached = footprint.folder_footprint(config_file.parent, name)
+        return footprint.Footprint(max(params, cached.params), cached.safetensors, cached.pickles)
+    try:
+        meta = get_safetensors_metadata(source)
+        return footprint.Footprint(max(params, sum(meta.parameter_count.values())), len(meta.files_metadata), 0)
+    except Exception as error:  # no safetensors on the Hub: pickle weights only (or an unreadable answer)
+        pickle_only = type(error).__name__ == "NotASafetensorsRepoError"
+        return footprint.Footprint(params, 0, int(pickle_only))
+
+
 def load_model(name: str = "embedded") -> tuple[nn.Module, object]:
     """(model, tokenizer) in FP32 eval mode for a registry key, a local folder or a hub id.
 
-    Raises HubUnavailable for a hub model that is neither cached locally nor downloadable,
-    and ModelError for anything else that cannot be loaded or analysed.
+    Raises NotAllowed for a model this server does not admit (ENGINE_ALLOWED_MODELS), footprint.TooLarge for
+    one over ENGINE_MAX_MODEL_BYTES (both before any weight is read), HubUnavailable for a hub model that is
+    neither cached locally nor downloadable, and ModelError for anything else that cannot be loaded or analysed.
     """
     name = (name or "embedded").strip()
-    if name == "embedded":
-        source, local_only = str(EMBEDDED_DIR), True
-    elif Path(name).expanduser().is_dir():
-        source, local_only = str(Path(name).expanduser()), True
-    elif _looks_like_path(name):
-        raise ModelError(f"no model folder at {name}")
-    else:
-        source = HUB_IDS.get(name, name)
-        local_only = not hub_reachable()
+    source, local_only, local = _admitted(name)
+    use_safetensors = True
+    if name != "embedded":  # the fallback always loads
+        found = _footprint(name, source, local_only, local)
+        if found is not None:
+            footprint.check_fits(found, name)
+            use_safetensors = not footprint.check_pickle(found, name)
     try:
-        model, tokenizer = _load_pretrained(source, local_only)
+        model, tokenizer = _load_pretrained(source, local_only, use_safetensors)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -152,7 +214,7 @@ def load_model_or_fallback(name: str, any_error: bool = False) -> tuple[nn.Modul
     try:
         model, tokenizer = load_model(name)
         return model, tokenizer, None
-    except ModelError as error:
+    except (ModelError, footprint.FootprintError) as error:
         if not (any_error or isinstance(error, HubUnavailable)) or (name or "embedded").strip() == "embedded":
             raise
         model, tokenizer = load_model("embedded")
