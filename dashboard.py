@@ -27,11 +27,16 @@ st.title(next(title for _, label, _, title in PAGES if label == navigation.title
 with st.spinner("Loading the model…"):
     from app_pages.common import sidebar  # noqa: E402  (after the first paint)
     from app_pages.upload_fix import keep_upload_answers  # noqa: E402
+    from cache import problem as cache_problem  # noqa: E402
+    from engine.model.admission import serving  # noqa: E402
     from engine.runtime.memory import release_freed_memory  # noqa: E402
     from engine.runtime.threads import single_core_here  # noqa: E402
 
+    serving(st.get_option("server.address"))  # models others may load: any on 127.0.0.1 (ENGINE_ALLOWED_MODELS)
     release_freed_memory()  # one server, many sessions' evaluations: freed activations must not stay resident
     single_core_here()  # this session's script thread: the evaluations' cores belong to the queue's worker
     keep_upload_answers()
     sidebar()
+    if cache_problem():
+        st.sidebar.warning(cache_problem())
 navigation.run()

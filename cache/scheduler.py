@@ -5,9 +5,15 @@ A waiting session sees its place in the queue and an estimate from the measured 
 jobs of the same kind; a session's newer job of a kind replaces its older queued one (the newest
 plan wins), and a session can cancel its own work: a queued job is dropped, a running one stops at
 its next check (between batches).
+
+Faults stay with their session: an exception inside a job is that job's error (an unexpected one becomes a
+`JobFailed`, one line, its traceback in the server's log) and the worker goes on with the next job. A tagged
+job whose session has gone (the thread that submitted or last found it has ended, and no rerun has found it
+for `ORPHAN_S`: a browser closed mid-run) is dropped from the queue, and its outcome is not kept for a claim.
 """
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import threading
@@ -18,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from engine.core.errors import EngineError
 from engine.evaluation.evaluator import Cancelled
 
 HISTORY = 20
@@ -28,6 +35,24 @@ YIELDING = ("latency",)
 # kinds goes first: a timing started right after one session's update, as the next clicks arrive, held their
 # evaluations back until it reached its first check.
 QUIET_S = 1.0
+ORPHAN_S = 30.0
+REAP_EVERY_S = 1.0
+log = logging.getLogger(__name__)
+
+
+class JobFailed(EngineError):
+    """An unexpected exception inside a job, said in one line to the session that asked for it."""
+
+
+def _as_one_line(job: "Job", failure: BaseException) -> BaseException:
+    if isinstance(failure, (EngineError, Cancelled)) or not isinstance(failure, Exception):
+        return failure  # a one-line error already, a cancellation, or an interpreter exit
+    log.error("job %s of %s failed", job.kind, job.owner, exc_info=failure)
+    first = (str(failure).strip().splitlines() or [""])[0][:200]
+    what = "ran out of memory" if isinstance(failure, MemoryError) else f"failed: {type(failure).__name__}"
+    error = JobFailed(f"{job.label or job.kind} {what}{': ' + first if first else ''}")
+    error.__cause__ = failure
+    return error
 
 
 @dataclass(eq=False)
@@ -48,6 +73,8 @@ class Job:
     error: BaseException | None = None
     cancel_requested: bool = False
     done_event: threading.Event = field(default_factory=threading.Event)
+    waiter: threading.Thread = field(default_factory=threading.current_thread)  # who will read the outcome
+    orphaned_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -80,6 +107,13 @@ class Scheduler:
             self.started = True
             for index in range(self.workers):
                 threading.Thread(target=self._serve, name=f"engine-worker-{index}", daemon=True).start()
+            threading.Thread(target=self._reaper, name="engine-reaper", daemon=True).start()
+
+    def _reaper(self) -> None:
+        while True:
+            time.sleep(REAP_EVERY_S)
+            with self.condition:
+                self._reap()
 
     def submit(self, owner: str, kind: str, run: Callable[[Job], Any], label: str = "", tag: str | None = None,
                supersede: bool = False) -> Job:
@@ -89,7 +123,9 @@ class Scheduler:
         with self.condition:
             self._start()
             if tag is not None and (owner, kind, tag) in self.live:
-                return self.live[(owner, kind, tag)]
+                found = self.live[(owner, kind, tag)]
+                found.waiter, found.orphaned_at = threading.current_thread(), None
+                return found
             if supersede:
                 for queued in list(self.queue):
                     if queued.owner == owner and queued.kind == kind:
@@ -160,9 +196,36 @@ class Scheduler:
             del self.live[(job.owner, job.kind, job.tag)]  # a failed or cancelled job is submitted afresh
         job.done_event.set()
 
+    def _orphaned(self, job: Job, now: float) -> bool:
+        """A tagged job nobody will read: its waiter has ended and no rerun found it for ORPHAN_S."""
+        if job.tag is None or job.waiter.is_alive():
+            job.orphaned_at = None
+            return False
+        job.orphaned_at = job.orphaned_at or now
+        return now - job.orphaned_at >= ORPHAN_S
+
+    def reap(self) -> int:
+        """Drop the queued jobs and the unclaimed outcomes of sessions that have gone; returns how many."""
+        with self.condition:
+            return self._reap()
+
+    def _reap(self) -> int:
+        now, dropped = time.monotonic(), 0
+        for job in [job for job in self.queue if self._orphaned(job, now)]:
+            self.queue.remove(job)
+            self._finish(job, error=Cancelled("its session has gone"))
+            dropped += 1
+        for key, job in list(self.live.items()):
+            if job.done and self._orphaned(job, now):
+                del self.live[key]
+                job.result = None  # the states and results it held go with it
+                dropped += 1
+        return dropped
+
     def _next(self) -> Job | None:
         """The job to start now (under the lock): the first queued one of a non-yielding kind; else a yielding
         one, once nothing else runs and the queue has been quiet for QUIET_S."""
+        self._reap()
         for job in self.queue:
             if job.kind not in YIELDING:
                 return job
@@ -178,7 +241,7 @@ class Scheduler:
         while True:
             with self.condition:
                 while (job := self._next()) is None:
-                    self.condition.wait(QUIET_S if self.queue else None)
+                    self.condition.wait(QUIET_S if self.queue or self.live else None)
                 self.queue.remove(job)
                 job.started = time.monotonic()
                 self.running.append(job)
@@ -186,7 +249,7 @@ class Scheduler:
                 result = job.run(job)
                 error = None
             except BaseException as failure:  # the waiting session reports it; the worker lives on
-                result, error = None, failure
+                result, error = None, _as_one_line(job, failure)
             with self.condition:
                 self.running.remove(job)
                 if job.kind not in YIELDING:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
+import os
 import re
+import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -25,6 +30,8 @@ from engine.runtime.onnx_export import ExportError, export_onnx
 from engine.runtime.onnx_session import benchmark, ort_call
 
 CARD_TOKENS = 32
+STALE_S = 3600.0  # a partial export folder older than this was left by a process that died
+log = logging.getLogger(__name__)
 
 
 def deploy(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path, data: EvalSet | None = None,
@@ -62,6 +69,39 @@ class Exports:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    def sweep(self, stale_s: float = STALE_S) -> None:
+        """Remove what dead processes left: partial folders (an export is written beside its target and renamed
+        into place whole) and folders set aside as broken, once they are older than `stale_s`."""
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return
+        for entry in entries:
+            leftover = entry.name.startswith(".") and (".partial-" in entry.name or ".broken-" in entry.name)
+            try:
+                if leftover and time.time() - entry.stat(follow_symlinks=False).st_mtime > stale_s:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            except OSError:
+                continue
+
+    @staticmethod
+    def whole(target: Path) -> bool:
+        """An export folder as written: its card names the size its model.onnx has."""
+        try:
+            card = json.loads((target / "card.json").read_text())
+            return (target / "model.onnx").stat().st_size == card["size_bytes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def _set_aside(self, target: Path) -> None:
+        aside = target.with_name(f".{target.name}.broken-{time.time_ns()}")
+        log.warning("export %s is damaged (its model.onnx does not match its card); rebuilding it", target)
+        try:
+            os.rename(target, aside)
+        except OSError:
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+
     def folder(self, model: nn.Module, tokenizer, plan: PlanLike, data: EvalSet | None = None) -> Path:
         """The plan's export, without a card (for evaluating and timing it)."""
         return self._made(model, tokenizer, plan, data, measured=False)
@@ -77,12 +117,14 @@ class Exports:
         if measured:
             what += f":card:{data.fingerprint}"
         target = self.root / hashlib.blake2b(what.encode(), digest_size=10).hexdigest()
-        if not (target / "model.onnx").is_file():
+        if target.exists() and not self.whole(target):
+            self._set_aside(target)
+        if not target.exists():
             self.root.mkdir(parents=True, exist_ok=True)
             try:
                 deploy(model, tokenizer, plan, target, data, measure=measured, progress=progress)
             except ExportError:
-                if not (target / "model.onnx").is_file():  # another session's export of the same plan won the race
+                if not self.whole(target):  # another session's export of the same plan won the race
                     raise
         return target
 
