@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from engine.core.data import EvalSet, load_dataset
-from engine.core.plan import Plan
+from engine.core.plan import FP32, Plan
 from engine.quant.prepare import build
 from engine.runtime.device import model_on, resolve_device
 from engine.runtime.latency import bench_inputs, interleaved, machine, paired_speedup, peak_memory, summary, time_call
 from engine.runtime.onnx_session import benchmark, ort_call
+from engine.runtime.profile import cpu_report, profile_ort, profile_torch
 from engine.runtime.size import model_size_bytes
 
 BENCH_TOKENS = 32
@@ -85,3 +86,26 @@ def bench_exported(folder: Path, tokenizer, batch: int = 1, tokens: int = BENCH_
     timing = benchmark({"onnx": ort_call(folder, inputs)}, batch, "back_to_back", repeats, min_seconds)["onnx"]
     return {**timing, "size_bytes": (Path(folder) / "model.onnx").stat().st_size, "threads": torch.get_num_threads(),
             "batch": batch, "tokens": tokens, "runtime": "onnxruntime", "device": "cpu", "machine": machine("cpu")}
+
+
+def profile_against_fp32(model: nn.Module, tokenizer, plan: Plan, tokens: int = BENCH_TOKENS, device: str = "cpu",
+                         data: EvalSet | None = None, exported: Path | None = None,
+                         batches: tuple[int, ...] = (1, 32)) -> dict:
+    """Why the plan is (not) faster than torch FP32 here: both forwards' time by op group at each batch size
+    (the plan on torch's real kernels, or the exported graph on ONNX Runtime when `exported` is its folder),
+    with the latency measured around the profiled calls, and what this CPU's instruction sets mean."""
+    target = resolve_device(device)
+    reference = real_model(model, tokenizer, FP32, target, data)
+    real = None if exported is not None else real_model(model, tokenizer, plan, target, data)
+    rows = []
+    for batch in batches:
+        inputs = bench_inputs(tokenizer, load_dataset("embedded").texts, batch, tokens, target)
+        fp32 = profile_torch(lambda: reference(**inputs), batch)
+        if exported is not None:
+            feeds = {name: inputs[name].cpu().numpy() for name in ("input_ids", "attention_mask")}
+            mine = profile_ort(exported, feeds, batch)
+        else:
+            mine = profile_torch(lambda: real(**inputs), batch)
+        rows.append({"batch": batch, "tokens": tokens, "plan": mine.as_dict(), "fp32_torch": fp32.as_dict(),
+                     "speedup": round(fp32.wall_ms / mine.wall_ms, 3)})
+    return {"profiles": rows, "cpu": cpu_report(), "machine": machine(target)}

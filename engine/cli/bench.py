@@ -16,6 +16,9 @@ def setup(_name: str, parser) -> None:
                         help="toggle: the set evaluated; model: the set whose calibration rows a calibrated plan uses")
     device_arg(parser)
     runtime_arg(parser)
+    parser.add_argument("--profile", action="store_true",
+                        help="add the time per op group of the plan and of torch FP32 at batch 1 and 32, and what "
+                             "this CPU's instruction sets mean for int8 and int4")
 
 
 def run(_name: str, args):
@@ -26,13 +29,19 @@ def run(_name: str, args):
         from engine.analysis.toggle import bench_toggle
 
         return bench_toggle(model, tokenizer, args.data, device=args.device)
-    from engine.analysis.benchmark import bench, bench_exported
+    from engine.analysis.benchmark import bench, bench_exported, profile_against_fp32
 
     plan, data = resolved_plan(args, model), load_dataset(args.data)
     if args.runtime == "torch":
-        return bench(model, tokenizer, plan, args.batch, args.tokens, args.device, data=data)
-    if args.runtime != "onnxruntime" or args.device != "cpu":
+        out = bench(model, tokenizer, plan, args.batch, args.tokens, args.device, data=data)
+        folder = None
+    elif args.runtime != "onnxruntime" or args.device != "cpu":
         raise UsageError("runtime must be torch, or onnxruntime (on the CPU)")
-    from cache import results
+    else:
+        from cache import results
 
-    return bench_exported(results.exports().folder(model, tokenizer, plan, data), tokenizer, args.batch, args.tokens)
+        folder = results.exports().folder(model, tokenizer, plan, data)
+        out = bench_exported(folder, tokenizer, args.batch, args.tokens)
+    if args.profile:
+        out["profile"] = profile_against_fp32(model, tokenizer, plan, args.tokens, args.device, data, folder)
+    return out
