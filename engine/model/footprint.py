@@ -19,8 +19,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.core.errors import EngineError
 from engine.core.settings import flag_setting, size_setting, where
+from engine.model.errors import ModelError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CONFIG_MAX_BYTES = 4 * 1024**2
@@ -29,7 +29,7 @@ DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16"
                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-class FootprintError(EngineError):
+class FootprintError(ModelError):
     """A model refused before loading: its config or weight headers cannot be read, or its weights are pickles."""
 
 
@@ -58,8 +58,6 @@ def read_config(path: Path, name: str) -> dict:
         if path.stat().st_size > CONFIG_MAX_BYTES:
             raise FootprintError(f"{name}: config.json is over {gb(CONFIG_MAX_BYTES)}")
         config = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise FootprintError(f"{name} has no config.json: it is not a transformers checkpoint") from None
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise FootprintError(f"{name} has a broken config.json ({str(error).splitlines()[0][:120]})") from None
     if not isinstance(config, dict):
@@ -105,7 +103,10 @@ def header_params(path: Path) -> int:
         raise FootprintError(f"{path.parent.name}/{path.name} has a broken safetensors header ({error})") from None
 
 
-def folder_footprint(folder: Path, name: str) -> Footprint:
+def folder_footprint(folder: Path, name: str) -> Footprint | None:
+    """None for a folder without config.json: not a checkpoint, as transformers then says."""
+    if not (folder / "config.json").is_file():
+        return None
     config = read_config(folder / "config.json", name)
     files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
     pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]

@@ -20,11 +20,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from engine.core.errors import EngineError
 from engine.core.hub import hub_reachable
 from engine.core.labels import LabelSpace
 from engine.core.tokens import max_length
 from engine.model import admission, footprint
+from engine.model.errors import ModelError
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "embedded"
 REGISTRY = {
@@ -35,10 +35,6 @@ HUB_IDS = {"distilbert-sst2": "distilbert/distilbert-base-uncased-finetuned-sst-
 HEAD_SUFFIX = "ForSequenceClassification"
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(EngineError):
-    """A model name or folder that cannot be loaded or analysed; the message says why."""
 
 
 class HubUnavailable(ModelError):
@@ -161,7 +157,7 @@ def _footprint(name: str, source: str, local_only: bool, local: bool) -> footpri
         return None
     params = footprint.config_params(footprint.read_config(config_file, name))
     if local_only:
-        cached = footprint.folder_footprint(config_file.parent, name)
+        cached = footprint.folder_footprint(config_file.parent, name) or footprint.Footprint(0, 0, 0)
         return footprint.Footprint(max(params, cached.params), cached.safetensors, cached.pickles)
     try:
         meta = get_safetensors_metadata(source)
@@ -214,7 +210,7 @@ def load_model_or_fallback(name: str, any_error: bool = False) -> tuple[nn.Modul
     try:
         model, tokenizer = load_model(name)
         return model, tokenizer, None
-    except (ModelError, footprint.FootprintError) as error:
+    except ModelError as error:
         if not (any_error or isinstance(error, HubUnavailable)) or (name or "embedded").strip() == "embedded":
             raise
         model, tokenizer = load_model("embedded")
