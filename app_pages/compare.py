@@ -125,6 +125,8 @@ def table(rows: list[dict]) -> None:
                                    for c in ("size (MB)", "size ratio", "p50 (ms)", "throughput (/s)")}})
     for note in sorted({note for r in rows for note in r.get("kernel_notes", [])}):
         st.caption(f"Kernel note: {note}")
+    for kernel in sorted({r["cpu_kernel"] for r in rows if r.get("cpu_kernel")}):
+        st.caption(f"ORT rows' int8 written for {kernel}.")
 
 
 def charts(rows: list[dict]) -> None:

@@ -44,6 +44,11 @@ def export_button(plan: Plan, label: str, key: str) -> None:
                    f"ONNX Runtime accuracy {common.fmt_ci(measured['accuracy'], measured['ci95'])} on "
                    f"{measured['data']}, agreement with FP32 {measured['agreement']:.1%}, batch 1 p50 "
                    f"{measured['latency']['latency_ms_p50']:.1f} ms.")
+        cpu = card["cpu"]
+        st.caption(f"Written for {cpu['kernel']}; measured on {cpu['measured_on']['target_cpu']} "
+                   f"({cpu['measured_on']['features']}).")
+        if cpu["warning"]:
+            st.warning(f"This export: {cpu['warning']}.")
         named = export_name(common.model_name(), label, plan)
         st.download_button("Download the ONNX folder (.zip)", lambda: archive(made[wanted], named),
                            file_name=f"{named}.zip", mime="application/zip",

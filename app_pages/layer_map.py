@@ -13,6 +13,7 @@ from app_pages.layer_grid import layer_grid, new_clicks
 from cache import results
 from cache.scheduler import SCHEDULER
 from engine.analysis.toggle import change_label, next_precision, set_layers
+from engine.core.cpu import TARGET_NAMES, this_cpu
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
 from engine.core.stats import SIGNIFICANCE
@@ -62,6 +63,10 @@ def _pick_runtime() -> None:
     change_plan(common.current_plan().on(state["lm_runtime"]))
 
 
+def _pick_target_cpu() -> None:
+    change_plan(common.current_plan().for_cpu(state["lm_target_cpu"]))
+
+
 def runtime_selector() -> None:
     """Whose INT8 numerics the figures follow and which runtime the latency is timed on: the current
     plan's runtime option, so every later click keeps it."""
@@ -70,6 +75,20 @@ def runtime_selector() -> None:
              on_change=_pick_runtime,
              help="torch: its dynamic per-token int8 activations and eager kernels. ONNX Runtime: the numerics of "
                   "the exported model (uint8 activations per tensor), timed on the exported graph itself.")
+    plan = common.current_plan()
+    if plan.runtime == "onnxruntime":
+        here = this_cpu().value
+        choices = [None, *TARGET_NAMES]
+        state["lm_target_cpu"] = plan.target_cpu
+        st.selectbox("Target CPU", choices, key="lm_target_cpu", on_change=_pick_target_cpu,
+                     format_func=lambda name: f"this machine ({here})" if name is None else name,
+                     help="The CPU the exported model will run on: ONNX Runtime's int8 sums are exact on VNNI and "
+                          "AMX CPUs; on AVX2 (and AVX-512 without VNNI) they saturate, so a plan for those CPUs "
+                          "uses 7-bit int8 weights, exact everywhere.")
+        st.caption(f"ONNX Runtime int8 written for {plan.cpu.kernel}.")
+        if plan.cpu.saturates != this_cpu().saturates:
+            st.caption(f"This machine is {here}: the exported model's latency here runs another integer path than "
+                       f"the target's, while accuracy and agreement are the target's (simulated exactly).")
     if state.get("lm_refused"):
         st.error(f"Not applied: {state.pop('lm_refused')}")
 

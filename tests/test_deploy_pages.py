@@ -11,6 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import zoo
+from engine.core.cpu import this_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +54,14 @@ def test_layer_map_runtime_selector_and_export(folder, cache_dir):
     assert any(c.value.startswith("Exported layer-map plan") for c in at.caption)
     made = next(iter(at.session_state["exports_made"].values()))
     card = json.loads((Path(made) / "card.json").read_text())
-    assert card["plan"] == plan.to_json() and card["measured"]["n"] == 24
+    # the folder's plan names the CPU its int8 was written for (this machine's, as the page's plan left it open)
+    assert card["plan"] == plan.for_cpu(this_cpu().value).to_json() and card["measured"]["n"] == 24
+    assert any(c.value.startswith("Written for") and this_cpu().value in c.value for c in at.caption)
+    # a plan for an AVX2 server: the page says what its int8 is written for, and the plan carries the target
+    at.selectbox(key="lm_target_cpu").set_value("avx2").run()
+    assert not at.exception and at.session_state["plan"].target_cpu == "avx2"
+    assert any("7-bit" in c.value for c in at.caption)
+    plan = at.session_state["plan"]
     named = export_name(str(folder), "layer-map plan", plan)  # the download: the model and plan, not the hash
     assert named.startswith("bert-layer-map-plan-int8-ort-")
     names = zipfile.ZipFile(io.BytesIO(archive(made, named))).namelist()
