@@ -26,6 +26,7 @@ from engine.model.loading import REGISTRY, label_space, load_model_or_fallback
 PRECISION_COLORS = {"fp32": "#d9d9d9", "fp16": "#9ecae1", "bf16": "#6baed6", "int8": "#fdae6b", "int4": "#a63603"}
 TEXT_ON = {"fp32": "#222", "fp16": "#222", "bf16": "#222", "int8": "#222", "int4": "#fff"}  # readable on each
 OTHER = "other…"
+QUICK_SAMPLE = 200  # sentences of a quick look, before paying for the whole set (SmoothQuant, sensitivity)
 state = st.session_state
 
 

@@ -45,14 +45,21 @@ def estimated_seconds(evaluator, missing: list[tuple[str, str]], direction: str)
     return rows + (full * len({p for _, p in missing}) if direction == "all-but-one" else 0.0)
 
 
-def sweep_panel(evaluator, model, tokenizer, precisions, direction: str) -> None:
-    """Run / Stop with live progress; rows are computed in short queued jobs and stored as they finish."""
+def _missing(evaluator, precisions, direction: str, known: dict | None = None) -> list[tuple[str, str]]:
+    """The (layer, precision) rows of a sweep not stored yet."""
+    known = results.known_rows(evaluator, precisions, direction) if known is None else known
+    return [(layer.name, p) for layer in evaluator.layers for p in precisions if (layer.name, p) not in known]
+
+
+def sweep_panel(evaluator, model, tokenizer, precisions, direction: str, full=None) -> None:
+    """Run / Stop with live progress; rows are computed in short queued jobs and stored as they finish. `full`: the
+    whole set's evaluator when `evaluator` is a quick sample, whose sweep's cost is said beside the sample's."""
     if not precisions:
         st.info("Choose at least one precision.")
         return
     known = results.known_rows(evaluator, precisions, direction)
     total = len(evaluator.layers) * len(precisions)
-    missing = [(layer.name, p) for layer in evaluator.layers for p in precisions if (layer.name, p) not in known]
+    missing = _missing(evaluator, precisions, direction, known)
     buttons = st.columns([1, 1, 4])
     run = buttons[0].button("Resume sweep" if 0 < len(known) < total else "Run sweep", type="primary",
                             disabled=not missing, key="sens_run")
@@ -61,7 +68,10 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str) -> None
     buttons[2].caption(f"{len(known)} of {total} rows done on {len(evaluator.labels):,} sentences "
                        f"({evaluator.dataset.name})"
                        + (f"; the rest will take about {fmt_seconds(estimated_seconds(evaluator, missing, direction))}"
-                          if missing else "") + ". Each row is stored as soon as it is finished.")
+                          if missing else "") + ". Each row is stored as soon as it is finished."
+                       + (f" The whole set ({len(full.labels):,} sentences) would take about "
+                          f"{fmt_seconds(estimated_seconds(full, whole, direction))}."
+                          if full is not None and (whole := _missing(full, precisions, direction)) else ""))
     if cluster.address() and missing:
         cluster_button(precisions, direction)
     if not run:
@@ -360,17 +370,21 @@ st.markdown(
     "builds mixed plans from the sweep, **verifies every candidate by a real evaluation**, and shows the "
     "Pareto front of size against accuracy."
 )
-evaluator = common.safe_evaluator()
-if evaluator is None:
+full = common.safe_evaluator()
+if full is None:
     st.stop()
 model, tokenizer = common.model_and_tokenizer()
 st.header("Sweep")
-controls = st.columns([2, 3])
+controls = st.columns([2, 3, 1])
+quick = controls[2].toggle(f"Quick: first {common.QUICK_SAMPLE}", value=len(full.labels) > common.QUICK_SAMPLE,
+                           key="sens_quick", help="sweep and search on the first sentences only, to look before "
+                                                  "paying for the whole set; its rows are stored apart")
+evaluator = common.evaluator_for(full.dataset.head(common.QUICK_SAMPLE)) if quick else full
 precisions = controls[0].multiselect("Precisions", sens.SWEEP_PRECISIONS, default=list(sens.SWEEP_PRECISIONS),
                                      key="sens_precisions")
 direction = controls[1].radio("Direction", sens.DIRECTIONS, horizontal=True, key="sens_direction",
                               format_func=lambda d: f"{d}: {DIRECTION_TEXT[d]}")
-sweep_panel(evaluator, model, tokenizer, precisions, direction)
+sweep_panel(evaluator, model, tokenizer, precisions, direction, full if quick else None)
 if "sens_last_run" in state:
     computed, seconds, stopped = state["sens_last_run"]
     if computed:

@@ -20,7 +20,6 @@ ACTS = {"static": "static · per-tensor scale calibrated on held-out rows",
         "token": "dynamic · per-token scales at run time",
         "dynamic": "dynamic · per-tensor (torch's CPU kernel)"}
 SWEEP_ACTS = ("static", "token")
-QUICK = 200
 state = st.session_state
 
 
@@ -79,7 +78,8 @@ def controls(evaluator) -> tuple[str, float, int, bool]:
     columns[1].caption("Opened at the best α of this set's cached sweep." if best is not None else
                        "Opened at α = 0.75, the best measured on the embedded model; run the sweep below for this "
                        "set's own.")
-    quick = columns[3].toggle(f"Quick: first {QUICK}", value=len(evaluator.labels) > QUICK, key="sq_quick",
+    quick = columns[3].toggle(f"Quick: first {common.QUICK_SAMPLE}", value=len(evaluator.labels) > common.QUICK_SAMPLE,
+                              key="sq_quick",
                               help="evaluate the first sentences only, to look before paying for the whole set")
     return act, alpha, calib, quick
 
@@ -267,7 +267,7 @@ if full is None:
     st.stop()
 model, tokenizer = common.model_and_tokenizer()
 act, alpha, calib, quick = controls(full)
-evaluator = common.evaluator_for(full.dataset.head(QUICK)) if quick else full
+evaluator = common.evaluator_for(full.dataset.head(common.QUICK_SAMPLE)) if quick else full
 if not full.dataset.calibration:
     st.error("This set has no calibration rows (too small to hold any out), so static scales and SmoothQuant "
              "cannot be calibrated on it; choose a larger set.")

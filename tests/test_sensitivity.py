@@ -248,3 +248,25 @@ def test_cli_and_page_share_the_sweep_rows(tmp_path, monkeypatch, capsys, tiny_b
     assert not at.exception
     assert at.button(key="sens_run").disabled  # every row is already there
     assert len(at.get("plotly_chart")) >= 4
+
+
+def test_page_offers_a_quick_sample_with_its_cost_and_the_whole_sets(tmp_path, monkeypatch, tiny_bert, tokenizer):
+    """On a set larger than the quick sample, the sweep starts on the sample, and both costs are said first."""
+    from streamlit.testing.v1 import AppTest
+
+    folder = tmp_path / "tiny"
+    tiny_bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(ROOT / "app_pages" / "sensitivity.py"), default_timeout=300)
+    at.session_state["model_name"] = str(folder)
+    at.session_state["limit"] = 260
+    at.run()
+    assert not at.exception, at.exception
+    assert at.toggle(key="sens_quick").value
+    said = " ".join(c.value for c in at.caption)
+    assert "on 200 sentences" in said and "the rest will take about" in said
+    assert "The whole set (260 sentences) would take about" in said
+    at.toggle(key="sens_quick").set_value(False).run()
+    said = " ".join(c.value for c in at.caption)
+    assert not at.exception and "on 260 sentences" in said and "whole set" not in said
