@@ -49,9 +49,13 @@ export default function(component) {
       const cell = data.cells.find(c => c.row === row && c.col === column);
       if (!cell) { grid.appendChild(div("", "empty")); continue; }
       const precision = shown[cell.layer];
-      const box = div(`${cell.label ? `<span>${cell.label}</span>` : ""}<b>${precision.toUpperCase()}</b>`, "cell");
-      box.style.background = data.colors[precision];
-      box.style.color = data.text[precision];
+      // an overlay (the error map) shades the cell and adds a note under the precision until the next click
+      const shaded = cell.shade && precision === cell.precision;
+      const note = shaded && cell.note ? `<small>${cell.note}</small>` : "";
+      const box = div(`${cell.label ? `<span>${cell.label}</span>` : ""}<b>${precision.toUpperCase()}</b>${note}`,
+                      "cell");
+      box.style.background = shaded ? cell.shade : data.colors[precision];
+      box.style.color = shaded ? cell.shade_text : data.text[precision];
       box.title = cell.tip;
       box.dataset.layer = cell.layer;
       if (pending.some(c => c.layer === cell.layer)) box.classList.add("pending");
@@ -100,7 +104,8 @@ def layer_grid(key: str, rows: list[str], columns: list[str], cells: list[dict],
                action: str, acked: tuple[str | None, int]) -> dict | None:
     """Mount the grid; returns the click log {"epoch", "log": [{"seq", "layer"}], "total"} or None.
 
-    `cells`: {"layer", "row", "col", "label", "precision", "tip"}; `action`: "cycle" or a precision;
+    `cells`: {"layer", "row", "col", "label", "precision", "tip"}, and for an overlay "shade", "shade_text" (CSS
+    colours) and "note" (a short line under the precision); `action`: "cycle" or a precision;
     `acked`: (epoch, seq) of the last click the page has applied.
     """
     result = _GRID(key=key, data={"instance": key, "rows": rows, "columns": columns, "cells": cells, "colors": colors,

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common, deployment
+from app_pages import common, deployment, error_map
 from app_pages.layer_grid import layer_grid, new_clicks
 from cache import results
 from cache.scheduler import SCHEDULER
@@ -120,11 +120,13 @@ def grid_cells(layers, plan: Plan, effects: dict) -> tuple[list[str], list[str],
     return rows, columns, cells
 
 
-def grid_section(layers) -> None:
+def grid_section(layers, diagnosis: dict | None = None, overlay: str = "precision") -> None:
     label = st.radio("A click", list(CLICK_ACTIONS), horizontal=True, key="click_action")
     action = CLICK_ACTIONS[label]
     names = [layer.name for layer in layers]
     rows, columns, cells = grid_cells(layers, common.current_plan(), state["layer_effects"])
+    if diagnosis is not None:
+        error_map.annotate(cells, diagnosis, overlay)
     clicks = layer_grid("lm_grid", rows, columns, cells, common.PRECISION_COLORS, common.TEXT_ON, action,
                         state["lm_acked"])
     clicked, state["lm_acked"] = new_clicks(clicks, state["lm_acked"])
@@ -380,9 +382,13 @@ engine_session(evaluator)
 st.caption(f"Evaluated on {evaluator.dataset.name} ({len(evaluator.labels):,} sentences) with "
            f"{common.model_name()}.")
 runtime_selector()
-grid_section(evaluator.layers)
+overlay = error_map.overlay_choice()
+diagnosis = error_map.diagnosis_for(common.current_plan(), evaluator) if overlay != "precision" else None
+grid_section(evaluator.layers, diagnosis, overlay)
 evaluate_pending(evaluator)
 plan = common.current_plan()
+if diagnosis is not None:
+    st.plotly_chart(error_map.depth_chart(diagnosis), width="stretch", key="lm_depth")
 with st.expander("Current plan (JSON)"):
     st.code(json.dumps(plan.to_json(), indent=2) if plan.rules else '"fp32"', language="json")
 results_section(evaluator, plan)

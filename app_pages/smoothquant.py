@@ -7,6 +7,7 @@ estimated from this set's measured FP32 pass, on a quick sample first if the per
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
 from app_pages import common
 from cache import keys, lookup, remember
@@ -205,7 +206,7 @@ def auto_panel(evaluator, model, calibration, act: str, calib: int) -> None:
         st.success(f"Layer map plan: {auto_plan.label()}")
 
 
-def outliers_panel(model, calibration, alpha: float, act: str) -> None:
+def outliers_panel(model, calibration, alpha: float, act: str, calib: int) -> None:
     st.header("Outliers of one layer")
     linear_names = list(calibration.low)
     chosen = st.selectbox("Layer", linear_names, index=linear_names.index(sq.most_outlying(calibration)),
@@ -227,6 +228,17 @@ def outliers_panel(model, calibration, alpha: float, act: str) -> None:
     sqnr[0].metric("W8A8 SQNR before smoothing", f"{view['sqnr_before_db']:.1f} dB")
     sqnr[1].metric("W8A8 SQNR after smoothing", f"{view['sqnr_after_db']:.1f} dB",
                    delta=f"{view['sqnr_after_db'] - view['sqnr_before_db']:+.1f} dB")
+    if st.button("See where the error enters, on the layer map", key="sq_error_map",
+                 help="opens the layer map on this smoothed W8A8 plan, its cells coloured by the error each layer "
+                      f"puts in: {chosen} among them"):
+        plan = sq.smoothed_plan(alpha, act, calib)
+        common.set_current_plan(plan)
+        state.setdefault("lm_pending", []).append({"plan": plan, "layer": None})
+        state["lm_overlay"] = "local"
+        try:
+            st.switch_page("app_pages/layer_map.py")
+        except StreamlitAPIException:
+            st.success("Sent: open the layer map page, where the cells are coloured by each layer's error.")
 
 
 def heatmap_panel(model, calibration) -> None:
@@ -279,7 +291,7 @@ st.caption(f"Calibrated on {calibration.n} sentences ({calibration.tokens:,} tok
            + (" (quick sample)." if quick else "."))
 evaluation_panel(evaluator, act, alpha, calib)
 actions(evaluator, model, calibration, act, alpha, calib)
-outliers_panel(model, calibration, alpha, act)
+outliers_panel(model, calibration, alpha, act, calib)
 sweep_panel(evaluator, calib)
 auto_panel(evaluator, model, calibration, act, calib)
 heatmap_panel(model, calibration)

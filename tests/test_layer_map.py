@@ -160,3 +160,36 @@ def test_every_click_changes_one_cell_and_enters_the_history(cache_dir, embedded
     _click(at, names[1])  # a click on a plan answered from the disk cache (seen before) still counts
     at.run()
     assert at.session_state["plan"].resolve(names)[names[1]] == "fp32" and len(at.session_state["plan_history"]) == 6
+
+
+def test_the_error_overlay_shades_each_cell_and_draws_the_depth_chart(cache_dir, embedded):
+    from app_pages import error_map
+
+    at = _page()
+    at.run()
+    at.selectbox(key="bulk_precision").set_value("int8")
+    _button(at, "Apply to everything").click()
+    at.run()
+    charts = len(at.get("plotly_chart"))
+    at.radio(key="lm_overlay").set_value("accumulated").run()
+    assert not at.exception
+    at.button(key="lm_diagnose").click().run()
+    assert not at.exception
+    assert len(at.get("plotly_chart")) == charts + 1  # the depth chart
+    at.run()  # the diagnosis is memoized: no button to press again
+    assert not at.exception and not any(b.key == "lm_diagnose" for b in at.button)
+    # each cell: shaded by its SQNR, its figure under the precision, both SQNRs in the hover
+    diagnosis = {"sentences": 2, "rows": [
+        {"op": "a", "kind": "linear", "block": 0, "precision": "int8", "local_sqnr_db": 35.0,
+         "accumulated_sqnr_db": 12.0, "weight_sqnr_db": 45.0, "activation_sqnr_db": 36.0},
+        {"op": "b", "kind": "linear", "block": 1, "precision": "fp32", "local_sqnr_db": None,
+         "accumulated_sqnr_db": None, "weight_sqnr_db": None, "activation_sqnr_db": None}]}
+    cells = [{"layer": "a", "tip": "a"}, {"layer": "b", "tip": "b"}]
+    error_map.annotate(cells, diagnosis, "accumulated")
+    assert cells[0]["note"] == "12 dB" and "local SQNR 35.0 dB" in cells[0]["tip"] and "weights 45.0" in cells[0]["tip"]
+    assert cells[1]["note"] == "exact"
+    error_map.annotate(cells, diagnosis, "local")
+    assert cells[0]["note"] == "35 dB"
+    assert error_map.shade(5.0)[1] == "#fff" and error_map.shade(None)[0] == "#d9d9d9"
+    assert error_map.shade(60.0) != error_map.shade(15.0)
+    assert len(error_map.depth_chart(diagnosis).data) == 2  # the line and the int8 markers

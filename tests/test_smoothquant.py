@@ -329,6 +329,8 @@ def test_page_renders_and_slider_changes_figures(embedded, tmp_path, monkeypatch
     assert app.success and "e-" in app.success[0].value
     app.button(key="sq_send").click().run()
     assert app.session_state["plan"].smooth_alpha == 0.85
+    app.button(key="sq_error_map").click().run()  # the outlier view opens the layer map's error overlay
+    assert not app.exception and app.session_state["lm_overlay"] == "local"
     app.button(key="sq_auto").click().run()
     assert not app.exception
     accuracies = len([m for m in app.metric if m.label.startswith("Accuracy")])
