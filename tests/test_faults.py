@@ -18,40 +18,12 @@ from pathlib import Path
 import pytest
 
 import cache
+from benchmarks.fault_injection import EXPORTER, FILLER, WRITER, full_tmpfs, value
 from cache import scheduler as sched
 from engine.core.errors import EngineError
 from engine.evaluation.evaluator import Cancelled
 
 ROOT = Path(__file__).resolve().parent.parent
-WRITER = r"""
-import os, signal, sys
-import diskcache, cache
-
-mode, kill_at = sys.argv[1], int(sys.argv[2])
-original = diskcache.Disk._write
-
-def killed(self, full_path, iterator, file_mode, encoding=None):
-    if mode == "mid-file":  # half the value's file on disk, then kill -9
-        os.makedirs(os.path.dirname(full_path), exist_ok=True)
-        data = b"".join(iterator)
-        with open(full_path, file_mode) as writer:
-            writer.write(data[: len(data) // 2])
-    else:  # "before-commit": the whole file, killed before the row that names it is committed
-        original(self, full_path, iterator, file_mode, encoding)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-for i in range(100000):
-    if i == kill_at:
-        diskcache.Disk._write = killed
-    cache.put(f"k{i}", {"i": i, "blob": bytes([i % 251]) * (40_000 if i % 2 else 100)})
-    print(i, flush=True)
-"""
-
-
-def value(i: int) -> dict:
-    return {"i": i, "blob": bytes([i % 251]) * (40_000 if i % 2 else 100)}
-
-
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     folder = tmp_path / "engine-cache"
@@ -142,26 +114,13 @@ def test_a_full_disk_costs_one_warning_and_nothing_stored(cache_dir, monkeypatch
     assert cache.problem() is None and cache.lookup("after") == value(3)
 
 
-FILLER = r"""
-import json, logging, os, sys
-import cache
-logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-cache.put("before", {"kept": True})
-computed = [cache.remember(f"big{i}", lambda i=i: bytes([i]) * 300_000) == bytes([i]) * 300_000 for i in range(12)]
-print(json.dumps({"computed": all(computed), "kept": cache.lookup("before"), "problem": cache.problem()}))
-"""
-
-
 def test_a_real_full_file_system_for_the_cache(tmp_path):
     """A 1 MB tmpfs for the cache folder, in a private mount namespace (skipped where one cannot be made)."""
     if not shutil.which("unshare"):
         pytest.skip("no unshare to make a private tmpfs")
     folder = tmp_path / "tiny"
     folder.mkdir()
-    script = f'mount -t tmpfs -o size=1m tmpfs "{folder}" && exec "{sys.executable}" -c "$FILLER"'
-    env = {**os.environ, "ENGINE_CACHE_DIR": str(folder / "cache"), "FILLER": FILLER}
-    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+    run = full_tmpfs(folder, FILLER, {**os.environ, "ENGINE_CACHE_DIR": str(folder / "cache")})
     if run.returncode != 0 and "mount" in run.stderr + run.stdout and "computed" not in run.stdout:
         pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()[:200]}")
     import json
@@ -217,24 +176,6 @@ def test_a_gone_sessions_queued_work_is_dropped(monkeypatch):
     assert isinstance(jobs["gone"].error, Cancelled) and "gone" in str(jobs["gone"].error)
     assert jobs["rerun"].result == "rerun" and stays.result == "here"
     assert blocker.done
-
-
-EXPORTER = r"""
-import os, signal, sys
-from engine.analysis.deploy import Exports
-from engine.model.loading import load_model
-
-model, tokenizer = load_model(sys.argv[1])
-exports = Exports(sys.argv[2])
-print(exports.folder(model, tokenizer, "fp32"), flush=True)
-rename = os.rename
-
-def killed(source, target):  # the second export is written whole in its temporary folder, then kill -9
-    os.kill(os.getpid(), signal.SIGKILL)
-
-os.rename = killed
-exports.folder(model, tokenizer, "int8")
-"""
 
 
 def test_kill_9_during_an_export_and_a_damaged_export_are_rebuilt(tmp_path):

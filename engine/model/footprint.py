@@ -157,7 +157,8 @@ def check_fits(footprint: Footprint, name: str) -> None:
     """Raise TooLarge in one line, with both figures, when the model would not fit."""
     allowed, source = limit()
     if footprint.needed_bytes > allowed:
-        raise TooLarge(f"{name} is not loaded: {footprint.params / 1e9:.2f} B parameters need about "
+        count = f"{footprint.params / 1e9:.2f} B" if footprint.params >= 1e9 else f"{footprint.params / 1e6:.1f} M"
+        raise TooLarge(f"{name} is not loaded: {count} parameters need about "
                        f"{gb(footprint.needed_bytes)} to load and evaluate, over this server's limit of "
                        f"{gb(allowed)} ({source})")
 
