@@ -82,6 +82,9 @@ def search(evaluator, budget: list, latency: bool, ladder: int, refine: int) -> 
                     ladder=ladder, refine=refine)
 
 
-def diagnosis(model, data_fp: str, plan: Plan, sample: int) -> str:
-    """Every op's error under a plan, on a seeded sample of the set."""
-    return make_key("diagnosis", model=fingerprint(model), data=data_fp, plan=plan.key(), sample=sample)
+def diagnosis(model, data_fp: str, plan: Plan, sample: int, exported: bool = False) -> str:
+    """Every op's error under a plan, on a seeded sample of the set (`exported`: each layer's, measured on the
+    exported graph run by this CPU's ONNX Runtime)."""
+    ran_on = {"cpu": this_cpu().value} if exported else {}
+    return make_key("diagnosis-exported" if exported else "diagnosis", model=fingerprint(model), data=data_fp,
+                    plan=plan.key(), sample=sample, **ran_on)

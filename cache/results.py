@@ -12,7 +12,7 @@ from typing import Callable
 from engine.analysis import sensitivity
 from engine.analysis.benchmark import bench_against
 from engine.analysis.deploy import Exports
-from engine.analysis.diagnose import diagnose, sample
+from engine.analysis.diagnose import diagnose, exported_layer_sqnr, sample
 from engine.core.plan import Plan
 from engine.evaluation.evaluator import Cancelled, Evaluator
 from engine.runtime.size import model_size_bytes
@@ -101,6 +101,13 @@ def diagnosis(model, tokenizer, data, plan: Plan, size: int,
     return remember(keys.diagnosis(model, data.fingerprint, plan, size),
                     lambda: diagnose(model, tokenizer, sample(data.texts, size), plan, data.calibration,
                                      data.calibration_source, progress).as_dict())
+
+
+def exported_diagnosis(model, tokenizer, data, plan: Plan, size: int) -> dict[str, float | None]:
+    """Each layer's accumulated SQNR measured on the plan's exported graph (ONNX Runtime), on the same sample."""
+    return remember(keys.diagnosis(model, data.fingerprint, plan, size, exported=True),
+                    lambda: exported_layer_sqnr(model, tokenizer, exports().folder(model, tokenizer, plan, data),
+                                                sample(data.texts, size)))
 
 
 def stop_when(cancelled: Callable[[], bool] | None) -> Callable[[float], None] | None:

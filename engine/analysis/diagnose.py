@@ -25,9 +25,11 @@ import contextlib
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,7 @@ from engine.model.inventory import inventory
 from engine.model.loading import input_limit
 from engine.quant.apply import apply_plan
 from engine.quant.prepare import prepare
+from engine.runtime.onnx_graph import module_of
 
 DEFAULT_SAMPLE = 128
 BATCH = 16
@@ -294,3 +297,60 @@ def sample(texts: Sequence[str], size: int = DEFAULT_SAMPLE, seed: int = 0) -> l
         return list(texts)
     chosen = np.sort(np.random.default_rng(seed).choice(len(texts), size, replace=False))
     return [texts[i] for i in chosen]
+
+
+# named after the tensor they quantize for the next layer, so in the scope of the layer that produced it
+_QUANTIZES_FOR_CONSUMERS = ("DynamicQuantizeLinear", "QuantizeLinear")
+
+
+def _layer_tensors(graph: onnx.GraphProto, layers: set[str], module_names: set[str]) -> dict[str, str]:
+    """Each layer's float output tensor in an exported graph: the output of the last node in the layer's scope
+    (the TorchScript exporter names nodes by module path, and the quantizers name theirs after the node they
+    replace: `.../query/MatMul_quant`, its Cast and scale Muls, then the bias Add). A layer run several times
+    (ALBERT's shared one: `query_1`, ...) is read at its first call, as the engine reads it."""
+    found, first_scope = {}, {}
+    for node in graph.node:
+        layer = module_of(node.name, module_names)
+        if layer not in layers or not node.output or node.op_type in _QUANTIZES_FOR_CONSUMERS:
+            continue
+        scope = node.name.rsplit("/", 1)[0]
+        if first_scope.setdefault(layer, scope) == scope:
+            found[layer] = node.output[0]
+    return found
+
+
+def exported_layer_sqnr(model: nn.Module, tokenizer, folder: str | Path,
+                        texts: Sequence[str]) -> dict[str, float | None]:
+    """The accumulated SQNR at each layer's output of the exported graph run by ONNX Runtime, against torch FP32 on
+    the same batches: the engine's figure measured on the deployed model itself. A layer whose output the graph
+    does not keep (a float layer's MatMul and Add fused into one Gemm by ORT's offline optimizations) is left
+    out."""
+    import onnxruntime as ort
+
+    folder = Path(folder)
+    graph_model = onnx.load(str(folder / "model.onnx"))
+    kinds = {layer.name: layer.kind for layer in inventory(model)}
+    tensors = _layer_tensors(graph_model.graph, set(kinds), {name for name, _ in model.named_modules()})
+    for tensor in tensors.values():
+        graph_model.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(graph_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    reference = _eager(apply_plan(model, Plan())).eval()
+    powers: dict[str, _Power] = defaultdict(_Power)
+    for inputs in _batches(tokenizer, model, texts):
+        recorder = _Recorder(reference, kinds, inputs["attention_mask"])
+        try:
+            with torch.no_grad(), recorder:
+                reference(**inputs)
+        finally:
+            recorder.close()
+        feeds = {name: inputs[name].numpy() for name in ("input_ids", "attention_mask")}
+        outputs = dict(zip(names, session.run(names, feeds)))
+        for layer, tensor in tensors.items():
+            got = torch.from_numpy(np.asarray(outputs[tensor], dtype=np.float32))
+            expected = recorder.outputs[layer]
+            if got.shape == expected.shape:
+                powers[layer].add(recorder.real_tokens(expected), recorder.real_tokens(got))
+    return {layer: power.db() for layer, power in powers.items()}

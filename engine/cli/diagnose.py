@@ -1,7 +1,7 @@
 """`diagnose`: where a plan's error enters the model and how it travels, one row per op."""
 from __future__ import annotations
 
-from engine.cli.common import load, model_arg, plan_arg, positive_int, progress_printer, resolved_plan
+from engine.cli.common import UsageError, load, model_arg, plan_arg, positive_int, progress_printer, resolved_plan
 
 
 def setup(_name: str, parser) -> None:
@@ -13,6 +13,9 @@ def setup(_name: str, parser) -> None:
     parser.add_argument("--data", default="embedded", help="the set whose sentences are sampled (and calibrate)")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="sentences in the seeded sample (default 128, or the whole set when smaller)")
+    parser.add_argument("--exported", action="store_true",
+                        help="with --runtime onnxruntime: also measure each layer's accumulated SQNR on the exported "
+                             "graph itself (exported_accumulated_sqnr_db), beside the engine's figure")
 
 
 def run(_name: str, args):
@@ -24,7 +27,15 @@ def run(_name: str, args):
     model, tokenizer = load(args)
     plan = resolved_plan(args, model)
     plan = plan.on(args.runtime) if args.runtime else plan
+    if args.exported and plan.runtime != "onnxruntime":
+        raise UsageError("--exported measures the ONNX Runtime export: add --runtime onnxruntime")
     show = progress_printer("diagnose: ")
-    found = results.diagnosis(model, tokenizer, data, plan, args.limit or DEFAULT_SAMPLE,
-                              progress=lambda fraction: show(fraction, "comparing every op with FP32"))
-    return found["rows"]
+    size = args.limit or DEFAULT_SAMPLE
+    rows = results.diagnosis(model, tokenizer, data, plan, size,
+                             progress=lambda fraction: show(fraction, "comparing every op with FP32"))["rows"]
+    if args.exported:
+        show(1.0, "exporting the plan and running its graph")
+        measured = results.exported_diagnosis(model, tokenizer, data, plan, size)
+        rows = [{**row, "exported_accumulated_sqnr_db": measured.get(row["op"])} if row["kind"] in
+                ("linear", "embedding") else row for row in rows]
+    return rows
