@@ -284,6 +284,9 @@ def test_the_folder_reloads_in_a_fresh_process_and_its_card_is_measured(tmp_path
     measured = json.loads((folder / "card.json").read_text())["measured"]
     assert measured["n"] == len(DATA) and 0 <= measured["ci95"][0] <= measured["accuracy"] <= measured["ci95"][1] <= 1
     assert measured["latency"]["protocol"] == "back_to_back" and "Wilson" in (folder / "README.md").read_text()
+    # the card says where the time goes: the int8 plan's integer matmuls, and the CPU features behind them
+    assert measured["profile"]["groups"]["quantized matmul"] > 0 and measured["profile"]["cpu"]["features"]
+    assert "Where the time goes" in (folder / "README.md").read_text()
     texts = list(DATA.texts[:12]) + EDGE
     expected = OrtClassifier(folder, threads=1).predict(texts)
     script = ("import json, sys, numpy as np, onnxruntime as ort; from transformers import AutoTokenizer; "

@@ -28,6 +28,7 @@ from engine.quant.prepare import prepare
 from engine.runtime.latency import bench_inputs
 from engine.runtime.onnx_export import ExportError, export_onnx
 from engine.runtime.onnx_session import benchmark, ort_call
+from engine.runtime.profile import cpu_report, profile_ort
 
 CARD_TOKENS = 32
 STALE_S = 3600.0  # a partial export folder older than this was left by a process that died
@@ -53,9 +54,11 @@ def deploy(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path, dat
         figures = {**result.as_dict(), "data": evaluator.dataset.name,
                    "fp32_accuracy": evaluator.baseline.comparison.accuracy}
         if latency:
-            call = ort_call(folder, bench_inputs(tokenizer, data.texts, 1, CARD_TOKENS, "cpu"))
-            timing = benchmark({"onnx": call}, batch=1, protocol="back_to_back")["onnx"]
+            inputs = bench_inputs(tokenizer, data.texts, 1, CARD_TOKENS, "cpu")
+            timing = benchmark({"onnx": ort_call(folder, inputs)}, batch=1, protocol="back_to_back")["onnx"]
             figures["latency"] = {**timing, "batch": 1, "tokens": CARD_TOKENS, "threads": torch.get_num_threads()}
+            feeds = {name: inputs[name].numpy() for name in ("input_ids", "attention_mask")}
+            figures["profile"] = {**profile_ort(folder, feeds, batch=1).as_dict(), "cpu": cpu_report()}
         return figures
 
     return export_onnx(model, tokenizer, plan, out_dir, calibration_texts=texts, smoothing=smoothing,

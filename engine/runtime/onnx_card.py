@@ -89,6 +89,16 @@ def markdown(card: dict) -> str:
             lines.append(f"- latency: p50 {t['latency_ms_p50']:.2f} ms, p95 {t['latency_ms_p95']:.2f} ms at batch "
                          f"{t['batch']}, {t['tokens']} tokens, {t['threads']} ORT threads, protocol {t['protocol']}, "
                          f"1-minute load average {t['load_average'][0]} before and {t['load_average'][1]} after")
+    profile = (measured or {}).get("profile")
+    if profile:
+        groups = ", ".join(f"{group} {ms:.2f} ms" for group, ms in profile["groups"].items() if ms > 0)
+        lines += ["", "## Where the time goes (batch 1, ONNX Runtime's session profiling)", "",
+                  f"- {groups}: {profile['profiled_ms']:.2f} ms of the forward's {profile['wall_ms']:.2f} ms",
+                  f"- Q/DQ and Cast nodes left unfused: {len(profile['unfused'])}"
+                  + (f" ({', '.join(profile['unfused'][:5])}{', ...' if len(profile['unfused']) > 5 else ''})"
+                     if profile["unfused"] else ""),
+                  f"- CPU: {profile['cpu']['features']}"]
+        lines += [f"- {line}" for line in profile["cpu"]["meaning"]]
     lines += [f"- machine: {card['machine']}", ""]
     return "\n".join(lines)
 
