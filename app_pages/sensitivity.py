@@ -375,10 +375,10 @@ if full is None:
     st.stop()
 model, tokenizer = common.model_and_tokenizer()
 st.header("Sweep")
-controls = st.columns([2, 3, 1])
-quick = controls[2].toggle(f"Quick: first {common.QUICK_SAMPLE}", value=len(full.labels) > common.QUICK_SAMPLE,
-                           key="sens_quick", help="sweep and search on the first sentences only, to look before "
-                                                  "paying for the whole set; its rows are stored apart")
+controls = st.columns([2, 3])
+quick = st.toggle(f"Quick: first {common.QUICK_SAMPLE}", value=len(full.labels) > common.QUICK_SAMPLE, key="sens_quick",
+                  help="sweep and search on the first sentences only, to look before paying for the whole set; its "
+                       "rows are stored apart")
 evaluator = common.evaluator_for(full.dataset.head(common.QUICK_SAMPLE)) if quick else full
 precisions = controls[0].multiselect("Precisions", sens.SWEEP_PRECISIONS, default=list(sens.SWEEP_PRECISIONS),
                                      key="sens_precisions")

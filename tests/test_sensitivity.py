@@ -207,17 +207,27 @@ def test_cli_sensitivity_and_bad_input(capsys, embedded):
     assert err[-1].startswith("error:") and "int3" in err[-1]
 
 
-def test_page_runs_sweep_and_search(tmp_path, monkeypatch, tiny_bert, tokenizer):
-    from streamlit.testing.v1 import AppTest
-
+def _saved(tmp_path, monkeypatch, tiny_bert, tokenizer) -> Path:
+    """The tiny model as a folder the pages load, with a cache of the test's own."""
     folder = tmp_path / "tiny"
     tiny_bert.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    return folder
+
+
+def _page(folder: Path, limit: int):
+    from streamlit.testing.v1 import AppTest
+
     at = AppTest.from_file(str(ROOT / "app_pages" / "sensitivity.py"), default_timeout=300)
     at.session_state["model_name"] = str(folder)
-    at.session_state["limit"] = 24
+    at.session_state["limit"] = limit
     at.run()
+    return at
+
+
+def test_page_runs_sweep_and_search(tmp_path, monkeypatch, tiny_bert, tokenizer):
+    at = _page(_saved(tmp_path, monkeypatch, tiny_bert, tokenizer), 24)
     assert not at.exception, at.exception
     at.button(key="sens_run").click().run()
     assert not at.exception, at.exception
@@ -231,20 +241,12 @@ def test_page_runs_sweep_and_search(tmp_path, monkeypatch, tiny_bert, tokenizer)
 
 def test_cli_and_page_share_the_sweep_rows(tmp_path, monkeypatch, capsys, tiny_bert, tokenizer):
     """A sweep run from the CLI fills the rows the page reads: the page then has nothing left to compute."""
-    from streamlit.testing.v1 import AppTest
-
     from engine.cli import main
 
-    folder = tmp_path / "tiny"
-    tiny_bert.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = _saved(tmp_path, monkeypatch, tiny_bert, tokenizer)
     assert main(["sensitivity", "--model", str(folder), "--limit", "24", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)
-    at = AppTest.from_file(str(ROOT / "app_pages" / "sensitivity.py"), default_timeout=300)
-    at.session_state["model_name"] = str(folder)
-    at.session_state["limit"] = 24
-    at.run()
+    at = _page(folder, 24)
     assert not at.exception
     assert at.button(key="sens_run").disabled  # every row is already there
     assert len(at.get("plotly_chart")) >= 4
@@ -252,16 +254,7 @@ def test_cli_and_page_share_the_sweep_rows(tmp_path, monkeypatch, capsys, tiny_b
 
 def test_page_offers_a_quick_sample_with_its_cost_and_the_whole_sets(tmp_path, monkeypatch, tiny_bert, tokenizer):
     """On a set larger than the quick sample, the sweep starts on the sample, and both costs are said first."""
-    from streamlit.testing.v1 import AppTest
-
-    folder = tmp_path / "tiny"
-    tiny_bert.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
-    at = AppTest.from_file(str(ROOT / "app_pages" / "sensitivity.py"), default_timeout=300)
-    at.session_state["model_name"] = str(folder)
-    at.session_state["limit"] = 260
-    at.run()
+    at = _page(_saved(tmp_path, monkeypatch, tiny_bert, tokenizer), 260)
     assert not at.exception, at.exception
     assert at.toggle(key="sens_quick").value
     said = " ".join(c.value for c in at.caption)
