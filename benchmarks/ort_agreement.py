@@ -85,14 +85,14 @@ def main() -> int:
                           (("simulated", simulated), ("exported", exported))}}
                 if args.emulate:
                     started = time.perf_counter()
-                    logits, saturates = emulated_logits(folder, batches)
+                    logits, saturates = emulated_logits(folder, batches, timeout=6 * 3600)
                     emulated = np.zeros_like(evaluator.baseline_logits)
                     for batch, values in zip(evaluator.batches, logits):
                         emulated[batch.rows] = values
                     row["emulated_avx2"] = {**_agreement(simulated, emulated.argmax(-1)), "saturates": saturates,
                                             "seconds": round(time.perf_counter() - started, 1)}
                 rows.append(row)
-                print(f"{name} for {target}: done", file=sys.stderr)
+                print(f"{name} for {target}: {json.dumps(row)}", file=sys.stderr)  # kept if a later plan fails
     emulated_head = " | agreement on emulated AVX2 (QEMU Haswell)" if args.emulate else ""
     print(f"| plan | written for | simulated ORT accuracy | exported ORT accuracy | agreement here{emulated_head} |")
     print("|---|---|---|---|---" + ("|---|" if args.emulate else "|"))

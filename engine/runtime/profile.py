@@ -56,8 +56,13 @@ class Profile:
     wall_ms: float
     unfused: tuple[str, ...]  # Q/DQ and Cast nodes the runtime left standing (ORT), by name
 
+    @property
+    def outside_ops_ms(self) -> float:
+        """Wall time in no op: Python and module calls between torch's ops, ORT's own per-run work."""
+        return round(max(self.wall_ms - self.profiled_ms, 0.0), 4)
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "unfused": list(self.unfused)}
+        return {**asdict(self), "unfused": list(self.unfused), "outside_ops_ms": self.outside_ops_ms}
 
 
 def _ort_group(op_type: str, reads_weight: bool) -> str:
