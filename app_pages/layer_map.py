@@ -63,8 +63,12 @@ def _pick_runtime() -> None:
     change_plan(common.current_plan().on(state["lm_runtime"]))
 
 
+THIS_MACHINE = "this machine"  # a name, not None: a selectbox shows None as "no choice made"
+
+
 def _pick_target_cpu() -> None:
-    change_plan(common.current_plan().for_cpu(state["lm_target_cpu"]))
+    chosen = state["lm_target_cpu"]
+    change_plan(common.current_plan().for_cpu(None if chosen == THIS_MACHINE else chosen))
 
 
 def runtime_selector() -> None:
@@ -78,10 +82,9 @@ def runtime_selector() -> None:
     plan = common.current_plan()
     if plan.runtime == "onnxruntime":
         here = this_cpu().value
-        choices = [None, *TARGET_NAMES]
-        state["lm_target_cpu"] = plan.target_cpu
-        st.selectbox("Target CPU", choices, key="lm_target_cpu", on_change=_pick_target_cpu,
-                     format_func=lambda name: f"this machine ({here})" if name is None else name,
+        state["lm_target_cpu"] = plan.target_cpu or THIS_MACHINE
+        st.selectbox("Target CPU", [THIS_MACHINE, *TARGET_NAMES], key="lm_target_cpu", on_change=_pick_target_cpu,
+                     format_func=lambda name: f"this machine ({here})" if name == THIS_MACHINE else name,
                      help="The CPU the exported model will run on: ONNX Runtime's int8 sums are exact on VNNI and "
                           "AMX CPUs; on AVX2 (and AVX-512 without VNNI) they saturate, so a plan for those CPUs "
                           "uses 7-bit int8 weights, exact everywhere.")

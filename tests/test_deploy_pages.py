@@ -58,6 +58,7 @@ def test_layer_map_runtime_selector_and_export(folder, cache_dir):
     assert card["plan"] == plan.for_cpu(this_cpu().value).to_json() and card["measured"]["n"] == 24
     assert any(c.value.startswith("Written for") and this_cpu().value in c.value for c in at.caption)
     # a plan for an AVX2 server: the page says what its int8 is written for, and the plan carries the target
+    assert at.selectbox(key="lm_target_cpu").value == "this machine"  # a choice shown, never "Choose an option"
     at.selectbox(key="lm_target_cpu").set_value("avx2").run()
     assert not at.exception and at.session_state["plan"].target_cpu == "avx2"
     assert any("7-bit" in c.value for c in at.caption)
