@@ -89,8 +89,11 @@ def main() -> int:
                     emulated = np.zeros_like(evaluator.baseline_logits)
                     for batch, values in zip(evaluator.batches, logits):
                         emulated[batch.rows] = values
+                    scale = max(1.0, float(np.abs(exported.logits).max()))
                     row["emulated_avx2"] = {**_agreement(simulated, emulated.argmax(-1)), "saturates": saturates,
-                                            "seconds": round(time.perf_counter() - started, 1)}
+                                            "same_as_here": float(np.mean(emulated.argmax(-1) == exported.predictions)),
+                                            "largest_logit_gap_to_here": float(np.abs(emulated - exported.logits).max())
+                                            / scale, "seconds": round(time.perf_counter() - started, 1)}
                 rows.append(row)
                 print(f"{name} for {target}: {json.dumps(row)}", file=sys.stderr)  # kept if a later plan fails
     emulated_head = " | agreement on emulated AVX2 (QEMU Haswell)" if args.emulate else ""
