@@ -64,3 +64,13 @@ def test_the_cli_takes_a_target_and_refuses_an_unknown_one(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--plan", "int8", "--target-cpu", "pentium", "--json"])
     assert exit_.value.code == 2 and "--target-cpu" in capsys.readouterr().err
+
+
+def test_grid_tasks_carry_the_drivers_cpu_for_ort_plans():
+    """A Ray worker on another kind of CPU must compute what the driver's key says: the target is named."""
+    from engine.grid.tasks import _pinned
+
+    ort = Plan.uniform("int8", runtime="onnxruntime")
+    assert _pinned(ort).target_cpu == this_cpu().value and _pinned(ort).key() == ort.key()
+    assert _pinned(ort.for_cpu("avx2")).target_cpu == "avx2"
+    assert _pinned(Plan.uniform("int8")).target_cpu is None  # torch's int8 is the same everywhere

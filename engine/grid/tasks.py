@@ -89,6 +89,12 @@ def split_items(text: str | None) -> list[str]:
     return split_plan_list(text or "")
 
 
+def _pinned(plan: Plan) -> Plan:
+    """An ONNX Runtime plan written for the driver's CPU by name: a worker on another kind of CPU computes the
+    same numerics as the key the driver stores its row under (engine.core.cpu)."""
+    return plan.for_cpu(plan.cpu.value) if plan.runtime == "onnxruntime" and plan.target_cpu is None else plan
+
+
 def build_tasks(models: Sequence[str], datasets: Sequence[str], plans: Sequence[str | tuple[str, Plan]] = (),
                 sensitivity: Sequence[str] = (), limit: int | None = None, latency: bool = False,
                 kernels: str = "simulated", device: str = "cpu") -> list[Task]:
@@ -115,8 +121,8 @@ def build_tasks(models: Sequence[str], datasets: Sequence[str], plans: Sequence[
     for name in models:
         model = work.driver_model(name)
         info = work.describe(model)
-        resolved = [(item[0], json.dumps(item[1].to_json())) if isinstance(item, tuple)
-                    else (item, json.dumps(resolve_plan_item(item, model, check=False)[1].to_json()))
+        resolved = [(item[0], json.dumps(_pinned(item[1]).to_json())) if isinstance(item, tuple)
+                    else (item, json.dumps(_pinned(resolve_plan_item(item, model, check=False)[1]).to_json()))
                     for item in plans]
         for data in datasets:
             common = dict(model=name, data=data, limit=limit, device=device, model_fp=info.fingerprint,
