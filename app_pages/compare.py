@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 import torch
 
-from app_pages import cluster, common, deployment
+from app_pages import cluster, common, deployment, profile_view
 from cache import keys, lookup, put, results
 from engine.analysis.compare import disagreements, run_comparison
 from engine.analysis.findings import findings
@@ -242,3 +242,4 @@ stored = run(model, tokenizer, plans, sets, device, runtimes)
 if stored is not None:
     report(stored)
     deploy_section(plans)
+profile_view.profile_section(plans)

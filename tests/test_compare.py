@@ -351,3 +351,28 @@ def test_page_runs_reacts_and_answers_a_second_visit_at_once(tiny_folder, tmp_pa
     assert not again.dataframe
     again.multiselect(key="compare_presets").set_value(["fp32", "int8"]).run()
     assert list(again.dataframe[0].value["plan"]) == ["FP32", "FP32", "INT8", "INT8"]  # no click: from the cache
+
+
+def test_page_profiles_a_plan_against_fp32_on_either_runtime(tiny_folder, tmp_path, monkeypatch):
+    """'Why is it (not) faster here?': the plan's time by op group beside torch FP32's, with the CPU's features."""
+    from streamlit.testing.v1 import AppTest
+
+    from app_pages.profile_view import chart
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(ROOT / "app_pages" / "compare.py"), default_timeout=300)
+    at.session_state["model_name"] = str(tiny_folder)
+    at.session_state["limit"] = 16
+    at.run()
+    at.multiselect(key="compare_presets").set_value(["fp32", "int8"]).run()
+    assert at.selectbox(key="profile_plan").options == ["int8"]  # FP32 is the reference, not a choice
+    charts = len(at.get("plotly_chart"))
+    for runtime in ("torch", "onnxruntime"):
+        at.radio(key="profile_runtime").set_value(runtime).run()
+        at.button(key="profile_run").click().run()
+        assert not at.exception and not at.error
+        assert len(at.get("plotly_chart")) == charts + 1
+        assert any(c.value.startswith("This CPU (") for c in at.caption)
+    profile = next(iter(at.session_state["profiles"].values()))
+    figure = chart(profile)
+    assert len(figure.data) == 8 and len(figure.data[0].x) == 4  # 7 groups and the time outside ops; 2 x 2 bars
