@@ -17,9 +17,7 @@ from engine.core.errors import EngineError
 from engine.core.hub import hub_reachable
 from engine.core.plan import FP32, parse_plan
 from engine.grid.tasks import build_tasks
-
-
-RUNTIMES = {"torch": "torch", "onnxruntime": "ONNX Runtime"}
+from engine.core.vocabulary import Runtime, runtime_label
 
 
 @st.cache_data(ttl=600, show_spinner=False)
@@ -47,7 +45,8 @@ def choices(model):
         device = st.radio("Device", devices, horizontal=True, key="compare_device")
         if len(devices) == 1:
             st.caption("No CUDA GPU here: every timing is on this CPU's real kernels.")
-        runtimes = st.multiselect("Runtimes", list(RUNTIMES), default=["torch"], format_func=RUNTIMES.get,
+        runtimes = st.multiselect("Runtimes", list(Runtime), default=[Runtime.TORCH],
+                                  format_func=runtime_label,
                                   key="compare_runtimes",
                                   help="ONNX Runtime: each plan exported (once) and run as deployed, its own "
                                        "accuracy measured on the exported graph and timed in the same rounds")

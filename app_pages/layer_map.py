@@ -21,6 +21,7 @@ from engine.evaluation.evaluator import Cancelled
 from engine.evaluation.session import Session
 from engine.model.families import ALL_ROLES
 from engine.runtime.latency import describe
+from engine.core.vocabulary import Runtime, runtime_label
 
 BENCH_TOKENS = 32
 CLICK_ACTIONS = {"cycle FP32 → INT8 → INT4": "cycle", **{f"set {p.upper()}": p for p in PRECISIONS}}
@@ -56,9 +57,6 @@ def change_plan(plan: Plan, layer: str | None = None) -> None:
     state["lm_pending"].append({"plan": plan, "layer": layer})
 
 
-RUNTIMES = {"torch": "torch", "onnxruntime": "ONNX Runtime"}
-
-
 def _pick_runtime() -> None:
     change_plan(common.current_plan().on(state["lm_runtime"]))
 
@@ -75,12 +73,12 @@ def runtime_selector() -> None:
     """Whose INT8 numerics the figures follow and which runtime the latency is timed on: the current
     plan's runtime option, so every later click keeps it."""
     state["lm_runtime"] = common.current_plan().runtime
-    st.radio("Runtime", list(RUNTIMES), format_func=RUNTIMES.get, horizontal=True, key="lm_runtime",
+    st.radio("Runtime", list(Runtime), format_func=runtime_label, horizontal=True, key="lm_runtime",
              on_change=_pick_runtime,
              help="torch: its dynamic per-token int8 activations and eager kernels. ONNX Runtime: the numerics of "
                   "the exported model (uint8 activations per tensor), timed on the exported graph itself.")
     plan = common.current_plan()
-    if plan.runtime == "onnxruntime":
+    if plan.runtime == Runtime.ONNXRUNTIME:
         here = this_cpu().value
         state["lm_target_cpu"] = plan.target_cpu or THIS_MACHINE
         st.selectbox("Target CPU", [THIS_MACHINE, *TARGET_NAMES], key="lm_target_cpu", on_change=_pick_target_cpu,
@@ -253,7 +251,7 @@ def latency_section(plan: Plan) -> None:
     and under what load it was taken."""
     model, tokenizer = common.model_and_tokenizer()
     data = common.dataset()  # read here: session state is this thread's, not the worker's
-    where = "the exported graph on ONNX Runtime" if plan.runtime == "onnxruntime" else "torch"
+    where = "the exported graph on ONNX Runtime" if plan.runtime == Runtime.ONNXRUNTIME else "torch"
     st.markdown(f"**Latency on real kernels** ({where}, this CPU, {BENCH_TOKENS}-token inputs; the plan and torch "
                 "FP32 timed interleaved in one run)")
     # Each figure names its plan: after fast clicks the grid already shows later changes than the plan timed.
@@ -282,7 +280,7 @@ def latency_section(plan: Plan) -> None:
                 continue
         if measured is None:
             column.caption(f"Batch {batch}: not measured yet (about 10 s"
-                           + (", after exporting the plan)." if plan.runtime == "onnxruntime" else ")")
+                           + (", after exporting the plan)." if plan.runtime == Runtime.ONNXRUNTIME else ")")
                            + ("" if quiet or batch > 1 else "; not timed while other sessions' work runs."))
             continue
         age = time.time() - measured["measured_at"]

@@ -11,15 +11,14 @@ from engine.analysis.benchmark import profile_against_fp32
 from engine.core.errors import EngineError
 from engine.core.plan import Plan
 from engine.runtime.profile import GROUPS
-
-RUNTIMES = {"torch": "torch", "onnxruntime": "ONNX Runtime"}
-
+from engine.core.vocabulary import Runtime, runtime_label
 
 def chart(profile: dict) -> go.Figure:
     """Stacked bars: one per (batch, variant), one colour per op group, the time outside any op on top."""
     bars, names = [], []
     for row in profile["profiles"]:
-        for variant, label in (("fp32_torch", "torch FP32"), ("plan", f"plan ({RUNTIMES[row['plan']['runtime']]})")):
+        plan_label = f"plan ({runtime_label(row['plan']['runtime'])})"
+        for variant, label in (("fp32_torch", "torch FP32"), ("plan", plan_label)):
             bars.append(row[variant])
             names.append(f"batch {row['batch']}<br>{label}")
     figure = go.Figure()
@@ -40,7 +39,7 @@ def profile_section(plans: list[tuple[str, Plan]]) -> None:
         return
     columns = st.columns([2, 2, 1])
     label = columns[0].selectbox("Plan", [label for label, _ in quantized], key="profile_plan")
-    runtime = columns[1].radio("Runtime", list(RUNTIMES), format_func=RUNTIMES.get, horizontal=True,
+    runtime = columns[1].radio("Runtime", list(Runtime), format_func=runtime_label, horizontal=True,
                                key="profile_runtime")
     plan = dict(quantized)[label].on(runtime)
     found = st.session_state.setdefault("profiles", {})
@@ -53,13 +52,13 @@ def profile_section(plans: list[tuple[str, Plan]]) -> None:
         def work(job):
             from cache import results
 
-            folder = results.exports().folder(model, tokenizer, plan, data) if runtime == "onnxruntime" else None
+            folder = results.exports().folder(model, tokenizer, plan, data) if runtime == Runtime.ONNXRUNTIME else None
             return profile_against_fp32(model, tokenizer, plan, data=data, exported=folder)
 
         try:
             found[plan.key()] = common.run_job("profile", f"Profiling {label}", work)
         except EngineError as error:
-            st.error(f"Cannot profile {label} on {RUNTIMES[runtime]}: {error}")
+            st.error(f"Cannot profile {label} on {runtime_label(runtime)}: {error}")
             return
     profile = found.get(plan.key())
     if profile is None:

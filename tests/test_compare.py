@@ -92,7 +92,7 @@ def test_plan_items(tiny_bert, tmp_path):
     assert split_plan_list(f'fp32,{path}, {{"*": "int8", "*query": "int4"}}') == [
         "fp32", str(path), '{"*": "int8", "*query": "int4"}']
     label, plan = resolve_plan_item(str(path), tiny_bert)
-    assert label == "attention-int4" and plan.rules == (("*", "int8"), ("*attention*", "int4"))
+    assert label == "attention-int4" and plan == Plan.from_mapping({"*": "int8", "*attention*": "int4"})
     assert resolve_plan_item("bf16", tiny_bert) == ("bf16", Plan.uniform("bf16"))
     with pytest.raises(PlanError, match="int9.*preset"):
         resolve_plan_item("int9", tiny_bert)

@@ -63,7 +63,7 @@ def test_unknown_precision_names_the_entry():
         Plan.from_json({"*": "int8", "*.query": "int3"})
     with pytest.raises(PlanError, match=r"'int2'"):
         parse_plan('"int2"')
-    with pytest.raises(PlanError, match=r"plan entry 'classifier': the precision must be a string"):
+    with pytest.raises(PlanError, match=r"plan entry 'classifier': a rule is a precision or an object"):
         Plan.from_json({"classifier": 8})
     with pytest.raises(PlanError, match="non-empty"):
         Plan.from_json({"": "int8"})
@@ -151,7 +151,7 @@ def test_compact_and_label():
 def test_parse_plan_sources(tmp_path):
     assert parse_plan(None) == FP32 and parse_plan("  ") == FP32
     inline = parse_plan('{"*.query": "int8", "classifier": "fp16"}')
-    assert inline.rules == (("*.query", "int8"), ("classifier", "fp16"))
+    assert inline == Plan.from_mapping({"*.query": "int8", "classifier": "fp16"})
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"*": "int4", "options": {"group_size": 32}}))
     from_file = parse_plan(str(path))

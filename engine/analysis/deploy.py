@@ -149,6 +149,6 @@ def export_name(model_name: str, label: str, plan: Plan) -> str:
     name for the plan, the precisions its rules name, the runtime and the plan's short key, e.g.
     embedded-layer-map-plan-int4-int8-8cd04c21."""
     model = Path(model_name).name if Path(model_name).is_dir() else model_name
-    precisions = "-".join(sorted({precision for _, precision in plan.rules})) or "fp32"
+    precisions = "-".join(sorted({rule.precision for _, rule in plan.rules})) or "fp32"
     runtime = "-ort" if plan.runtime == "onnxruntime" else ""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}-{label}-{precisions}{runtime}-{plan.key()[:8]}").strip("-")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from engine.core.data import load_dataset
-from engine.core.plan import FP32, Plan
+from engine.core.plan import FP32, Plan, Rule
 from engine.evaluation.evaluate import get_evaluator
 from engine.evaluation.session import Session, StateBudget
 from engine.model.inventory import Layer, inventory
@@ -31,12 +31,14 @@ def next_precision(current: str) -> str:
     return CYCLE[(CYCLE.index(current) + 1) % len(CYCLE)] if current in CYCLE else "fp32"
 
 
-def set_layers(plan: Plan, layer_names: list[str], targets: Iterable[str], precision: str) -> Plan:
-    """`plan` with the named layers set to `precision`, as explicit per-layer rules."""
-    resolved = plan.resolve(layer_names, strict=False)
+def set_layers(plan: Plan, layer_names: list[str], targets: Iterable[str], rule: str | Rule) -> Plan:
+    """`plan` with the named layers set to `rule` (a precision, or one with its method and options), as explicit
+    per-layer rules; the other layers keep theirs."""
+    rules = dict(plan.layer_rules(layer_names))
     for name in targets:
-        resolved[name] = precision
-    return plan.with_rules([(name, p) for name, p in resolved.items() if p != "fp32"])
+        rules[name] = Rule.of(rule)
+    return plan.with_rules([(name, rules[name]) for name in layer_names
+                            if name in rules and rules[name].precision != "fp32"])
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def fit_plan(plan: Plan, layer_names: list[str]) -> FittedPlan:
     def matches(pattern: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for name in layer_names)
 
-    kept = [(pattern, precision) for pattern, precision in plan.rules if matches(pattern)]
+    kept = [(pattern, rule) for pattern, rule in plan.rules if matches(pattern)]
     dropped = tuple(pattern for pattern, _ in plan.rules if not matches(pattern))
     return FittedPlan(plan.with_rules(kept) if dropped else plan, dropped)
 

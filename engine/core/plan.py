@@ -1,73 +1,207 @@
-"""The one plan type: ordered (layer-name glob, precision) rules plus quantizer options.
+"""The one plan type: ordered (layer-name glob, rule) entries plus quantizer options.
 
-JSON form (the contract): an object mapping globs to precisions, applied in order, later entries
-winning; unmatched layers stay fp32. A bare precision means {"*": precision}. Options ride along
-under the reserved key "options" (an object, never a precision, so it cannot be mistaken for a
-rule): int4 `group_size`, int8 activation scheme `act`, SmoothQuant's `smooth_alpha`, the calibration
-size `calib`, the `runtime` whose numerics the simulation follows, and the `target_cpu` an ONNX Runtime
-plan's int8 weights are written for (engine.core.cpu; unset: this machine).
+JSON form (the contract): an object mapping globs to rules, applied in order, later entries winning
+(a layer takes the whole of the last entry matching it); unmatched layers stay fp32. A rule is a
+precision, or an object such as {"precision": "int4", "method": "gptq", "group_size": 32} whose options
+replace the plan's for the layers it matches. A bare precision means {"*": precision}. Options ride
+along under the reserved key "options" (an object, never a rule): every rule's defaults (LAYER_OPTIONS:
+the weight `method`, int4 `group_size`, int8 activation scheme `act`, SmoothQuant's `smooth_alpha`, the
+static activation `calibration` method and `percentile`, the calibration size `calib`, `bias_correction`,
+GPTQ's `damp` and `act_order`), and the whole plan's `runtime` whose numerics the simulation follows and
+`target_cpu` an ONNX Runtime plan's int8 weights are written for (engine.core.cpu; unset: this machine).
+A plan-level option applies to the layers whose precision takes it; a rule's own option must apply.
 """
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
 from engine.core.cpu import TARGET_NAMES, TargetCpu, as_target
 from engine.core.errors import EngineError
-from engine.core.numerics import ACT_SCHEMES
 from engine.core.precisions import PRECISION_NAMES as PRECISIONS
 from engine.core.precisions import PRECISIONS as REGISTRY
-from engine.core.precisions import RUNTIMES
+from engine.core.vocabulary import ActScheme, Calibrator, Runtime, WeightMethod, names
 
 OPTIONS_KEY = "options"
+PRECISION_KEY = "precision"
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_CALIB = 128
+# Options a rule may set for the layers it matches; at the plan level they are every rule's defaults.
+LAYER_OPTIONS: dict[str, object] = {
+    "method": WeightMethod.RTN, "group_size": DEFAULT_GROUP_SIZE, "act": ActScheme.DYNAMIC, "smooth_alpha": None,
+    "calibration": Calibrator.MINMAX, "calib": DEFAULT_CALIB, "percentile": 99.999, "bias_correction": False,
+    "damp": 0.01, "act_order": False,
+}
+PLAN_OPTIONS: dict[str, object] = {"runtime": Runtime.TORCH, "target_cpu": None}  # the whole plan's only
+OPTION_NAMES = tuple(LAYER_OPTIONS) + tuple(PLAN_OPTIONS)
+QUANTIZED = ("int8", "int4")  # the precisions that have integers a method can choose
+METHOD_PRECISIONS = {WeightMethod.RTN: PRECISIONS, WeightMethod.GPTQ: ("int4",), WeightMethod.HQQ: ("int4",),
+                     WeightMethod.AWQ: QUANTIZED}
 
 
 class PlanError(EngineError):
     """A plan that cannot be used; the message names the bad entry."""
 
 
+def _positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def _number_in(low: float, high: float):
+    return lambda value: not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= high
+
+
+def _one_of(enum):
+    return lambda value: isinstance(value, str) and value in names(enum)
+
+
+_VALID = {  # option -> (test, what a valid value is)
+    "method": (_one_of(WeightMethod), f"one of {', '.join(names(WeightMethod))}"),
+    "group_size": (_positive_int, "a positive integer"),
+    "act": (_one_of(ActScheme), f"one of {', '.join(names(ActScheme))}"),
+    "smooth_alpha": (_number_in(0.0, 1.0), "a number in [0, 1]"),
+    "calibration": (_one_of(Calibrator), f"one of {', '.join(names(Calibrator))}"),
+    "calib": (_positive_int, "a positive integer"),
+    "percentile": (lambda v: _number_in(50.0, 100.0)(v) and v > 50.0, "a number in (50, 100]"),
+    "bias_correction": (lambda v: isinstance(v, bool), "true or false"),
+    "damp": (lambda v: _number_in(0.0, 1.0)(v) and v > 0.0, "a number in (0, 1]"),
+    "act_order": (lambda v: isinstance(v, bool), "true or false"),
+    "runtime": (_one_of(Runtime), f"one of {', '.join(names(Runtime))}"),
+    "target_cpu": (lambda v: v is None or v in TARGET_NAMES, f"one of {', '.join(TARGET_NAMES)}"),
+}
+_TYPED = {"method": WeightMethod, "act": ActScheme, "calibration": Calibrator, "runtime": Runtime}
+
+
+def _checked(name: str, value, where: str):
+    """`value` as option `name` takes it (a vocabulary member where it names one), or PlanError naming `where`."""
+    test, valid = _VALID[name]
+    if not test(value):
+        raise PlanError(f"{where}: {value!r} is not {valid}")
+    return _TYPED[name](value) if name in _TYPED else value
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a plan entry sets for the layers its pattern matches: a precision and, optionally, options of its
+    own (which replace the plan's for those layers). JSON: the bare precision, or {"precision": ..., option: ...}."""
+
+    precision: str
+    options: tuple[tuple[str, object], ...] = ()  # sorted by name
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise PlanError(f"unknown precision {self.precision!r} (use {', '.join(PRECISIONS)})")
+        checked = []
+        for name, value in self.options:
+            if name not in LAYER_OPTIONS:
+                raise PlanError(f"unknown option {name!r} (a rule takes {', '.join(LAYER_OPTIONS)})")
+            checked.append((name, _checked(name, value, f"option {name}")))
+        object.__setattr__(self, "options", tuple(sorted(checked)))
+
+    @classmethod
+    def of(cls, value: "str | Rule") -> "Rule":
+        return value if isinstance(value, Rule) else cls(value)
+
+    @classmethod
+    def from_json(cls, value: object) -> "Rule":
+        if isinstance(value, str):
+            return cls(value)
+        if not isinstance(value, dict) or not isinstance(value.get(PRECISION_KEY), str):
+            raise PlanError(f"a rule is a precision or an object with a \"precision\", not {value!r}")
+        return cls(value[PRECISION_KEY], tuple((k, v) for k, v in value.items() if k != PRECISION_KEY))
+
+    def to_json(self) -> str | dict:
+        return self.precision if not self.options else {PRECISION_KEY: self.precision, **dict(self.options)}
+
+    def get(self, name: str, default=None):
+        return dict(self.options).get(name, default)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one layer is quantized under a plan: its rule's precision and options over the plan's defaults.
+    Options a precision cannot take are at their defaults, so that equal specs compute the same layer."""
+
+    precision: str
+    method: WeightMethod = WeightMethod.RTN
+    group_size: int = DEFAULT_GROUP_SIZE
+    act: ActScheme = ActScheme.DYNAMIC
+    smooth_alpha: float | None = None
+    calibration: Calibrator = Calibrator.MINMAX
+    calib: int = DEFAULT_CALIB
+    percentile: float = 99.999
+    bias_correction: bool = False
+    damp: float = 0.01
+    act_order: bool = False
+    pattern: str | None = field(default=None, compare=False)  # the entry that set it (None: no entry matched)
+
+    @property
+    def static(self) -> bool:
+        """int8 with calibrated (static) activation scales."""
+        return self.precision == "int8" and self.act == ActScheme.STATIC
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.static or self.smooth_alpha is not None or self.method.needs_calibration or self.bias_correction
+
+    def describe(self) -> str:
+        """A few words for tables and cells: 'int4 gptq g32', 'int8 static entropy', 'int8'."""
+        words = [self.precision]
+        if self.method != WeightMethod.RTN:
+            words.append(self.method.value)
+        if self.precision == "int4" and self.group_size != DEFAULT_GROUP_SIZE:
+            words.append(f"g{self.group_size}")
+        if self.precision == "int8" and self.act != ActScheme.DYNAMIC:
+            words.append(self.act.value)
+        if self.static and self.calibration != Calibrator.MINMAX:
+            words.append(self.calibration.value)
+        if self.bias_correction:
+            words.append("+bc")
+        return " ".join(words)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Ordered glob rules and options. Immutable and hashable, so it can key caches."""
 
-    rules: tuple[tuple[str, str], ...] = ()
+    rules: tuple[tuple[str, Rule], ...] = ()
     group_size: int = DEFAULT_GROUP_SIZE
-    act: str = "dynamic"
+    act: str = ActScheme.DYNAMIC
     smooth_alpha: float | tuple[tuple[str, float], ...] | None = None
     calib: int = DEFAULT_CALIB
-    runtime: str = "torch"  # whose numerics the simulation reproduces: the runtime the plan is deployed on
+    runtime: str = Runtime.TORCH  # whose numerics the simulation reproduces: the runtime the plan is deployed on
     target_cpu: str | None = None  # the CPU an ONNX Runtime plan's int8 is for (None: this machine)
+    method: str = WeightMethod.RTN
+    calibration: str = Calibrator.MINMAX
+    percentile: float = 99.999
+    bias_correction: bool = False
+    damp: float = 0.01
+    act_order: bool = False
 
     def __post_init__(self) -> None:
-        for pattern, precision in self.rules:
+        rules = []
+        for pattern, rule in self.rules:
             if not isinstance(pattern, str) or not pattern:
                 raise PlanError(f"plan entry {pattern!r}: a layer pattern must be a non-empty string")
-            if precision not in PRECISIONS:
-                raise PlanError(f"plan entry {pattern!r}: unknown precision {precision!r} "
-                                f"(use {', '.join(PRECISIONS)})")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
-            raise PlanError(f"plan option group_size: {self.group_size!r} is not a positive integer")
-        if self.act not in ACT_SCHEMES:
-            raise PlanError(f"plan option act: {self.act!r} is not one of {', '.join(ACT_SCHEMES)}")
-        if isinstance(self.calib, bool) or not isinstance(self.calib, int) or self.calib < 1:
-            raise PlanError(f"plan option calib: {self.calib!r} is not a positive integer")
-        if self.runtime not in RUNTIMES:
-            raise PlanError(f"plan option runtime: {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
-        if self.target_cpu is not None and self.target_cpu not in TARGET_NAMES:
-            raise PlanError(f"plan option target_cpu: {self.target_cpu!r} is not one of {', '.join(TARGET_NAMES)}")
-        alpha = self.smooth_alpha
-        if alpha is not None and not isinstance(alpha, (int, float, tuple)):
-            raise PlanError(f"plan option smooth_alpha: {alpha!r} is not a number or an object of layer: alpha")
-        alphas = [alpha] if isinstance(alpha, (int, float)) else [a for _, a in alpha or ()]
-        for alpha in alphas:
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-                raise PlanError(f"plan option smooth_alpha: {alpha!r} is not a number in [0, 1]")
+            try:
+                rules.append((pattern, Rule.of(rule)))
+            except PlanError as error:
+                raise PlanError(f"plan entry {pattern!r}: {error}") from None
+        object.__setattr__(self, "rules", tuple(rules))
+        for name in OPTION_NAMES:
+            value = getattr(self, name)
+            if name == "smooth_alpha" and isinstance(value, tuple):  # per-layer alphas: (pattern, alpha) pairs
+                for _, alpha in value:
+                    _checked(name, alpha, "plan option smooth_alpha")
+                continue
+            if name == "smooth_alpha" and value is None:
+                continue
+            object.__setattr__(self, name, _checked(name, value, f"plan option {name}"))
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -75,7 +209,7 @@ class Plan:
         return cls(rules=(("*", precision),), **options)
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, str], **options) -> "Plan":
+    def from_mapping(cls, mapping: Mapping[str, "str | Rule"], **options) -> "Plan":
         return cls(rules=tuple(mapping.items()), **options)
 
     @classmethod
@@ -91,11 +225,12 @@ class Plan:
         for key, value in data.items():
             if key == OPTIONS_KEY and isinstance(value, dict):
                 options = dict(value)
-            elif not isinstance(value, str):
-                raise PlanError(f"plan entry {key!r}: the precision must be a string, not {value!r}")
-            else:
-                rules.append((key, value))
-        unknown = set(options) - {"group_size", "act", "smooth_alpha", "calib", "runtime", "target_cpu"}
+                continue
+            try:
+                rules.append((key, Rule.from_json(value)))
+            except PlanError as error:
+                raise PlanError(f"plan entry {key!r}: {error}") from None
+        unknown = set(options) - set(OPTION_NAMES)
         if unknown:
             raise PlanError(f"plan options: unknown option {sorted(unknown)[0]!r}")
         if isinstance(options.get("smooth_alpha"), dict):
@@ -103,7 +238,7 @@ class Plan:
         return cls(rules=tuple(rules), **options)
 
     def to_json(self) -> dict:
-        data: dict = dict(self.rules)
+        data: dict = {pattern: rule.to_json() for pattern, rule in self.rules}
         options = self.options()
         if options:
             data[OPTIONS_KEY] = options
@@ -111,20 +246,13 @@ class Plan:
 
     def options(self) -> dict:
         """The options that differ from the defaults, in JSON form."""
+        defaults = {**LAYER_OPTIONS, **PLAN_OPTIONS}
         options: dict = {}
-        if self.group_size != DEFAULT_GROUP_SIZE:
-            options["group_size"] = self.group_size
-        if self.act != "dynamic":
-            options["act"] = self.act
-        if self.smooth_alpha is not None:
-            options["smooth_alpha"] = self.smooth_alpha if isinstance(self.smooth_alpha, (int, float)) \
-                else dict(self.smooth_alpha)
-        if self.calib != DEFAULT_CALIB:
-            options["calib"] = self.calib
-        if self.runtime != "torch":
-            options["runtime"] = self.runtime
-        if self.target_cpu is not None:
-            options["target_cpu"] = self.target_cpu
+        for name in OPTION_NAMES:
+            value = getattr(self, name)
+            if value != defaults[name]:
+                options[name] = dict(value) if name == "smooth_alpha" and isinstance(value, tuple) \
+                    else value.value if isinstance(value, StrEnum) else value
         return options
 
     @property
@@ -136,7 +264,7 @@ class Plan:
     def int8_weight_bits(self) -> int:
         """Bits of the int8 weights the plan's runtime computes with: ORT's reduce_range (7) for a CPU whose
         int8 GEMM saturates, else 8. Torch's kernels keep their 8-bit weights on every CPU."""
-        return self.cpu.int8_weight_bits if self.runtime == "onnxruntime" else 8
+        return self.cpu.int8_weight_bits if self.runtime == Runtime.ONNXRUNTIME else 8
 
     def key(self) -> str:
         """A stable hash of the resolved meaning, independent of dict order in the source JSON."""
@@ -148,10 +276,11 @@ class Plan:
         options.pop("target_cpu", None)
         if self.int8_weight_bits != 8:
             options["int8_weight_bits"] = self.int8_weight_bits
-        text = json.dumps({"rules": self.rules, "options": options}, sort_keys=True)
+        rules = [(pattern, rule.to_json()) for pattern, rule in self.rules]
+        text = json.dumps({"rules": rules, "options": options}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def with_rules(self, rules: Sequence[tuple[str, str]]) -> "Plan":
+    def with_rules(self, rules: Sequence[tuple[str, "str | Rule"]]) -> "Plan":
         return replace(self, rules=tuple(rules))
 
     def on(self, runtime: str) -> "Plan":
@@ -163,48 +292,112 @@ class Plan:
         return replace(self, target_cpu=target_cpu)
 
     def precisions_only(self) -> "Plan":
-        """The same precisions and group size, without activation scheme or smoothing (what bytes depend on)."""
-        return Plan(self.rules, self.group_size)
-
-    def check_runtime(self, resolved: dict[str, str]) -> None:
-        """Raise PlanError when the plan's runtime cannot run what `resolved` (its per-layer precisions) asks."""
-        used = set(resolved.values())
-        for precision in used:
-            entry = REGISTRY[precision]
-            if self.runtime not in entry.numerics:
-                layer = next(name for name, p in resolved.items() if p == precision)
-                raise PlanError(f"layer {layer}: {precision} on {self.runtime}: {entry.unsupported[self.runtime]}")
-        if self.runtime != "onnxruntime":
-            return
-        if "int8" in used and self.act == "token":
-            raise PlanError("int8 with act 'token': ONNX Runtime has no per-token dynamic int8 MatMul "
-                            "(use act 'dynamic' or 'static')")
-        if "int4" in used and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
-            raise PlanError(f"int4 group_size {self.group_size}: ONNX Runtime's MatMulNBits needs a power of two "
-                            "of at least 16")
+        """The same precisions and group sizes, nothing else (what bytes depend on)."""
+        rules = [(pattern, Rule(rule.precision, tuple((k, v) for k, v in rule.options if k == "group_size")))
+                 for pattern, rule in self.rules]
+        return Plan(tuple(rules), self.group_size)
 
     @property
     def needs_calibration(self) -> bool:
-        """Static activation scales and smoothing are computed from calibration data."""
-        return self.act == "static" or self.smooth_alpha is not None
+        """Static activation scales, smoothing, GPTQ's Hessians, AWQ's search and bias correction are computed
+        from calibration data."""
+        specs = [self._spec(rule) for _, rule in self.rules] or [self._spec(Rule("fp32"))]
+        return self.smooth_alpha is not None or any(spec.needs_calibration for spec in specs)
 
     # ---- resolution ---------------------------------------------------------------------
-    def resolve(self, layer_names: Sequence[str], strict: bool = True) -> dict[str, str]:
-        """Each layer's precision. With strict, a pattern that matches no layer is an error, and so is a
-        precision the plan's runtime cannot run."""
-        resolved = {name: "fp32" for name in layer_names}
-        for pattern, precision in self.rules:
+    def _spec(self, rule: Rule, layer_name: str | None = None, pattern: str | None = None) -> LayerSpec:
+        """`rule`'s options over the plan's; a plan-level option applies where the precision takes it, a rule's
+        own must (checked by `check`)."""
+        own = dict(rule.options)
+        value = lambda name: own.get(name, getattr(self, name))
+        precision = rule.precision
+        method = value("method") if precision in METHOD_PRECISIONS[value("method")] else WeightMethod.RTN
+        alpha = own.get("smooth_alpha", self.alpha_for(layer_name) if layer_name is not None else
+                        self.smooth_alpha if isinstance(self.smooth_alpha, (int, float)) else None)
+        int8, int4 = precision == "int8", precision == "int4"
+        act = value("act") if int8 else ActScheme.DYNAMIC
+        static = int8 and act == ActScheme.STATIC
+        calibrates = static or alpha is not None or method.needs_calibration or value("bias_correction")
+        return LayerSpec(
+            precision, method, value("group_size") if int4 else DEFAULT_GROUP_SIZE, act,
+            None if alpha is None else float(alpha),
+            value("calibration") if static else Calibrator.MINMAX, value("calib") if calibrates else DEFAULT_CALIB,
+            value("percentile") if static and value("calibration") == Calibrator.PERCENTILE else 99.999,
+            bool(value("bias_correction")) and precision in QUANTIZED,
+            value("damp") if method == WeightMethod.GPTQ else 0.01,
+            bool(value("act_order")) and method == WeightMethod.GPTQ, pattern)
+
+    def specs(self, layer_names: Sequence[str], strict: bool = True) -> dict[str, LayerSpec]:
+        """Each layer's spec: the last entry matching it wins, unmatched layers stay fp32. With strict, a
+        pattern that matches no layer is an error, and so is anything the plan's runtime or a precision cannot
+        take (the message names the entry)."""
+        matched_rule: dict[str, tuple[str, Rule]] = {}
+        for pattern, rule in self.rules:
             matched = [name for name in layer_names if fnmatch.fnmatchcase(name, pattern)]
             if not matched and strict:
                 raise PlanError(f"plan entry {pattern!r}: matches no layer of this model")
             for name in matched:
-                resolved[name] = precision
+                matched_rule[name] = (pattern, rule)
+        specs = {}
+        for name in layer_names:
+            pattern, rule = matched_rule.get(name, (None, Rule("fp32")))
+            specs[name] = self._spec(rule, name, pattern)
         if strict:
-            self.check_runtime(resolved)
-        return resolved
+            for pattern, rule in self.rules:
+                self._check_rule(pattern, rule)
+            self.check_runtime(specs)
+        return specs
+
+    def resolve(self, layer_names: Sequence[str], strict: bool = True) -> dict[str, str]:
+        """Each layer's precision (see `specs`)."""
+        return {name: spec.precision for name, spec in self.specs(layer_names, strict).items()}
+
+    def _check_rule(self, pattern: str, rule: Rule) -> None:
+        """A rule's own options must apply to its precision: a method, scheme or calibrator it cannot take
+        would silently do nothing."""
+        own = dict(rule.options)
+        where = f"plan entry {pattern!r}"
+        method = own.get("method")
+        if method is not None and rule.precision not in METHOD_PRECISIONS[method]:
+            raise PlanError(f"{where}: method {method} takes {' or '.join(METHOD_PRECISIONS[method])}, "
+                            f"not {rule.precision}")
+        if own.get("bias_correction") and rule.precision not in QUANTIZED:
+            raise PlanError(f"{where}: bias correction needs int8 or int4, not {rule.precision}")
+        if "act" in own and rule.precision != "int8":
+            raise PlanError(f"{where}: an activation scheme needs int8, not {rule.precision}")
+        if "group_size" in own and rule.precision != "int4":
+            raise PlanError(f"{where}: a group size needs int4, not {rule.precision}")
+        act = own.get("act", self.act)
+        for name in ("calibration", "percentile"):
+            if name in own and (rule.precision != "int8" or act != ActScheme.STATIC):
+                raise PlanError(f"{where}: {name} chooses static int8 activation ranges (precision int8, act "
+                                f"static), not {rule.precision}" + (f" with act {act}" if rule.precision == "int8"
+                                                                     else ""))
+        for name in ("damp", "act_order"):
+            if name in own and own.get("method", self.method) != WeightMethod.GPTQ:
+                raise PlanError(f"{where}: {name} is an option of method gptq")
+
+    def check_runtime(self, specs: Mapping[str, LayerSpec]) -> None:
+        """Raise PlanError when the plan's runtime cannot run what `specs` (each layer's) asks, or a layer
+        combines what cannot be combined."""
+        for layer, spec in specs.items():
+            entry = REGISTRY[spec.precision]
+            where = f"layer {layer}" + (f" (plan entry {spec.pattern!r})" if spec.pattern else "")
+            if self.runtime not in entry.numerics:
+                raise PlanError(f"{where}: {spec.precision} on {self.runtime}: {entry.unsupported[self.runtime]}")
+            if spec.method == WeightMethod.AWQ and spec.smooth_alpha is not None:
+                raise PlanError(f"{where}: AWQ and SmoothQuant both scale its input channels: choose one")
+            if self.runtime != Runtime.ONNXRUNTIME:
+                continue
+            if spec.precision == "int8" and spec.act == ActScheme.TOKEN:
+                raise PlanError(f"{where}: int8 with act 'token': ONNX Runtime has no per-token dynamic int8 MatMul "
+                                "(use act 'dynamic' or 'static')")
+            if spec.precision == "int4" and (spec.group_size < 16 or spec.group_size & (spec.group_size - 1)):
+                raise PlanError(f"{where}: int4 group_size {spec.group_size}: ONNX Runtime's MatMulNBits needs a "
+                                "power of two of at least 16")
 
     def alpha_for(self, layer_name: str) -> float | None:
-        """SmoothQuant's alpha for one layer, or None when that layer is not smoothed."""
+        """SmoothQuant's plan-level alpha for one layer, or None when the plan does not smooth it."""
         if self.smooth_alpha is None or isinstance(self.smooth_alpha, (int, float)):
             return None if self.smooth_alpha is None else float(self.smooth_alpha)
         alpha = None
@@ -215,14 +408,22 @@ class Plan:
 
     def compact(self, layer_names: Sequence[str]) -> "Plan":
         """The same meaning as explicit per-layer rules for the layers that are not fp32."""
-        resolved = self.resolve(layer_names, strict=False)
-        return self.with_rules([(n, p) for n, p in resolved.items() if p != "fp32"])
+        return self.with_rules(self.layer_rules(layer_names))
+
+    def layer_rules(self, layer_names: Sequence[str]) -> list[tuple[str, Rule]]:
+        """(layer, its rule) for every layer a rule quantizes, options kept."""
+        matched: dict[str, Rule] = {}
+        for pattern, rule in self.rules:
+            for name in layer_names:
+                if fnmatch.fnmatchcase(name, pattern):
+                    matched[name] = rule
+        return [(name, matched[name]) for name in layer_names if name in matched and matched[name].precision != "fp32"]
 
     def label(self) -> str:
         """A short human name: the bare precision for uniform plans, else a summary."""
         options = {name: value for name, value in self.options().items() if name != "target_cpu"}
-        if len(self.rules) == 1 and self.rules[0][0] == "*" and not options:
-            return self.rules[0][1]
+        if len(self.rules) == 1 and self.rules[0][0] == "*" and not options and not self.rules[0][1].options:
+            return self.rules[0][1].precision
         if not self.rules and not options:
             return "fp32"
         return f"plan-{self.key()[:8]}"
