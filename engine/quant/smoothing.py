@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.core.plan import FP32, Plan
+from engine.core.plan import FP32, Plan, PlanError
 from engine.core.qmodules import linear_parts
+from engine.core.vocabulary import WeightMethod
 from engine.model.families import attention_value_path, folds_into_norm, gated_path
 from engine.model.graph import model_graph, probe_inputs
 from engine.model.inventory import Layer, inventory
+from engine.quant import awq
 from engine.quant.apply import apply_plan
 
 EPS = 1e-5  # floor of max|X| and max|W|: a dead channel must not give s = 0 or inf
@@ -42,13 +44,15 @@ def smoothing_factor(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
 
 @dataclass(frozen=True)
 class LayerSmoothing:
-    """One layer's smoothing: its alpha, the factor s of its input channels and where 1/s went."""
+    """One layer's smoothing: its alpha (AWQ's: the searched exponent), the factor s of its input channels and
+    where 1/s went."""
 
     name: str
     alpha: float | None
     factor: torch.Tensor | None
     form: str
     target: str | None = None
+    method: WeightMethod | None = None  # AWQ, or None for SmoothQuant
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Smoothing:
         """Per layer: block, role, alpha and the form its smoothing took (the page's table)."""
         return [{"layer": layer.name, "block": layer.block, "role": layer.role,
                  "alpha": self.layers[layer.name].alpha if layer.name in self.layers else None,
+                 "method": self.layers[layer.name].method if layer.name in self.layers else None,
                  "form": self.layers[layer.name].form if layer.name in self.layers else NONE}
                 for layer in inventory(model) if layer.kind == "linear"]
 
@@ -139,11 +144,13 @@ def group_of(graph, name: str) -> tuple[str, ...]:
     return next((group.layers for group in graph.groups if name in group.layers), (name,))
 
 
-def _build(model: nn.Module, kind: str, names, target: str, path, factor: torch.Tensor, alpha, smoothing: Smoothing):
+def _build(model: nn.Module, kind: str, names, target: str, path, factor: torch.Tensor, alpha, smoothing: Smoothing,
+           method: WeightMethod | None = None):
     """Record one group's smoothing in `smoothing`, folded as `kind` says."""
     form = EXPLICIT if kind == "explicit" else f"folded into {target}"
     for name in names:
-        smoothing.layers[name] = LayerSmoothing(name, alpha, factor, form, None if kind == "explicit" else target)
+        smoothing.layers[name] = LayerSmoothing(name, alpha, factor, form, None if kind == "explicit" else target,
+                                                method)
     if kind == "norm":
         smoothing.norms[target] = factor
     elif kind == "value":
@@ -176,27 +183,56 @@ def verified_folds(model: nn.Module) -> dict[tuple[str, ...], tuple[str, str, ob
     return folds
 
 
-def smooth(model: nn.Module, plan: Plan, calibration) -> Smoothing:
-    """Every layer's smoothing under `plan`'s alphas, from `calibration`'s input ranges.
+def _awq_factor(model: nn.Module, plan: Plan, specs, calibration, names, kind: str, path) -> tuple[float, torch.Tensor]:
+    """AWQ's (exponent, s) for one group: mean|X| of its first layer's sample rows, taken per V channel over the
+    query heads reading it where the value absorbs the fold, searched against every layer's own quantizer."""
+    samples = calibration.samples[names[0]].float()
+    x_mean = samples.abs().mean(0)
+    if kind == "value":
+        x_mean = _per_value(path, x_mean)[_kv_channels(path, x_mean.shape[0])]
+    weights = [linear_parts(model.get_submodule(name))[0] for name in names]
+    quantizers = [awq.weight_quantizer(specs[name], plan.runtime, plan.int8_weight_bits) for name in names]
+    return awq.search(x_mean.clamp(min=EPS), samples, weights, quantizers)
 
-    Layers reading one input share one s: the group takes the alpha of its first smoothed layer.
+
+def smooth(model: nn.Module, plan: Plan, calibration, specs=None) -> Smoothing:
+    """Every layer's smoothing under `plan`, from `calibration`: SmoothQuant's where a layer has a smooth_alpha,
+    AWQ's where its method is awq. `specs`: each layer's LayerSpec (by default the plan's).
+
+    Layers reading one input share one s: a SmoothQuant group takes the alpha of its first smoothed layer, an AWQ
+    group the exponent its layers' summed output error is least with; one group cannot take both.
     """
     graph = model_graph(model)
     folds = verified_folds(model)
-    alphas = {layer.name: plan.alpha_for(layer.name) for layer in inventory(model) if layer.kind == "linear"}
+    if specs is None:
+        specs = plan.specs([layer.name for layer in inventory(model) if layer.kind == "linear"], strict=False)
     digest = hashlib.blake2b(f"{calibration.key}:{plan.smooth_alpha!r}".encode(), digest_size=8)
-    smoothing = Smoothing(key=digest.hexdigest())
+    smoothing = Smoothing()
     for group in graph.groups:
-        alpha = next((alphas[name] for name in group.layers if alphas.get(name) is not None), None)
-        if alpha is None:
-            continue
         names = group.layers
-        x_absmax, w_absmax = calibration.absmax(names[0]), weight_absmax(model, names)
+        smoothed = [name for name in names if name in specs and specs[name].smooth_alpha is not None]
+        awq_layers = [name for name in names if name in specs and specs[name].method == WeightMethod.AWQ]
+        if smoothed and awq_layers:
+            raise PlanError(f"layers {', '.join(dict.fromkeys(awq_layers + smoothed))} read one input and share one "
+                            f"scale: AWQ ({', '.join(awq_layers)}) and SmoothQuant ({', '.join(smoothed)}) cannot "
+                            "both set it")
         kind, target, path = folds.get(names, ("explicit", None, None))
+        if awq_layers:
+            alpha, factor = _awq_factor(model, plan, specs, calibration, names, kind, path)
+            choice = [(specs[name].precision, specs[name].group_size) for name in names]
+            digest.update(f"awq:{names}:{choice}:{plan.runtime}:{plan.int8_weight_bits}:{alpha!r}".encode())
+            _build(model, kind, names, target, path, factor, alpha, smoothing, WeightMethod.AWQ)
+            continue
+        if not smoothed:
+            continue
+        alpha = specs[smoothed[0]].smooth_alpha
+        digest.update(f"sq:{names}:{alpha!r}".encode())
+        x_absmax, w_absmax = calibration.absmax(names[0]), weight_absmax(model, names)
         if kind == "value":  # the query heads reading one V channel share its s: ranges taken over them all
             channels = _kv_channels(path, x_absmax.shape[0])
             factor = smoothing_factor(_per_value(path, x_absmax), _per_value(path, w_absmax), alpha)[channels]
         else:
             factor = smoothing_factor(x_absmax, w_absmax, alpha)
         _build(model, kind, names, target, path, factor, alpha, smoothing)
+    smoothing.key = digest.hexdigest()
     return smoothing
