@@ -1,4 +1,5 @@
-"""Compare precisions: FP32, FP16, BF16, INT8, INT4 and mixed plans side by side, on the chosen device."""
+"""Compare precisions: FP32, FP16, BF16, INT8, INT4 and mixed plans side by side, on the chosen device; and, in
+its Methods tab, the quantization methods and calibrators (app_pages/methods_view.py)."""
 from pathlib import Path
 
 import pandas as pd
@@ -6,7 +7,7 @@ import plotly.express as px
 import streamlit as st
 import torch
 
-from app_pages import cluster, common, deployment, profile_view
+from app_pages import cluster, common, deployment, methods_view, profile_view
 from cache import keys, lookup, put, results
 from engine.analysis.compare import disagreements, run_comparison
 from engine.analysis.findings import findings
@@ -230,15 +231,20 @@ def report(stored: dict) -> None:
 
 
 common.plan_note()
-st.markdown("What each precision gains and loses on this model, these sets and this machine: accuracy with its 95% "
-            "interval, agreement with FP32, real-kernel size and latency. The findings below are computed from the "
-            "numbers, and a difference inside its interval is never called one.")
-model, tokenizer = common.model_and_tokenizer()
-plans, sets, device, runtimes = choices(model)
-if cluster.address():
-    cluster_section(plans)
-stored = run(model, tokenizer, plans, sets, device, runtimes)
-if stored is not None:
-    report(stored)
-    deploy_section(plans)
-profile_view.profile_section(plans)
+precisions_tab, methods_tab = st.tabs(["Precisions", "Methods"], key="compare_tab", on_change="rerun")
+if methods_tab.open:  # drawn only when open (it evaluates the sidebar's set), and first: a bad choice of
+    with methods_tab:  # precisions below stops the page
+        methods_view.render()
+with precisions_tab:
+    st.markdown("What each precision gains and loses on this model, these sets and this machine: accuracy with its "
+                "95% interval, agreement with FP32, real-kernel size and latency. The findings below are computed "
+                "from the numbers, and a difference inside its interval is never called one.")
+    model, tokenizer = common.model_and_tokenizer()
+    plans, sets, device, runtimes = choices(model)
+    if cluster.address():
+        cluster_section(plans)
+    stored = run(model, tokenizer, plans, sets, device, runtimes)
+    if stored is not None:
+        report(stored)
+        deploy_section(plans)
+    profile_view.profile_section(plans)

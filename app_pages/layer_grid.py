@@ -1,10 +1,12 @@
-"""The layer map's grid: one cell per layer, a click cycles its precision, and no click is ever lost.
+"""The layer map's grid: one cell per layer, a click cycles its precision (or sets one, with a method), and no
+click is ever lost.
 
 A custom component (Streamlit components v2: inline HTML and JS, no build step). Every click is
 appended to a log that the browser sends whole as the component's state, numbered within a page
 load (its epoch), so reruns that Streamlit coalesces still carry every click; the page applies the
 clicks it has not seen yet, in order. The browser also shows each click at once (the cell takes
-its next precision) until the server's plan catches up.
+its next precision, and the method the click sets) until the server's plan catches up. A cell names its method
+when it is not round-to-nearest ("INT4·GPTQ"); the columns are as wide as the longest such label, never cut.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ _CSS = """
 .cell { border: 1px solid #555; border-radius: 4px; min-height: 34px; display: flex; flex-direction: column;
         align-items: center; justify-content: center; cursor: pointer; user-select: none; text-align: center;
         line-height: 1.15; padding: 2px; overflow-wrap: anywhere; }
+.cell b { white-space: nowrap; }
 .cell:hover { outline: 2px solid var(--st-primary-color); }
 .cell.pending { outline: 2px dashed var(--st-primary-color); }
 .empty { min-height: 34px; }
@@ -37,10 +40,18 @@ export default function(component) {
   const shown = {};
   for (const cell of data.cells) shown[cell.layer] = cell.precision;
   for (const click of pending) shown[click.layer] = nextPrecision(shown[click.layer], data.action);
+  // a cell the person has clicked shows what the click sets; the others, their plan's own method
+  const tagOf = (cell, precision) => pending.some(c => c.layer === cell.layer) ? (data.tags[precision] || "")
+                                                                                : cell.tag || "";
+  const text = (precision, tag) => precision.toUpperCase() + (tag ? `\u00b7${tag}` : "");
+  // about 8 px a character of the 12 px bold label, and the cell's padding and border
+  const longest = Math.max(4, ...data.cells.map(c => text(c.precision, c.tag).length),
+                           ...Object.entries(data.tags).map(([p, t]) => text(p, t).length));
+  const width = Math.max(64, 8 * longest + 14);
 
   const grid = document.createElement("div");
   grid.className = "grid";
-  grid.style.gridTemplateColumns = `max-content repeat(${data.columns.length}, minmax(64px, 1fr))`;
+  grid.style.gridTemplateColumns = `max-content repeat(${data.columns.length}, minmax(${width}px, 1fr))`;
   grid.appendChild(div("", "head"));
   for (const column of data.columns) grid.appendChild(div(column, "head"));
   for (const row of data.rows) {
@@ -52,8 +63,8 @@ export default function(component) {
       // an overlay (the error map) shades the cell and adds a note under the precision until the next click
       const shaded = cell.shade && precision === cell.precision;
       const note = shaded && cell.note ? `<small>${cell.note}</small>` : "";
-      const box = div(`${cell.label ? `<span>${cell.label}</span>` : ""}<b>${precision.toUpperCase()}</b>${note}`,
-                      "cell");
+      const label = text(precision, tagOf(cell, precision));
+      const box = div(`${cell.label ? `<span>${cell.label}</span>` : ""}<b>${label}</b>${note}`, "cell");
       box.style.background = shaded ? cell.shade : data.colors[precision];
       box.style.color = shaded ? cell.shade_text : data.text[precision];
       box.title = cell.tip;
@@ -67,7 +78,7 @@ export default function(component) {
         shown[cell.layer] = next;
         box.style.background = data.colors[next];
         box.style.color = data.text[next];
-        box.querySelector("b").textContent = next.toUpperCase();
+        box.querySelector("b").textContent = text(next, data.tags[next] || "");
       };
       grid.appendChild(box);
     }
@@ -101,15 +112,18 @@ _GRID = st.components.v2.component("quantization_lens.layer_grid", css=_CSS, js=
 
 
 def layer_grid(key: str, rows: list[str], columns: list[str], cells: list[dict], colors: dict, text: dict,
-               action: str, acked: tuple[str | None, int]) -> dict | None:
+               action: str, acked: tuple[str | None, int], tags: dict[str, str] | None = None) -> dict | None:
     """Mount the grid; returns the click log {"epoch", "log": [{"seq", "layer"}], "total"} or None.
 
-    `cells`: {"layer", "row", "col", "label", "precision", "tip"}, and for an overlay "shade", "shade_text" (CSS
+    `cells`: {"layer", "row", "col", "label", "precision", "tag", "tip"} ("tag": the method's word, "" for
+    round-to-nearest), and for an overlay "shade", "shade_text" (CSS
     colours) and "note" (a short line under the precision); `action`: "cycle" or a precision;
-    `acked`: (epoch, seq) of the last click the page has applied.
+    `acked`: (epoch, seq) of the last click the page has applied; `tags`: the tag a click gives each precision it
+    sets (the chosen method where that precision takes it).
     """
     result = _GRID(key=key, data={"instance": key, "rows": rows, "columns": columns, "cells": cells, "colors": colors,
-                                  "text": text, "action": action, "acked_epoch": acked[0], "acked": acked[1]},
+                                  "text": text, "action": action, "acked_epoch": acked[0], "acked": acked[1],
+                                  "tags": tags or {}},
                    default={"clicks": None}, on_clicks_change=lambda: None)
     return getattr(result, "clicks", None)
 

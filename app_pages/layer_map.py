@@ -10,9 +10,11 @@ import streamlit as st
 
 from app_pages import common, deployment, error_map
 from app_pages.layer_grid import layer_grid, new_clicks
+from app_pages.layer_rules import CYCLE, ClickChoice, change_words, click_tags, method_controls, method_tag
 from cache import results
-from cache.scheduler import SCHEDULER
-from engine.analysis.toggle import change_label, next_precision, set_layers
+from service.scheduler import SCHEDULER
+from engine.analysis.toggle import CYCLE as CYCLE_PRECISIONS
+from engine.analysis.toggle import next_precision, set_layers
 from engine.core.cpu import TARGET_NAMES, this_cpu
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
@@ -24,7 +26,7 @@ from engine.runtime.latency import describe
 from engine.core.vocabulary import Runtime, runtime_label
 
 BENCH_TOKENS = 32
-CLICK_ACTIONS = {"cycle FP32 → INT8 → INT4": "cycle", **{f"set {p.upper()}": p for p in PRECISIONS}}
+CLICK_ACTIONS = {"cycle FP32 → INT8 → INT4": CYCLE, **{f"set {p.upper()}": p for p in PRECISIONS}}
 state = st.session_state
 
 
@@ -98,7 +100,7 @@ def runtime_selector() -> None:
 def grid_cells(layers, plan: Plan, effects: dict) -> tuple[list[str], list[str], list[dict]]:
     """Rows (before the blocks, each block, the head), columns (roles, numbered when a block has several
     layers of one role) and one cell per layer."""
-    resolved = plan.resolve([layer.name for layer in layers], strict=False)
+    specs = plan.specs([layer.name for layer in layers], strict=False)
     blocks = sorted({layer.block for layer in layers if layer.block is not None})
     shared = max((layer.shared for layer in layers), default=1)
     block_row = (lambda b: f"blocks 0-{shared - 1} (shared)") if shared > 1 else (lambda b: f"block {b}")
@@ -108,12 +110,15 @@ def grid_cells(layers, plan: Plan, effects: dict) -> tuple[list[str], list[str],
             "head" if layer.block is None else block_row(layer.block)
         seen[(row, layer.role)] = seen.get((row, layer.role), 0) + 1
         column = layer.role if seen[(row, layer.role)] == 1 else f"{layer.role}·{seen[(row, layer.role)]}"
-        precision = resolved[layer.name]
-        tip = (f"{layer.name}\nrole {layer.role}, shape {tuple(layer.shape)}\n{layer.params:,} parameters, "
-               f"{layer.bytes_at(precision, plan.group_size):,} bytes at {precision.upper()}"
+        spec = specs[layer.name]
+        precision = spec.precision
+        tip = (f"{layer.name}: {spec.describe()}\nrole {layer.role}, shape {tuple(layer.shape)}\n"
+               f"{layer.params:,} parameters, {layer.bytes_at(precision, spec.group_size):,} bytes at "
+               f"{precision.upper()}"
                + (f"\nshared by {layer.shared} blocks" if layer.shared > 1 else "")
                + f"\nlast effect: {effects.get(layer.name, 'not measured yet')}")
         cells.append({"layer": layer.name, "row": row, "col": column, "precision": precision, "tip": tip,
+                      "tag": method_tag(spec),
                       "label": "" if layer.block is not None else layer.role})
     order = {role: i for i, role in enumerate(ALL_ROLES)}
     columns = sorted({cell["col"] for cell in cells}, key=lambda c: (order.get(c.split("·")[0], 99), c))
@@ -121,24 +126,40 @@ def grid_cells(layers, plan: Plan, effects: dict) -> tuple[list[str], list[str],
     return rows, columns, cells
 
 
-def grid_section(layers, diagnosis: dict | None = None, overlay: str = "precision") -> None:
+def apply_rule(choice: ClickChoice, precision: str, targets: list[str], layer: str | None = None) -> None:
+    """Set `targets` to `precision` with the chosen method and options; a rule the plan cannot take is refused
+    with the reason, like any plan its runtime cannot run."""
+    current = common.current_plan()
+    try:
+        rule = choice.rule(current, precision)
+    except PlanError as error:
+        state["lm_refused"] = str(error)
+        return
+    change_plan(set_layers(current, common.layer_names(), targets, rule), layer)
+
+
+def grid_section(layers, diagnosis: dict | None = None, overlay: str = "precision") -> ClickChoice:
+    """The grid and what a click sets; returns the method choice, which the bulk changes use too."""
     label = st.radio("A click", list(CLICK_ACTIONS), horizontal=True, key="click_action")
     action = CLICK_ACTIONS[label]
+    plan = common.current_plan()
+    choice = method_controls(action, plan)
     names = [layer.name for layer in layers]
-    rows, columns, cells = grid_cells(layers, common.current_plan(), state["layer_effects"])
+    rows, columns, cells = grid_cells(layers, plan, state["layer_effects"])
     if diagnosis is not None:
         error_map.annotate(cells, diagnosis, overlay)
     clicks = layer_grid("lm_grid", rows, columns, cells, common.PRECISION_COLORS, common.TEXT_ON, action,
-                        state["lm_acked"])
+                        state["lm_acked"], click_tags(choice, plan, action, list(CYCLE_PRECISIONS)))
     clicked, state["lm_acked"] = new_clicks(clicks, state["lm_acked"])
     for name in clicked:
         if name not in names:
             continue
         current = common.current_plan()
-        precision = next_precision(current.resolve(names, strict=False)[name]) if action == "cycle" else action
-        change_plan(set_layers(current, names, [name], precision), name)
+        precision = next_precision(current.resolve(names, strict=False)[name]) if action == CYCLE else action
+        apply_rule(choice, precision, [name], name)
     if clicked:
         st.rerun()  # redraw the grid from the server's plan, acknowledging the clicks
+    return choice
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -175,6 +196,14 @@ def evaluate_pending(evaluator) -> None:
                 box.warning("The update was cancelled; change a layer to start again.")
                 state["lm_pending"].clear()
                 return
+            except EngineError as error:
+                # A plan the checks let through but the quantizer cannot build: back to the last plan evaluated.
+                box.error(f"Not applied: {error}")
+                bar.empty()
+                state["lm_pending"].clear()
+                if state["plan_history"]:
+                    common.set_current_plan(state["plan_history"][-1]["plan"])
+                return
             results.store_evaluation(evaluator, plan, summary)
         record(plan, summary, entry["layer"])
         state["lm_pending"].pop(0)
@@ -188,7 +217,7 @@ def record(plan: Plan, summary: dict, layer: str | None) -> None:
     previous = history[-1] if history else None
     if previous is None or previous["key"] != plan.key():
         model, _ = common.model_and_tokenizer()
-        changed = change_label(previous["plan"] if previous else None, plan, common.layer_names())
+        changed = change_words(previous["plan"] if previous else None, plan, common.layer_names())
         history.append({"key": plan.key(), "plan": plan, "label": f"#{len(history) + 1}",
                         "accuracy": summary["accuracy"], "low": summary["ci95"][0], "high": summary["ci95"][1],
                         "size_mb": results.size(model, plan) / 1e6, "flips": summary["flips"],
@@ -296,7 +325,8 @@ def latency_section(plan: Plan) -> None:
 
 
 # ---- controls and history -----------------------------------------------------------------------
-def bulk_controls(layers) -> None:
+def bulk_controls(layers, choice: ClickChoice) -> None:
+    """Bulk changes set the chosen precision with the method chosen beside the grid."""
     names = [layer.name for layer in layers]
     with st.expander("Bulk changes, undo, reset, import and export", expanded=False):
         c1, c2, c3 = st.columns(3)
@@ -308,13 +338,13 @@ def bulk_controls(layers) -> None:
         b1, b2, b3, b4, b5 = st.columns(5)
         current = common.current_plan()
         if b1.button("Apply to block", disabled=block == "—", width="stretch"):
-            change_plan(set_layers(current, names, [l.name for l in layers if str(l.block) == block], precision))
+            apply_rule(choice, precision, [l.name for l in layers if str(l.block) == block])
             st.rerun()
         if b2.button("Apply to role", disabled=role == "—", width="stretch"):
-            change_plan(set_layers(current, names, [l.name for l in layers if l.role == role], precision))
+            apply_rule(choice, precision, [l.name for l in layers if l.role == role])
             st.rerun()
         if b3.button("Apply to everything", width="stretch"):
-            change_plan(set_layers(current, names, names, precision))
+            apply_rule(choice, precision, names)
             st.rerun()
         if b4.button("Undo", disabled=not state["plan_undo"], width="stretch"):
             plan = state["plan_undo"].pop()
@@ -385,7 +415,7 @@ st.caption(f"Evaluated on {evaluator.dataset.name} ({len(evaluator.labels):,} se
 runtime_selector()
 overlay = error_map.overlay_choice()
 diagnosis = error_map.diagnosis_for(common.current_plan(), evaluator) if overlay != "precision" else None
-grid_section(evaluator.layers, diagnosis, overlay)
+choice = grid_section(evaluator.layers, diagnosis, overlay)
 evaluate_pending(evaluator)
 plan = common.current_plan()
 if diagnosis is not None:
@@ -397,4 +427,4 @@ history_section()
 latency_section(plan)
 st.markdown("**Deploy this plan**")
 deployment.export_button(plan, "layer-map plan", "layer_map")
-bulk_controls(evaluator.layers)
+bulk_controls(evaluator.layers, choice)
