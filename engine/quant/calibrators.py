@@ -23,7 +23,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from cachetools import LRUCache, cached
-from onnxruntime.quantization.calibrate import HistogramCollector
 from torch import nn
 
 from engine.core.tokens import encode, pad
@@ -60,6 +59,8 @@ class _OrtHistogram:
     nowhere (stdout is the CLI's JSON)."""
 
     def __init__(self, calibrator: Calibrator, percentile: float) -> None:
+        from onnxruntime.quantization.calibrate import HistogramCollector  # 1.4 s to import: only when used
+
         if calibrator == Calibrator.PERCENTILE:
             self.collector = HistogramCollector(method=Calibrator.PERCENTILE.value, symmetric=PERCENTILE_SYMMETRIC,
                                                 num_bins=PERCENTILE_BINS, num_quantized_bins=PERCENTILE_BINS,

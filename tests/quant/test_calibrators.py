@@ -159,3 +159,32 @@ def test_bad_requests_are_one_line(tiny_bert, tokenizer):
         static_ranges(tiny_bert, tokenizer, TEXTS, {"bert.embeddings.nope": (Calibrator.MINMAX, 99.999)})
     with pytest.raises(CalibrationError, match="need calibration sentences"):
         static_ranges(tiny_bert, tokenizer, (), {"classifier": (Calibrator.MINMAX, 99.999)})
+
+
+def test_ranges_equal_ort_calibration_of_the_exported_graph(tmp_path, tiny_bert, tokenizer):
+    """End to end: ORT calibrating the exported graph, one feed per sentence, sees the activations static_ranges
+    collects from the torch model, so it finds the same ranges (up to torch-vs-ORT float rounding)."""
+    from engine.runtime.onnx_graph import export_fp32, layer_nodes, own_inputs, prepared, quantizable_layers, \
+        replace_gemm
+
+    clone, traced_tokenizer = prepared(tiny_bert, tokenizer)
+    export_fp32(clone, traced_tokenizer, tmp_path / "fp32.onnx")
+    graph = replace_gemm(onnx.load(tmp_path / "fp32.onnx"))
+    mapping = layer_nodes(graph.graph, quantizable_layers(clone), {name for name, _ in clone.named_modules()})
+    layers = ["bert.encoder.layer.1.intermediate.dense", "bert.encoder.layer.1.output.dense", "classifier"]
+    graph = own_inputs(graph, [mapping[layer][0] for layer in layers])
+    onnx.save(graph, tmp_path / "stage.onnx")
+    tensors = {node.name: node.input[0] for node in graph.graph.node if node.input}
+    feeds = [{"input_ids": ids.numpy(), "attention_mask": np.ones(ids.shape, np.int64)}
+             for ids in (tokenizer(text, return_tensors="pt")["input_ids"] for text in TEXTS)]
+    for calibrator, method in ORT_METHOD.items():
+        ours = static_ranges(tiny_bert, tokenizer, TEXTS, {layer: (calibrator, 99.999) for layer in layers})
+        ort_calibrator = create_calibrator(tmp_path / "stage.onnx", ["MatMul"], str(tmp_path / "augmented.onnx"),
+                                           calibrate_method=method)
+        for feed in feeds:
+            ort_calibrator.collect_data(_OneFeed(feed))
+        theirs = ort_calibrator.compute_data()
+        for layer in layers:
+            low, high = theirs[tensors[mapping[layer][0]]].range_value
+            assert ours[layer] == pytest.approx((np.asarray(low).item(), np.asarray(high).item()), rel=1e-5), \
+                (calibrator, layer)
