@@ -123,7 +123,10 @@ def _least_mse_range(centers: np.ndarray, counts: np.ndarray, low: float, high: 
     factor from MSE_SHRINKS (1, the minmax range, down to 1/1000, geometrically: outliers may be orders of
     magnitude past the bulk), all 64 x 64 pairs tried; each pair's error is the quantizer's squared error at
     the bin centers, weighted by the bin counts. The least wins; ties go to the wider range (minmax first).
-    The range returned stays inside [low, high], and quantizes exactly as the pair that won."""
+    The range returned stays inside [low, high], and quantizes exactly as the pair that won.
+    What to expect: clipping an outlier that sets the range R costs about R^2, a finer step saves at most
+    N (R / 255)^2 / 12 over N values, so an outlier is clipped only when rarer than ~1 in 12 * 255^2 = 780k values:
+    on a few sentences mse mostly equals minmax; it clips on large calibration sets with isolated outliers."""
     rmin, rmax = min(low, 0.0), max(high, 0.0)
     if rmax == rmin:
         return low, high
