@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.core.numerics import int4_dequantize, int4_quantize, pack_nibbles, quantize_activation, unpack_nibbles
+from engine.core.vocabulary import Runtime
 
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _TOKENWISE_LEAVES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.Identity)
@@ -104,6 +105,23 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("low", low)
         self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
+
+    @classmethod
+    def from_integers(cls, weights, bias: torch.Tensor | None) -> Int4Linear:
+        """The module computing a weight method's integers (engine.quant.int4_methods.Int4Weights on torch's
+        grid, w = q * scale + offset) instead of rounding a float weight itself: it computes weights.values().
+        `weights` goes untyped because engine.core sits below engine.quant."""
+        if weights.runtime != Runtime.TORCH:
+            raise ValueError(f"Int4Linear computes torch's int4 grid, not {Runtime(weights.runtime).label}'s")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.out_features, module.in_features = weights.q.shape
+        module.group_size = weights.group_size
+        module.register_buffer("packed", pack_nibbles(weights.q))
+        module.register_buffer("scale", weights.scale.float().contiguous())
+        module.register_buffer("low", weights.offset.float().contiguous())
+        module.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
+        return module
 
     def dequantized(self) -> torch.Tensor:
         return int4_dequantize(unpack_nibbles(self.packed, self.in_features), self.scale, self.low, self.group_size)
