@@ -27,6 +27,10 @@ TEXTS = calibration_texts(rt_split("train").texts, 32)
 SENTENCES = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés", "", "not bad"]
 
 
+def _awq(precision: str, **options) -> dict:
+    return {"precision": precision, "method": WeightMethod.AWQ, **options}
+
+
 def _outlier_layer(seed: int = 0):
     """A 64-input layer whose inputs have four channels 30 times larger than the rest (as transformers' do)."""
     generator = torch.Generator().manual_seed(seed)
@@ -76,7 +80,7 @@ def bert():
 
 def test_awq_plan_on_an_encoder(bert):
     model, tokenizer, calibration = bert
-    plan = Plan.from_json({"*.query": {"precision": "int4", "method": "awq", "group_size": 16}})
+    plan = Plan.from_json({"*.query": _awq("int4", group_size=16)})
     smoothing = smooth(model, plan, calibration)
     qkv = [group.layers for group in model_graph(model).groups if any(n.endswith(".query") for n in group.layers)]
     assert len(qkv) == 2 and all(len(names) == 3 for names in qkv)
@@ -101,20 +105,20 @@ def test_awq_plan_on_an_encoder(bert):
 
 def test_key_names_every_awq_choice(bert):
     model, _, calibration = bert
-    keys = {smooth(model, Plan.from_json({"*.query": {"precision": "int4", "method": "awq", "group_size": g}}),
+    keys = {smooth(model, Plan.from_json({"*.query": _awq("int4", group_size=g)}),
                    calibration).key for g in (16, 32)}
-    keys.add(smooth(model, Plan.from_json({"*.query": {"precision": "int8", "method": "awq"}}), calibration).key)
+    keys.add(smooth(model, Plan.from_json({"*.query": _awq("int8")}), calibration).key)
     assert len(keys) == 3
 
 
 def test_awq_and_smoothquant_in_one_group_is_a_plan_error(bert):
     model, _, calibration = bert
-    plan = Plan.from_json({"*.query": {"precision": "int8", "method": "awq"},
+    plan = Plan.from_json({"*.query": _awq("int8"),
                            "*.key": {"precision": "int8", "smooth_alpha": 0.5}})
     with pytest.raises(PlanError, match=r"layer\.0\.attention\.self\.query.*layer\.0\.attention\.self\.key"):
         smooth(model, plan, calibration)
     # in different groups they combine: AWQ on the feed-forward input, SmoothQuant on attention's
-    plan = Plan.from_json({"*.intermediate.dense": {"precision": "int8", "method": "awq"},
+    plan = Plan.from_json({"*.intermediate.dense": _awq("int8"),
                            "*.query": {"precision": "int8", "smooth_alpha": 0.5}})
     methods = {entry.method for entry in smooth(model, plan, calibration).layers.values()}
     assert methods == {WeightMethod.AWQ, None}
@@ -124,7 +128,7 @@ def test_awq_and_smoothquant_in_one_group_is_a_plan_error(bert):
 def test_awq_everywhere_on_a_decoder(family):
     model, tokenizer = zoo.build(family)
     calibration = calibrate(model, tokenizer, TEXTS)
-    plan = Plan.from_json({"*": {"precision": "int4", "method": "awq", "group_size": 16}})
+    plan = Plan.from_json({"*": _awq("int4", group_size=16)})
     smoothing = smooth(model, plan, calibration)
     linear = [layer.name for layer in inventory(model) if layer.kind == "linear"]
     assert set(smoothing.layers) == set(linear)
@@ -142,7 +146,7 @@ def test_the_exported_awq_graph_computes_what_was_simulated(tmp_path):
     """The export folds the same Smoothing into the float model before quantizing: no AWQ path of its own."""
     model, tokenizer = zoo.build("llama")
     data = load_dataset("embedded").head(24)
-    plan = Plan.from_json({"*": {"precision": "int4", "method": "awq", "group_size": 16}, "options": {"calib": 16}})
+    plan = Plan.from_json({"*": _awq("int4", group_size=16), "options": {"calib": 16}})
     deploy(model, tokenizer, plan, tmp_path / "out", data, measure=False)
     evaluator = Evaluator(model, tokenizer, data, batch_size=8)
     exported = evaluate_exported(evaluator, tmp_path / "out", threads=1)
