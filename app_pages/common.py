@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import streamlit as st
 
-from cache.scheduler import SCHEDULER
+from service.scheduler import SCHEDULER
 from engine.analysis.toggle import fit_plan, fit_undo
 from engine.core.data import DataError, EvalSet, available_sets, load_csv, load_dataset
 from engine.core.errors import EngineError

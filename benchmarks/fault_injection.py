@@ -413,7 +413,7 @@ def cache_faults(base: Path, root: Path) -> None:
 def scheduler_faults() -> None:
     import threading
 
-    from cache import scheduler as sched
+    from service import scheduler as sched
 
     queue = sched.Scheduler(workers=1, threads=1)
     failing = queue.submit("alice", "layer-map", lambda job: {}["missing"], label="Evaluating")

@@ -32,6 +32,7 @@ from typing import Callable, TypeVar
 
 import diskcache
 
+from engine.core.settings import settings
 from engine.evaluation.evaluator import ENGINE_VERSION
 
 T = TypeVar("T")
@@ -46,10 +47,10 @@ _write_problem: dict[str, object] = {"line": None, "since": 0.0}
 
 
 def cache_dir() -> Path:
-    """ENGINE_CACHE_DIR when set, else a folder under the user's cache directory."""
-    configured = os.environ.get("ENGINE_CACHE_DIR")
-    if configured:
-        return Path(configured).expanduser()
+    """ENGINE_CACHE_DIR (or the config file's cache_dir) when set, else a folder under the user's cache directory."""
+    configured = settings().cache_dir
+    if configured is not None:
+        return configured
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "quant-dashboard"
 

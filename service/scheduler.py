@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from engine.core.errors import EngineError
+from engine.core.settings import settings
 from engine.evaluation.evaluator import Cancelled
 
 HISTORY = 20
@@ -92,8 +93,8 @@ class Scheduler:
 
     def __init__(self, workers: int | None = None, threads: int | None = None):
         cores = os.cpu_count() or 1
-        self.workers = max(1, workers or int(os.environ.get("ENGINE_WORKERS", 1)))
-        self.threads = max(1, threads or int(os.environ.get("ENGINE_THREADS", 0)) or cores // self.workers)
+        self.workers = max(1, workers or settings().workers)
+        self.threads = max(1, threads or settings().threads or cores // self.workers)
         self.queue: deque[Job] = deque()
         self.running: list[Job] = []
         self.durations: dict[str, deque[float]] = {}

@@ -19,7 +19,7 @@ import pytest
 
 import cache
 from benchmarks.fault_injection import EXPORTER, FILLER, WRITER, full_tmpfs, value
-from cache import scheduler as sched
+from service import scheduler as sched
 from engine.core.errors import EngineError
 from engine.evaluation.evaluator import Cancelled
 

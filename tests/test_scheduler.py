@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from cache.scheduler import QUIET_S, Scheduler
+from service.scheduler import QUIET_S, Scheduler
 
 
 def test_queued_evaluations_go_first_and_a_timing_waits_for_a_quiet_queue():

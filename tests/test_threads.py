@@ -16,7 +16,7 @@ SCRIPT = """
 import json, os, sys, threading
 sys.path.insert(0, {root!r})
 import torch
-from cache.scheduler import Scheduler
+from service.scheduler import Scheduler
 from engine.runtime.threads import single_core_here
 
 torch.set_num_threads(2)

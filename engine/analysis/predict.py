@@ -10,16 +10,16 @@ runs in batches of 64.
 from __future__ import annotations
 
 import html
-import threading
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from cachetools import LRUCache, cached
+from cachetools import LRUCache
 from torch import nn
 
 from engine.core.data import EvalSet, load_dataset
 from engine.core.errors import EngineError
+from engine.core.memo import memoized
 from engine.core.plan import FP32, Plan, PlanLike, as_plan
 from engine.core.tokens import clean_surrogates, encode, length_sorted, pad
 from engine.model.inventory import inventory
@@ -48,9 +48,9 @@ def _calibration_source(data: EvalSet | None) -> EvalSet:
     return data if data is not None else load_dataset("embedded")
 
 
-@cached(LRUCache(maxsize=8), lock=threading.Lock(),
-        key=lambda model, tokenizer, plan, kernels, data=None: (fingerprint(model), plan.key(), kernels,
-                                                                 None if data is None else data.fingerprint))
+@memoized("analysis.planned_models", LRUCache(maxsize=8),
+           key=lambda model, tokenizer, plan, kernels, data=None: (fingerprint(model), plan.key(), kernels,
+                                                                    None if data is None else data.fingerprint))
 def planned_model(model: nn.Module, tokenizer, plan: Plan, kernels: str, data: EvalSet | None = None) -> nn.Module:
     """The plan's model (a small process-wide LRU: building one copies the module tree); a plan that
     needs calibration is calibrated on `data`'s pool (the embedded set's when None)."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 import enum
 import functools
 
+from engine.core.memo import memo
+
 
 class TargetCpu(str, enum.Enum):
     """The CPU a plan's ONNX Runtime numerics are for, named by the int8 instructions that decide them."""
@@ -64,6 +66,9 @@ def cpu_features() -> dict[str, bool]:
 
     capabilities = torch.cpu.get_capabilities()
     return {name: bool(capabilities.get(name, False)) for name in FEATURES}
+
+
+memo("core.cpu_features", cpu_features)
 
 
 def target_for(features: dict[str, bool]) -> TargetCpu:

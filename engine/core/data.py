@@ -19,7 +19,8 @@ from pathlib import Path
 
 from engine.core.errors import EngineError
 from engine.core.hub import hub_reachable
-from engine.core.settings import size_setting, where
+from engine.core.memo import memo
+from engine.core.settings import settings, where
 
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data"
 SPLIT_SEED = "rt-split-v1"
@@ -113,6 +114,9 @@ def _read_rated(filename: str) -> tuple[tuple[str, str, str], ...]:
     return tuple(rows)
 
 
+memo("core.vendored_rows", _read_rated)
+
+
 def _split_of(rank: int, count: int) -> str:
     train_end = round(SPLIT_FRACTIONS[0] * count)
     val_end = train_end + round(SPLIT_FRACTIONS[1] * count)
@@ -131,6 +135,9 @@ def rotten_tomatoes_split() -> dict[str, tuple[tuple[str, str], ...]]:
     # Back to file order so batches mix both labels.
     return {name: tuple((text, lab) for _, text, lab in sorted(part, key=lambda r: int(r[0])))
             for name, part in splits.items()}
+
+
+memo("core.rt_split", rotten_tomatoes_split)
 
 
 def rt_split(split: str) -> EvalSet:
@@ -156,8 +163,9 @@ def load_csv(path: str | Path, raw: bytes | None = None) -> EvalSet:
     """A user's CSV with columns `text,label` (label: a class name of the model, or an integer id), within the
     project's size and row limits (ENGINE_MAX_CSV_BYTES, ENGINE_MAX_CSV_ROWS): over them, one line and nothing
     is kept."""
-    max_bytes = size_setting("max_csv_bytes") or CSV_MAX_BYTES
-    max_rows = size_setting("max_csv_rows") or CSV_MAX_ROWS
+    configured = settings()
+    max_bytes = configured.max_csv_bytes or CSV_MAX_BYTES
+    max_rows = configured.max_csv_rows or CSV_MAX_ROWS
     try:
         size = len(raw) if raw is not None else Path(path).stat().st_size
         if size > max_bytes:
@@ -189,7 +197,7 @@ def load_csv(path: str | Path, raw: bytes | None = None) -> EvalSet:
 
 
 def _limit_source(name: str) -> str:
-    return where(name) if size_setting(name) else f"the default; ENGINE_{name.upper()} sets it"
+    return where(name) if getattr(settings(), name) else f"the default; ENGINE_{name.upper()} sets it"
 
 
 def _sst2() -> EvalSet:
@@ -225,6 +233,9 @@ def _hub_set(name: str) -> EvalSet:
     return _sst2()
 
 
+memo("core.hub_sets", _hub_set)
+
+
 @lru_cache(maxsize=16)
 def _registered(name: str) -> EvalSet:
     if name == "embedded":
@@ -234,3 +245,6 @@ def _registered(name: str) -> EvalSet:
     if name in VENDORED:
         return _vendored(name)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(available_sets())} or a .csv path")
+
+
+memo("core.registered_sets", _registered)

@@ -7,6 +7,7 @@ from cachetools import LRUCache
 from torch import nn
 
 from engine.core.data import EvalSet, load_dataset
+from engine.core.memo import memo
 from engine.core.plan import FP32, PlanLike, as_plan
 from engine.evaluation.evaluator import Evaluator, Progress
 from engine.model.inventory import list_layers
@@ -14,8 +15,8 @@ from engine.model.loading import fingerprint
 from engine.runtime.size import model_size_bytes
 
 PER_SENTENCE = ("flipped", "predicted", "confidence", "start_cut")
-_EVALUATORS: LRUCache = LRUCache(maxsize=8)
 _LOCK = threading.Lock()
+_EVALUATORS: LRUCache = memo("evaluation.evaluators", LRUCache(maxsize=8), _LOCK)
 
 
 def get_evaluator(model: nn.Module, tokenizer, dataset: EvalSet, device: str | None = "cpu",

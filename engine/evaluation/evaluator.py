@@ -8,7 +8,6 @@ incremental result is the full result, not an approximation of it.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch import nn
 from engine.core.data import EvalSet
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, Plan
+from engine.core.settings import settings
 from engine.core.stats import Comparison, compare, wilson_interval
 from engine.core.tokens import encode, length_sorted, pad
 from engine.model.inventory import inventory
@@ -32,7 +32,6 @@ from engine.runtime.device import model_on, resolve_device
 
 EVAL_BATCH = 32
 ENGINE_VERSION = "2"
-BASELINE_BUDGET_MB = 512  # the FP32 states kept for incremental updates (ENGINE_BASELINE_BUDGET_MB)
 
 Progress = Callable[["Partial"], None]
 
@@ -169,8 +168,7 @@ class Evaluator:
         cuts as the rest of the budget holds, spread evenly from the last. A large set keeps fewer cuts, and
         an update resumes from the latest kept cut before the change: slower, never wrong.
         """
-        budget = float(os.environ.get("ENGINE_BASELINE_BUDGET_MB", BASELINE_BUDGET_MB)) if budget_mb is None \
-            else budget_mb
+        budget = settings().baseline_budget_mb if budget_mb is None else budget_mb
         probe: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
             self.stages.staged(apply_plan(self.model, FP32))(self.batches[0].inputs, keep=probe)

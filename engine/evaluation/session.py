@@ -8,24 +8,21 @@ states instead: slower once, never wrong.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
 from typing import Callable
 
 from engine.core.plan import FP32, Plan
+from engine.core.settings import settings
 from engine.evaluation.evaluator import EvalResult, Evaluator, Progress, Trace
-
-DEFAULT_BUDGET_MB = 256
 
 
 class StateBudget:
     """The bytes all sessions' own states may hold in this process (ENGINE_STATE_BUDGET_MB)."""
 
     def __init__(self, limit_bytes: int | None = None):
-        mb = float(os.environ.get("ENGINE_STATE_BUDGET_MB", DEFAULT_BUDGET_MB))
-        self.limit = int(mb * 1024**2) if limit_bytes is None else limit_bytes
+        self.limit = int(settings().state_budget_mb * 1024**2) if limit_bytes is None else limit_bytes
         # Weak references: a browser session that ends takes its Session, and its states, with it.
         self.sessions: dict[int, tuple[weakref.ref, float]] = {}
         self.lock = threading.Lock()

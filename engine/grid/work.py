@@ -18,6 +18,7 @@ from torch import nn
 from engine.analysis.benchmark import bench
 from engine.analysis.sensitivity import SWEEP_PRECISIONS, measure_row, proxy_texts, sqnr_proxy
 from engine.core.data import EvalSet, load_dataset
+from engine.core.memo import memo
 from engine.evaluation.evaluator import Evaluator
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint, load_model
@@ -27,7 +28,7 @@ from engine.runtime.size import model_size_bytes
 LATENCY_TOKENS = 32
 LATENCY_MIN_SECONDS = 0.5
 
-_loaded: dict[str, tuple[nn.Module, object]] = {}  # the last model loaded in this process, by name
+_loaded: dict[str, tuple[nn.Module, object]] = memo("grid.loaded_model", {})  # the last model loaded here, by name
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.core.settings import list_setting, where
+from engine.core.settings import settings, where
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # A Hub repo id as the Hub spells them: no "..", no leading dot or dash, at most one slash.
@@ -54,7 +54,7 @@ class Policy:
 
 
 def policy() -> Policy:
-    items = list_setting("allowed_models")
+    items = settings().allowed_models
     if items is None:
         address = _server["address"]
         if not _server["declared"] or _loopback(address):

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.core.settings import flag_setting, size_setting, where
+from engine.core.settings import settings, where
 from engine.model.errors import ModelError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -45,7 +44,7 @@ class Footprint:
 
     @property
     def needed_bytes(self) -> int:
-        states = float(os.environ.get("ENGINE_BASELINE_BUDGET_MB", 512)) * 1024**2
+        states = settings().baseline_budget_mb * 1024**2
         return int(2 * 4 * self.params + states)
 
 
@@ -142,14 +141,14 @@ def default_limit() -> tuple[int, str]:
     headroom = _cgroup_headroom()
     if headroom is not None:
         available = min(available, headroom) if available else headroom
-    budget = int(float(os.environ.get("ENGINE_STATE_BUDGET_MB", 256)) * 1024**2)
+    budget = int(settings().state_budget_mb * 1024**2)
     reserve = info.get("MemTotal", 0) // 10
     return max(0, available - budget - reserve), (f"default: {gb(available)} available less the sessions' "
                                                   f"{gb(budget)} state budget and a {gb(reserve)} reserve")
 
 
 def limit() -> tuple[int, str]:
-    configured = size_setting("max_model_bytes")
+    configured = settings().max_model_bytes
     return (configured, where("max_model_bytes")) if configured is not None else default_limit()
 
 
@@ -167,7 +166,7 @@ def check_pickle(footprint: Footprint, name: str) -> bool:
     """Whether to fall back to a pickle checkpoint (only without safetensors, and only when allowed)."""
     if footprint.safetensors or not footprint.pickles:
         return False
-    if not flag_setting("allow_pickle"):
+    if not settings().allow_pickle:
         raise FootprintError(f"{name} has only pickle weights (.bin), which can run code when loaded; this server "
                              "loads safetensors only (ENGINE_ALLOW_PICKLE=1 allows them, loaded with weights_only)")
     return True

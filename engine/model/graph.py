@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.model.facts import facts
 from engine.model.families import FeedForwardCut, feed_forward_cut, is_norm
 
 PROBE_TOKENS = 8
@@ -102,10 +103,10 @@ def _find_blocks(probe: nn.Module, inputs: dict) -> tuple[str | None, list[str]]
 
 
 def model_graph(model: nn.Module) -> ModelGraph:
-    """The structure of `model` (computed once and kept on it); the model itself is never touched."""
-    cached = model.__dict__.get("_engine_graph")
-    if cached is not None:
-        return cached
+    """The structure of `model` (computed once and kept in its facts); the model itself is never touched."""
+    known = facts(model)
+    if known.graph is not None:
+        return known.graph
     probe = copy.deepcopy(model, {id(t): t for t in list(model.parameters()) + list(model.buffers())})
     inputs = probe_inputs(model)
     block_list, block_paths = _find_blocks(probe, inputs)
@@ -189,5 +190,5 @@ def model_graph(model: nn.Module) -> ModelGraph:
     graph = ModelGraph(block_list, tuple(block_paths), cut, places, groups, embedding,
                        "tuple" if isinstance(sample, tuple) else "tensor",
                        tuple(sample[1:]) if isinstance(sample, tuple) else ())
-    model.__dict__["_engine_graph"] = graph
+    known.graph = graph
     return graph

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from engine.core.precisions import PRECISIONS
+from engine.model.facts import facts
 from engine.model.families import ALL_ROLES, block_role, outer_role
 from engine.model.graph import model_graph
 
@@ -53,9 +54,9 @@ def _inner_name(name: str, block_paths: tuple[str, ...], block: int) -> str:
 def inventory(model: nn.Module) -> list[Layer]:
     """Every quantizable layer in forward order: word embeddings, layers before the blocks, each block's
     layers, the head."""
-    cached = model.__dict__.get("_engine_inventory")
-    if cached is not None:
-        return cached
+    known = facts(model)
+    if known.inventory is not None:
+        return known.inventory
     graph = model_graph(model)
     embedding = model.get_submodule(graph.embedding)
     layers = [Layer(graph.embedding, None, "embedding", tuple(embedding.weight.shape), embedding.weight.numel(),
@@ -69,7 +70,7 @@ def inventory(model: nn.Module) -> list[Layer]:
         else:
             role = block_role(_inner_name(place.name, graph.block_paths, place.block))
         layers.append(Layer(place.name, place.block, role, (rows, cols), params, "linear", max(1, len(place.blocks))))
-    model.__dict__["_engine_inventory"] = layers
+    known.inventory = layers
     return layers
 
 

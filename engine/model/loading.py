@@ -25,6 +25,7 @@ from engine.core.labels import LabelSpace
 from engine.core.tokens import max_length
 from engine.model import admission, footprint
 from engine.model.errors import ModelError
+from engine.model.facts import facts
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "embedded"
 REGISTRY = {
@@ -248,18 +249,18 @@ def _tensor_signature(model: nn.Module) -> tuple:
 def fingerprint(model: nn.Module) -> str:
     """A hash of every parameter and buffer (names, dtypes, values): keys caches to these weights.
 
-    The hash is kept on the model and reused while its tensors are the same and unedited, so a
-    deep copy or an in-place edit is hashed afresh rather than served a stale key.
+    The hash is kept in the model's facts and reused while its tensors are the same and unedited, so an
+    in-place edit is hashed afresh rather than served a stale key (and a copy starts with no facts).
     """
     signature = _tensor_signature(model)
-    cached = model.__dict__.get("_engine_fingerprint")
-    if cached and model.__dict__.get("_engine_fingerprint_of") == signature:
-        return cached
+    known = facts(model)
+    if known.fingerprint and known.fingerprint_of == signature:
+        return known.fingerprint
     digest = hashlib.blake2b(digest_size=12)
     digest.update(type(model).__name__.encode())
     for key, tensor in model.state_dict().items():
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     value = digest.hexdigest()
-    model.__dict__["_engine_fingerprint"], model.__dict__["_engine_fingerprint_of"] = value, signature
+    known.fingerprint, known.fingerprint_of = value, signature
     return value

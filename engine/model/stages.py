@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from engine.core.qmodules import is_tokenwise
+from engine.model.facts import facts
 from engine.model.graph import ModelGraph, model_graph
 
 VERIFY_ATOL = 1e-5
@@ -129,11 +130,10 @@ class Stages:
 
 def stages_of(model: nn.Module) -> Stages:
     """The model's Stages (unverified until an evaluator verifies them on its first batch)."""
-    cached = model.__dict__.get("_engine_stages")
-    if cached is None:
-        cached = Stages(model_graph(model))
-        model.__dict__["_engine_stages"] = cached
-    return cached
+    known = facts(model)
+    if known.stages is None:
+        known.stages = Stages(model_graph(model))
+    return known.stages
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -8,36 +8,31 @@ kept in one process-wide LRU, so toggling a layer back and forth costs nothing.
 from __future__ import annotations
 
 import copy
-import os
-import threading
 
 import torch
-from cachetools import LRUCache, cached
+from cachetools import LRUCache
 from torch import nn
 
+from engine.core.memo import memoized
 from engine.core.numerics import int8_reduce_range
 from engine.core.plan import FP32, PlanError, PlanLike, as_plan
 from engine.core.precisions import PRECISIONS
 from engine.core.qmodules import ScaledInput, SimLinear, linear_parts
+from engine.core.settings import settings
+from engine.model.facts import facts
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint
 
 KERNELS = ("simulated", "real")
-_ENGINE_ATTRIBUTES = ("_engine_fingerprint", "_engine_fingerprint_of", "_engine_inventory", "_engine_graph",
-                      "_engine_stages", "_engine_plan")
 
 
 def shallow_copy(model: nn.Module) -> nn.Module:
     """A new module tree that shares every parameter and buffer tensor with `model`.
 
     Replacing a submodule of the copy leaves the original untouched, and the copy costs no memory
-    for the weights it does not change.
+    for the weights it does not change. The copy has no facts (engine.model.facts) of its own yet.
     """
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    clone = copy.deepcopy(model, memo)
-    for attribute in _ENGINE_ATTRIBUTES:
-        clone.__dict__.pop(attribute, None)
-    return clone
+    return copy.deepcopy(model, {id(t): t for t in list(model.parameters()) + list(model.buffers())})
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -60,8 +55,8 @@ def _nbytes(value) -> int:
 
 # Bounded in bytes, not entries: a DistilBERT-size model's quantized weights at two precisions are half a
 # gigabyte, and a shared server must not keep every model's (ENGINE_WEIGHT_CACHE_MB, recomputed in ms).
-@cached(LRUCache(maxsize=int(float(os.environ.get("ENGINE_WEIGHT_CACHE_MB", 256)) * 2**20), getsizeof=_nbytes),
-        key=lambda key, *_: key, lock=threading.Lock())
+@memoized("quant.weights", LRUCache(maxsize=int(settings().weight_cache_mb * 2**20), getsizeof=_nbytes),
+          key=lambda key, *_: key)
 def _simulated(key: tuple, compute) -> torch.Tensor:
     # Outside inference mode: a weight computed under it could never become a module's parameter later.
     with torch.inference_mode(False), torch.no_grad():
@@ -157,5 +152,5 @@ def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = "simulate
             folded = {name: norm._parameters[name].detach() / divisor.to(device)
                       for name in ("weight", "bias") if norm._parameters.get(name) is not None}
             set_module(clone, norm_name, with_tensors(norm, **folded))
-    clone.__dict__["_engine_plan"] = (plan, kernels)
+    facts(clone).plan = (plan, kernels)
     return clone.eval()

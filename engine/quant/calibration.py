@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
-from cachetools import LRUCache, cached
+from cachetools import LRUCache
 from torch import nn
 
 from engine.core.errors import EngineError
+from engine.core.memo import memoized
 from engine.core.tokens import encode, length_sorted, pad
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint, input_limit
@@ -84,7 +84,7 @@ def _key(model: nn.Module, _tokenizer, texts: Sequence[str], source: str = "", b
     return fingerprint(model), digest, batch_size
 
 
-@cached(LRUCache(maxsize=8), key=_key, lock=threading.Lock())
+@memoized("quant.calibration", LRUCache(maxsize=8), key=_key)
 def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], source: str = "", batch_size: int = 32) -> Calibration:
     """Input statistics of every Linear over `texts`; memoized per (weights, texts)."""
     encoded = encode(tokenizer, texts, input_limit(model, tokenizer))

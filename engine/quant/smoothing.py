@@ -25,6 +25,7 @@ from torch import nn
 from engine.core.plan import FP32, Plan, PlanError
 from engine.core.qmodules import linear_parts
 from engine.core.vocabulary import WeightMethod
+from engine.model.facts import facts
 from engine.model.families import attention_value_path, folds_into_norm, gated_path
 from engine.model.graph import model_graph, probe_inputs
 from engine.model.inventory import Layer, inventory
@@ -160,10 +161,10 @@ def _build(model: nn.Module, kind: str, names, target: str, path, factor: torch.
 
 
 def verified_folds(model: nn.Module) -> dict[tuple[str, ...], tuple[str, str, object]]:
-    """The folds that leave `model`'s logits unchanged under a random s, keyed by their layers (kept on the model)."""
-    cached = model.__dict__.get("_engine_folds")
-    if cached is not None:
-        return cached
+    """The folds that leave `model`'s logits unchanged under a random s, keyed by their layers (kept in its facts)."""
+    known = facts(model)
+    if known.folds is not None:
+        return known.folds
     inputs = probe_inputs(model)
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -179,7 +180,7 @@ def verified_folds(model: nn.Module) -> dict[tuple[str, ...], tuple[str, str, ob
             logits = apply_plan(model, FP32, smoothing=trial)(**inputs).logits
         if torch.allclose(logits, reference, atol=VERIFY_TOLERANCE, rtol=VERIFY_TOLERANCE):
             folds[names] = (kind, target, path)
-    model.__dict__["_engine_folds"] = folds
+    known.folds = folds
     return folds
 
 

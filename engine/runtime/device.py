@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from engine.core.errors import EngineError
+from engine.core.memo import memo
 
 
 class DeviceError(EngineError):
@@ -24,8 +25,8 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(name)
 
 
-_ON_DEVICE: dict[tuple[int, str], nn.Module] = {}
 _LOCK = threading.Lock()
+_ON_DEVICE: dict[tuple[int, str], nn.Module] = memo("runtime.models_on_device", {}, _LOCK)
 
 
 def model_on(model: nn.Module, device: torch.device) -> nn.Module:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import io
-import threading
 
 import torch
-from cachetools import LRUCache, cached
+from cachetools import LRUCache
 from torch import nn
 
+from engine.core.memo import memoized
 from engine.core.plan import Plan
 from engine.model.loading import fingerprint
 from engine.quant.apply import apply_plan
@@ -36,7 +36,7 @@ def serialized_bytes(model: nn.Module) -> int:
     return sink.count
 
 
-@cached(LRUCache(maxsize=256), key=lambda model, plan: (fingerprint(model), plan.key()), lock=threading.Lock())
+@memoized("runtime.size", LRUCache(maxsize=256), key=lambda model, plan: (fingerprint(model), plan.key()))
 def model_size_bytes(model: nn.Module, plan: Plan) -> int:
     """Serialized bytes of `model` with `plan`'s precisions on real kernels. Smoothing and activation
     scales change no stored byte count, so only the precisions count."""

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from engine.core.memo import memo
+
 # The per-thread setters of the two runtimes torch's CPU kernels run their parallel regions in, and how each
 # takes its count: OpenMP's by value; MKL, linked into libtorch_cpu, exports only its by-reference (Fortran)
 # entry point under these names.
@@ -38,6 +40,9 @@ def _setters() -> tuple:
             found.append(lambda n, setter=setter, argument=argument: setter(argument(n)))
             break
     return tuple(found)
+
+
+memo("runtime.thread_setters", _setters)
 
 
 def single_core_here() -> bool:
