@@ -22,6 +22,7 @@ from engine.evaluation.evaluator import Evaluator
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint
 from engine.quant.apply import apply_plan
+from engine.quant.prepare import prepare_with
 from engine.quant.calibration import calibrate, calibration_texts
 from engine.quant.smoothing import EPS, EXPLICIT, NONE, smooth, smoothing_factor
 
@@ -47,8 +48,7 @@ def _smoothed_modules(model):
 
 
 def _apply(model, plan, calibration, kernels="simulated"):
-    return apply_plan(model, plan, kernels, calibration=calibration,
-                      smoothing=smooth(model, plan, calibration) if plan.smooth_alpha is not None else None)
+    return apply_plan(model, plan, kernels, prepared=prepare_with(model, plan, calibration))
 
 
 # ---- the invariant ------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_apply_plan_asks_for_what_a_plan_needs(tiny_bert):
 
     with pytest.raises(PlanError, match="smooth"):
         apply_plan(tiny_bert, Plan(smooth_alpha=0.5))
-    with pytest.raises(PlanError, match="calibrate"):
+    with pytest.raises(PlanError, match="calibrated static activation ranges"):
         apply_plan(tiny_bert, Plan.uniform("int8", act="static"))
 
 

@@ -45,8 +45,8 @@ def deploy(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path, dat
     data = data if data is not None else load_dataset("embedded")
     if measure:
         label_space(model).indices(data.labels, data.name)  # a set the card cannot be measured on fails first
-    _, smoothing = prepare(model, tokenizer, plan, data.calibration, data.calibration_source)
-    texts = calibration_texts(data.calibration, plan.calib) if plan.act == "static" else None
+    prepared = prepare(model, tokenizer, plan, data.calibration, data.calibration_source)
+    texts = calibration_texts(data.calibration, plan.calib) if prepared.ranges else None
 
     def card(folder: Path) -> dict:
         evaluator = get_evaluator(model, tokenizer, data.head(limit))
@@ -61,7 +61,7 @@ def deploy(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path, dat
             figures["profile"] = {**profile_ort(folder, feeds, batch=1).as_dict(), "cpu": cpu_report()}
         return figures
 
-    return export_onnx(model, tokenizer, plan, out_dir, calibration_texts=texts, smoothing=smoothing,
+    return export_onnx(model, tokenizer, plan, out_dir, calibration_texts=texts, prepared=prepared,
                        card=card if measure else None, progress=progress)
 
 

@@ -42,6 +42,7 @@ from engine.core.tokens import encode, length_sorted, pad
 from engine.model.inventory import inventory
 from engine.model.loading import input_limit
 from engine.quant.apply import apply_plan
+from engine.quant.prepared import Prepared
 from engine.quant.prepare import prepare
 from engine.runtime.onnx_graph import module_of
 
@@ -224,10 +225,10 @@ def diagnose(model: nn.Module, tokenizer, texts: Sequence[str], plan: PlanLike, 
     plan = as_plan(plan)
     layers = {layer.name: layer for layer in inventory(model)}
     resolved = plan.resolve(list(layers))
-    calibration, smoothing = prepare(model, tokenizer, plan, calibration_pool, calibration_source)
+    prepared = prepare(model, tokenizer, plan, calibration_pool, calibration_source)
     reference_plan = replace(plan, rules=())  # every layer FP32, the plan's smoothing folded in
-    reference = _eager(apply_plan(model, reference_plan, calibration=calibration, smoothing=smoothing)).eval()
-    quantized = _eager(apply_plan(model, plan, calibration=calibration, smoothing=smoothing)).eval()
+    reference = _eager(apply_plan(model, reference_plan, prepared=Prepared(smoothing=prepared.smoothing))).eval()
+    quantized = _eager(apply_plan(model, plan, prepared=prepared)).eval()
     kinds = {name: layer.kind for name, layer in layers.items()}
     accumulated: dict[str, _Power] = defaultdict(_Power)
     local: dict[str, _Power] = defaultdict(_Power)

@@ -39,9 +39,8 @@ def smoothed_plan(alpha: float | dict[str, float] | None, act: str = "static", c
 
 def calibration_for(evaluator: Evaluator, calib: int = DEFAULT_CALIB) -> Calibration:
     """The calibration a W8A8 plan with `calib` sentences gets on this evaluator's source."""
-    calibration, _ = prepare(evaluator.model, evaluator.tokenizer, smoothed_plan(None, "static", calib),
-                             evaluator.dataset.calibration, evaluator.dataset.calibration_source)
-    return calibration
+    return prepare(evaluator.model, evaluator.tokenizer, smoothed_plan(None, "static", calib),
+                   evaluator.dataset.calibration, evaluator.dataset.calibration_source).calibration
 
 
 # ---- per-layer error: SQNR and automatic alpha ----------------------------------------------------

@@ -10,11 +10,12 @@ from torch import nn
 from engine.core.numerics import int8_reduce_range
 from engine.core.plan import Plan
 from engine.core.qmodules import SimLinear
+from engine.core.vocabulary import Kernels
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint
 from engine.quant.apply import apply_plan, set_module, shallow_copy, with_tensors
 from engine.quant.calibration import Calibration
-from engine.quant.smoothing import smooth
+from engine.quant.prepare import prepare_with
 
 FORMAT = "quantization-lens smoothquant v2"
 
@@ -26,8 +27,9 @@ def export(model: nn.Module, plan: Plan, calibration: Calibration) -> bytes:
     their folded 1/s). Metadata: the plan, each layer's form and static activation (scale, zero point),
     and the calibration statistics, so the file alone says how to run and how it was made.
     """
-    smoothing = smooth(model, plan, calibration) if plan.smooth_alpha is not None else None
-    quantized = apply_plan(model, plan, "simulated", calibration=calibration, smoothing=smoothing)
+    prepared = prepare_with(model, plan, calibration)
+    smoothing = prepared.smoothing
+    quantized = apply_plan(model, plan, Kernels.SIMULATED, prepared=prepared)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in quantized.state_dict().items()}
     static = {name: list(module.static_scale) for name, module in quantized.named_modules()
               if isinstance(module, SimLinear) and module.static_scale is not None}

@@ -23,6 +23,7 @@ from engine.core.plan import FP32, Plan
 from engine.core.settings import settings
 from engine.core.stats import Comparison, compare, wilson_interval
 from engine.core.tokens import encode, length_sorted, pad
+from engine.core.vocabulary import WeightMethod
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint, input_limit, label_space
 from engine.model.stages import stages_of
@@ -210,9 +211,13 @@ class Evaluator:
         if old.options() != new.options():
             return 0
         names = [layer.name for layer in self.layers]
-        before, after = old.resolve(names, strict=False), new.resolve(names, strict=False)
-        changed = [self.cuts[name] for name in names if before[name] != after[name]]
-        return min(changed) if changed else None
+        before, after = old.specs(names, strict=False), new.specs(names, strict=False)
+        changed = [name for name in names if before[name] != after[name]]
+        # smoothing (SmoothQuant, AWQ) may fold into an op before the layer's own block: start from the input
+        if any(spec.smooth_alpha is not None or spec.method == WeightMethod.AWQ
+               for name in changed for spec in (before[name], after[name])):
+            return 0
+        return min(self.cuts[name] for name in changed) if changed else None
 
     def resume_cut(self, source: Trace | None, plan: Plan) -> int:
         """Where a run of `plan` can start from `source`'s states: the latest kept cut at or before the

@@ -53,6 +53,8 @@ class Calibration:
     high: dict[str, torch.Tensor]
     samples: dict[str, torch.Tensor]
     source: str = ""
+    mean: dict[str, torch.Tensor] = field(default_factory=dict)  # per input channel (bias correction)
+    hessian: dict[str, torch.Tensor] = field(default_factory=dict)  # X^T X / rows, float64 (GPTQ), where asked
     key: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
@@ -79,14 +81,17 @@ class Calibration:
                                   "max": self.high[name].tolist()} for name in self.low}}
 
 
-def _key(model: nn.Module, _tokenizer, texts: Sequence[str], source: str = "", batch_size: int = 32) -> tuple:
+def _key(model: nn.Module, _tokenizer, texts: Sequence[str], source: str = "", batch_size: int = 32,
+         hessians: frozenset[str] = frozenset()) -> tuple:
     digest = hashlib.blake2b("\n".join(texts).encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
-    return fingerprint(model), digest, batch_size
+    return fingerprint(model), digest, batch_size, hessians
 
 
 @memoized("quant.calibration", LRUCache(maxsize=8), key=_key)
-def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], source: str = "", batch_size: int = 32) -> Calibration:
-    """Input statistics of every Linear over `texts`; memoized per (weights, texts)."""
+def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], source: str = "", batch_size: int = 32,
+              hessians: frozenset[str] = frozenset()) -> Calibration:
+    """Input statistics of every Linear over `texts` (and X^T X of the layers in `hessians`, which GPTQ needs);
+    memoized per (weights, texts, hessians)."""
     encoded = encode(tokenizer, texts, input_limit(model, tokenizer))
     lengths = encoded.lengths
     stride = max(1, math.ceil(int(lengths.sum()) / SAMPLE_ROWS))
@@ -96,6 +101,9 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], source: str = "
     low: dict[str, torch.Tensor] = {}
     high: dict[str, torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    sums: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
+    seen: dict[str, int] = {}
     current: dict[str, torch.Tensor] = {}
 
     def observer(name: str):
@@ -107,6 +115,12 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], source: str = "
             low[name] = torch.minimum(low[name], lo) if name in low else lo
             high[name] = torch.maximum(high[name], hi) if name in high else hi
             samples[name].append((rows[::stride] if token_level else rows).cpu())
+            total = rows.double().sum(0).cpu()
+            sums[name] = sums[name] + total if name in sums else total
+            seen[name] = seen.get(name, 0) + rows.shape[0]
+            if name in hessians:
+                gram = (rows.double().T @ rows.double()).cpu()
+                grams[name] = grams[name] + gram if name in grams else gram
         return record
 
     handles = [probe.get_submodule(name).register_forward_pre_hook(observer(name)) for name in names]
@@ -121,4 +135,5 @@ def calibrate(model: nn.Module, tokenizer, texts: Sequence[str], source: str = "
             handle.remove()
     return Calibration(fingerprint(model), len(texts), int(lengths.sum()), low, high,
                        {name: torch.cat(parts)[:4 * SAMPLE_ROWS] for name, parts in samples.items() if parts},
-                       source)
+                       source, {name: (sums[name] / seen[name]).float() for name in sums},
+                       {name: grams[name] / seen[name] for name in grams})

@@ -31,6 +31,7 @@ from engine.model.graph import model_graph, probe_inputs
 from engine.model.inventory import Layer, inventory
 from engine.quant import awq
 from engine.quant.apply import apply_plan
+from engine.quant.prepared import Prepared
 
 EPS = 1e-5  # floor of max|X| and max|W|: a dead channel must not give s = 0 or inf
 VERIFY_TOLERANCE = 1e-4
@@ -177,7 +178,7 @@ def verified_folds(model: nn.Module) -> dict[tuple[str, ...], tuple[str, str, ob
         trial = Smoothing(key=f"verify:{kind}:{names[0]}")
         _build(model, kind, names, target, path, factor, None, trial)
         with torch.inference_mode():
-            logits = apply_plan(model, FP32, smoothing=trial)(**inputs).logits
+            logits = apply_plan(model, FP32, prepared=Prepared(smoothing=trial))(**inputs).logits
         if torch.allclose(logits, reference, atol=VERIFY_TOLERANCE, rtol=VERIFY_TOLERANCE):
             folds[names] = (kind, target, path)
     known.folds = folds

@@ -23,11 +23,16 @@ import torch
 from torch import nn
 
 from engine.core.errors import EngineError
-from engine.core.plan import Plan, PlanError, PlanLike, as_plan
+from engine.core.plan import FP32, Plan, PlanError, PlanLike, as_plan
+from engine.core.precisions import PRECISIONS
+from engine.core.rules import LayerSpec
 from engine.core.tokens import encode
 from engine.model.loading import input_limit
 from engine.quant.apply import apply_plan
+from engine.quant.prepared import Prepared
 from engine.runtime import onnx_card, onnx_graph
+from engine.runtime.onnx_int4 import write_int4
+from engine.runtime.onnx_static import int8_static_exact
 from engine.runtime.onnx_graph import GraphError, quiet_ort
 from engine.runtime.onnx_session import OrtClassifier
 
@@ -42,13 +47,12 @@ class ExportError(EngineError):
     """An export that cannot be done as asked; the message is one line and names the reason."""
 
 
-def smoothed(model: nn.Module, plan: Plan, smoothing) -> nn.Module:
-    """The float model with the plan's SmoothQuant applied (every layer still FP32), or `model`."""
-    if plan.smooth_alpha is None:
+def float_source(model: nn.Module, prepared: Prepared) -> nn.Module:
+    """The float model the export quantizes: every layer FP32, with the plan's smoothing (SmoothQuant, AWQ)
+    folded in and its corrected biases, so ORT's quantizers see the weights the simulation quantized."""
+    if prepared.smoothing is None and not prepared.biases:
         return model
-    if smoothing is None:
-        raise ExportError("this plan smooths (smooth_alpha): pass the smoothing its calibration gives")
-    return apply_plan(model, Plan(smooth_alpha=plan.smooth_alpha, calib=plan.calib), smoothing=smoothing)
+    return apply_plan(model, FP32, prepared=Prepared(smoothing=prepared.smoothing, biases=prepared.biases))
 
 
 def _calibration_feeds(tokenizer, texts: Sequence[str], limit: int) -> list[dict]:
@@ -57,14 +61,15 @@ def _calibration_feeds(tokenizer, texts: Sequence[str], limit: int) -> list[dict
             for ids in encode(tokenizer, texts, limit).ids]
 
 
-def _build(model, tokenizer, plan: Plan, resolved: dict[str, str], folder: Path, calibration_texts, smoothing,
-           say) -> dict:
+def _build(model, tokenizer, plan: Plan, specs: dict[str, LayerSpec], folder: Path, calibration_texts,
+           prepared: Prepared, say) -> dict:
     """Everything the folder holds but the card; returns what the card needs."""
     work = folder / ".work"
     work.mkdir()
     layers = onnx_graph.quantizable_layers(model)
     limit = input_limit(model, tokenizer)
-    source, tokenizer = onnx_graph.prepared(smoothed(model, plan, smoothing), tokenizer)
+    resolved = {name: spec.precision for name, spec in specs.items()}
+    source, tokenizer = onnx_graph.prepared(float_source(model, prepared), tokenizer)
     tokenizer.model_max_length = limit  # the folder's tokenizer truncates where the model stops reading
     say("exporting the FP32 graph", 0.1)
     onnx_graph.export_fp32(source, tokenizer, work / "fp32.onnx")
@@ -78,11 +83,11 @@ def _build(model, tokenizer, plan: Plan, resolved: dict[str, str], folder: Path,
         say("fp16 layers", 0.3)
         graph = onnx_graph.to_fp16(graph, chosen("fp16"))
     if chosen("int8"):
-        graph = _int8(graph, chosen("int8"), layers, mapping, plan, work, tokenizer, limit, calibration_texts, say)
+        graph = _int8(graph, chosen("int8"), layers, mapping, plan, specs, prepared, work,
+                      _calibration_feeds(tokenizer, calibration_texts, limit) if calibration_texts else [], say)
     if chosen("int4"):
         say("int4 layers: MatMulNBits", 0.6)
-        with quiet_ort():
-            graph = onnx_graph.int4_weight_only(graph, chosen("int4"), plan.group_size)
+        graph = _int4(graph, [name for name in layers if resolved[name] == "int4"], mapping, specs, prepared)
     ops = onnx_graph.layer_ops(graph, mapping)
     for name, op in ops.items():
         if not any(mark in op for mark in _EXPECTED[resolved[name]]):
@@ -103,40 +108,61 @@ def _build(model, tokenizer, plan: Plan, resolved: dict[str, str], folder: Path,
 
 
 def _int8(graph: onnx.ModelProto, nodes: list[str], layers: dict, mapping: dict[str, list[str]], plan: Plan,
-          work: Path, tokenizer, limit: int, calibration_texts, say) -> onnx.ModelProto:
-    """The int8 layers: quantize_dynamic, or quantize_static (QDQ) for the linears when `act` is static
-    (the table's Gather is always dynamic: a weight-only uint8 table)."""
+          specs: dict[str, LayerSpec], prepared: Prepared, work: Path, feeds: list[dict], say) -> onnx.ModelProto:
+    """The int8 layers: quantize_dynamic, and quantize_static (QDQ) for the linears whose `act` is static, with
+    the engine's own activation (scale, zero point) written for each (the table's Gather is always dynamic: a
+    weight-only uint8 table)."""
     owner = {node: layer for layer, names in mapping.items() for node in names}
-    table = [n for n in nodes if layers[owner[n]] == "embedding"]
-    linear = [n for n in nodes if n not in table]
-    if plan.act == "static" and linear:
-        graph = onnx_graph.own_inputs(graph, linear)
+    static = [n for n in nodes if layers[owner[n]] != "embedding" and specs[owner[n]].static]
+    dynamic = [n for n in nodes if n not in static]
+    if static:
+        graph = onnx_graph.own_inputs(graph, static)
     onnx.save(graph, str(work / "stage.onnx"))
     with quiet_ort():
-        if plan.act == "static" and linear:
-            say("int8 layers: static QDQ, calibrating", 0.4)
-            if not calibration_texts:
+        if static:
+            say("int8 layers: static QDQ with the engine's activation scales", 0.4)
+            if not feeds:
                 raise ExportError("static int8 needs calibration sentences (from the evaluated source's pool)")
-            onnx_graph.int8_static(work / "stage.onnx", work / "static.onnx", linear, graph,
-                                   _calibration_feeds(tokenizer, calibration_texts, limit), plan.int8_weight_bits)
-            if not table:
+            numerics = PRECISIONS["int8"].numerics_for(plan.runtime, plan.int8_weight_bits)
+            qparams = {node: numerics.static(*prepared.ranges[owner[node]], numerics.reduce_range) for node in static}
+            int8_static_exact(work / "stage.onnx", work / "static.onnx", static, graph, feeds, plan.int8_weight_bits,
+                              qparams)
+            if not dynamic:
                 return onnx.load(str(work / "static.onnx"))
-            linear, graph = [], onnx.load(str(work / "static.onnx"))
+            graph = onnx.load(str(work / "static.onnx"))
             onnx.save(graph, str(work / "stage.onnx"))
         say("int8 layers: dynamic", 0.45)
-        onnx_graph.int8_dynamic(work / "stage.onnx", work / "int8.onnx", linear + table, graph, plan.int8_weight_bits)
+        onnx_graph.int8_dynamic(work / "stage.onnx", work / "int8.onnx", dynamic, graph, plan.int8_weight_bits)
     return onnx.load(str(work / "int8.onnx"))
 
 
+def _int4(graph: onnx.ModelProto, names: list[str], mapping: dict[str, list[str]], specs: dict[str, LayerSpec],
+          prepared: Prepared) -> onnx.ModelProto:
+    """MatMulNBits for the int4 layers, one quantizer pass per group size; a method's layers then get the
+    engine's integers written over the quantizer's (GPTQ, HQQ), so the graph computes what was simulated."""
+    by_group: dict[int, list[str]] = {}
+    for name in names:
+        by_group.setdefault(specs[name].group_size, []).extend(mapping[name])
+    with quiet_ort():
+        for group_size, nodes in sorted(by_group.items()):
+            graph = onnx_graph.int4_weight_only(graph, nodes, group_size)
+    written = {f"{node}_Q4": prepared.weights[name] for name in names if name in prepared.weights
+               for node in mapping[name]}
+    if written:
+        write_int4(graph, written)
+    return graph
+
+
 def export_onnx(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path, *,
-                calibration_texts: Sequence[str] | None = None, smoothing=None,
+                calibration_texts: Sequence[str] | None = None, prepared: Prepared | None = None,
                 card: Callable[[Path], dict] | None = None,
                 progress: Callable[[str, float], None] | None = None) -> dict:
     """Write `out_dir` (which must not exist yet): model.onnx, tokenizer and config files, plan.json (the plan on
     runtime onnxruntime), README.md (the model card) and card.json. Returns {"out", "format", "size_bytes",
     "plan", "fp32_size_bytes", "measured"}.
 
-    `calibration_texts` feed the static int8 calibration, `smoothing` carries a smoothed plan's factors, and
+    `calibration_texts` feed ORT's static quantizer (whose activation scales the engine's then replace),
+    `prepared` (engine.quant.prepare.prepare, on the ONNX Runtime plan) carries what the plan computed, and
     `card(folder)` returns the figures measured on the finished folder (accuracy, agreement, latency).
     """
     say = progress or (lambda message, fraction: None)
@@ -144,7 +170,7 @@ def export_onnx(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path
         plan = as_plan(plan).on("onnxruntime")
         plan = plan.for_cpu(plan.cpu.value)  # the folder's plan.json names the CPU its int8 was written for
         layers = onnx_graph.quantizable_layers(model)
-        resolved = plan.resolve(list(layers))
+        specs = plan.specs(list(layers))
     except PlanError as error:
         raise ExportError(str(error)) from None
     weight = next(model.parameters(), None)
@@ -160,7 +186,7 @@ def export_onnx(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path
     except OSError as error:
         raise ExportError(f"cannot write into {target.parent}: {error.strerror or error}") from None
     try:
-        built = _build(model, tokenizer, plan, resolved, folder, calibration_texts, smoothing, say)
+        built = _build(model, tokenizer, plan, specs, folder, calibration_texts, prepared or Prepared(), say)
         size = (folder / "model.onnx").stat().st_size
         measured = None
         if card is not None:
