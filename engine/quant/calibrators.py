@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import threading
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from cachetools import LRUCache, cached
+from cachetools import LRUCache
 from torch import nn
 
+from engine.core.memo import memoized
 from engine.core.tokens import encode, pad
 from engine.core.vocabulary import Calibrator
 from engine.model.inventory import inventory
@@ -171,7 +171,7 @@ def _key(model: nn.Module, _tokenizer, texts: Sequence[str], layers: dict[str, t
             tuple(sorted((name, Calibrator(c), float(p)) for name, (c, p) in layers.items())), batch_size)
 
 
-@cached(LRUCache(maxsize=8), key=_key, lock=threading.Lock())
+@memoized("quant.calibrator_ranges", LRUCache(maxsize=8), key=_key)
 def _ranges(model: nn.Module, tokenizer, texts: Sequence[str], layers: dict[str, tuple[Calibrator, float]],
             divisors: dict[str, torch.Tensor] | None = None, batch_size: int = 32) -> tuple:
     linears = {layer.name for layer in inventory(model) if layer.kind == "linear"}
