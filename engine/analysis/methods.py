@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from engine.analysis.sensitivity import COST_ORDER
 from engine.core.plan import Plan
 from engine.core.rules import DEFAULT_CALIB, METHOD_PRECISIONS, Rule
 from engine.core.stats import SIGNIFICANCE, mcnemar_exact
@@ -24,9 +25,6 @@ from engine.model.inventory import Layer
 PER_CHANNEL = None  # a group size of None: one group per row (see per_channel_group)
 DEFAULT_GROUPS: tuple[int | None, ...] = (PER_CHANNEL, 128, 32)
 CURVE_SIZES = (16, 32, 64, 128, 256, 512)
-# Cheapest first, by preparation cost: RTN rounds; HQQ iterates on the weights alone; AWQ searches a grid of
-# input scales on calibration activations; GPTQ inverts each layer's Hessian and updates column by column.
-COST_ORDER = (WeightMethod.RTN, WeightMethod.HQQ, WeightMethod.AWQ, WeightMethod.GPTQ)
 AWQ_GRID = 20  # candidate scale exponents AWQ tries per layer
 HQQ_ITERATIONS = 20  # half-quadratic steps per group
 CPU_FLOPS = 2e10  # float64/float32 operations a second one core sustains in the estimate's linear algebra
@@ -37,10 +35,11 @@ Progress = Callable[[float, str], None]
 
 # ---- the plans -------------------------------------------------------------------------------
 def per_channel_group(layers: Sequence[Layer]) -> int:
-    """A group size no row is longer than, so each row is one group (a power of two, for readable plans).
+    """A group size no row is longer than, so each row is one group (a power of two, for readable plans; a
+    shorter row's one group is padded with its last value, inside its range).
 
-    ONNX Runtime's MatMulNBits takes power-of-two blocks no longer than a row's padded width, so per-channel
-    INT4 is a torch plan: `Plan.check_runtime` and the export say so for an ONNX Runtime one."""
+    The comparison runs on torch's numerics: per channel is a torch setting. ONNX Runtime's MatMulNBits takes
+    power-of-two blocks of the row, and is not asked here to take one longer than the row itself."""
     width = max(layer.shape[1] for layer in layers)
     return 1 << (width - 1).bit_length()
 
@@ -122,8 +121,8 @@ class MethodRow:
     mcnemar_p_fp32: float  # correctness against FP32's, exact McNemar
     versus: str | None
     mcnemar_p_versus: float | None  # correctness against the `versus` row's; None for that row itself
-    prepare_s: float  # building the plan's model: calibration and the method's own work, measured
-    seconds: float  # the whole evaluation, building included
+    prepare_s: float  # the method's (or calibrator's) own work: this row's measured seconds beyond its `versus` row's
+    seconds: float  # the whole evaluation, building (calibration, the method) included, measured
     plan: Plan
 
     @property
@@ -183,28 +182,25 @@ def compare_methods(evaluator: Evaluator, plans: Sequence[MethodPlan] | None = N
     names = [layer.name for layer in evaluator.layers]
     for item in plans:  # every plan is checked before any is run: a bad one fails at once
         item.plan.specs(names)
-    results: dict[str, tuple[EvalResult, float]] = {}
+    results: dict[str, EvalResult] = {}
     for index, item in enumerate(plans):
         if progress is not None:
-            progress(index / len(plans), f"preparing {item.label}")
-        t0 = time.perf_counter()
-        evaluator.build(item.plan)
-        prepare_s = time.perf_counter() - t0
-        if progress is not None:
-            progress((index + 0.5) / len(plans), f"evaluating {item.label}")
-        results[item.label] = (evaluator.run(item.plan)[0], prepare_s)
+            progress(index / len(plans), f"preparing and evaluating {item.label}")
+        results[item.label] = evaluator.run(item.plan)[0]
     if progress is not None:
         progress(1.0, "done")
     rows = []
     for item in plans:
-        result, prepare_s = results[item.label]
+        result = results[item.label]
         c = result.comparison
+        # A run builds, then evaluates on the same kernels as its reference row, which rounds (or calibrates
+        # by minmax) only: the difference is what the method adds. Timing the build on its own would build twice.
         versus = results.get(item.versus) if item.versus else None
         rows.append(MethodRow(
             item.label, item.precision, item.method, item.group_size, item.calibrator, c.accuracy, tuple(c.ci95),
             c.agreement, c.flips, c.kl, c.n, c.mcnemar_p, item.versus if versus else None,
-            mcnemar_exact(_correct(evaluator, versus[0]), _correct(evaluator, result)) if versus else None,
-            prepare_s, result.seconds + prepare_s, item.plan))
+            mcnemar_exact(_correct(evaluator, versus), _correct(evaluator, result)) if versus else None,
+            max(0.0, result.seconds - versus.seconds) if versus else 0.0, result.seconds, item.plan))
     base = evaluator.baseline.comparison
     return MethodsReport(tuple(rows), base.accuracy, evaluator.dataset.name, base.n, time.perf_counter() - started)
 

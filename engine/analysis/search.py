@@ -5,6 +5,10 @@ order of measured accuracy cost per byte saved (INT4 where it is cheap, INT8 els
 nothing fits). Single-layer drops compound, so no candidate is judged by its predicted drop: every
 candidate plan is evaluated for real (on the one evaluation path, starting where it differs from a
 plan already run), and the answer is read off the verified candidates' Pareto front.
+
+A sweep with rows by other weight methods (GPTQ, AWQ, HQQ) lets a step set a layer's method too: among a
+layer's rows at one precision the cheapest in accuracy is the one its step takes, and the candidates' plans
+carry it in their rules.
 """
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ from typing import Callable, Iterable, Sequence
 from torch import nn
 
 from engine.analysis.benchmark import bench
-from engine.analysis.sensitivity import SWEEP_PRECISIONS, Row
+from engine.analysis.sensitivity import COST_ORDER, SWEEP_PRECISIONS, Row, row_key
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, Plan
+from engine.core.rules import Rule
 from engine.core.stats import SIGNIFICANCE
+from engine.core.vocabulary import WeightMethod
 from engine.evaluation.evaluator import Evaluator, Trace
 from engine.runtime.size import model_size_bytes
 
@@ -78,11 +84,18 @@ class Candidate:
     layers: dict[str, int] = field(default_factory=dict)  # precision -> count
     latency_ms_p50: float | None = None
 
+    @property
+    def methods(self) -> dict[str, WeightMethod]:
+        """The layers whose rule sets a weight method other than RTN, and that method."""
+        return {name: WeightMethod(rule.get("method")) for name, rule in self.plan.rules
+                if rule.get("method", WeightMethod.RTN) != WeightMethod.RTN}
+
     def as_dict(self) -> dict:
         return {"plan": self.plan.to_json(), "accuracy": self.accuracy, "ci95": list(self.ci95),
                 "size_bytes": self.size_bytes, "latency_ms_p50": self.latency_ms_p50, "drop": self.drop,
                 "predicted_drop": self.predicted_drop, "mcnemar_p": self.mcnemar_p, "kl": self.kl,
-                "predicted_kl": self.predicted_kl, "flips": self.flips, "layers": self.layers, "source": self.source}
+                "predicted_kl": self.predicted_kl, "flips": self.flips, "layers": self.layers, "source": self.source,
+                "methods": {name: method.value for name, method in self.methods.items()}}
 
 
 @dataclass
@@ -116,29 +129,48 @@ def step_cost(row: Row) -> float:
     return max(row.drop, 0.0) + KL_POINTS * row.kl
 
 
+def _cheapest(rows: Iterable[Row]) -> dict[tuple[str, str], Row]:
+    """Per (layer, precision), the single-layer row of least accuracy cost (the cheaper method among equals)."""
+    best: dict[tuple[str, str], Row] = {}
+    order = lambda row: (step_cost(row), COST_ORDER.index(row.method))
+    for r in rows:
+        held = best.get((r.layer, r.precision))
+        if r.direction == "one" and (held is None or order(r) < order(held)):
+            best[(r.layer, r.precision)] = r
+    return best
+
+
 def greedy_steps(rows: Iterable[Row], sizes: dict[tuple[str, str], int],
-                 layer_order: Sequence[str]) -> list[tuple[str, str]]:
-    """(layer, precision) steps, cheapest accuracy per byte saved first; each step sets that layer.
+                 layer_order: Sequence[str]) -> list[tuple]:
+    """Steps, cheapest accuracy per byte saved first; each step sets that layer. A step is its row's key
+    (`row_key`): (layer, precision) by RTN, or (layer, precision, method) by another method.
 
     Per layer the choices lie on a lower convex hull: straight to INT4 when that costs no more per
-    byte than INT8, else INT8 first and the INT8-to-INT4 step later, priced by its extra cost.
+    byte than INT8, else INT8 first and the INT8-to-INT4 step later, priced by its extra cost. Where a
+    layer has rows by several methods at one precision, the one of least cost stands for that precision.
     """
-    single = {(r.layer, r.precision): r for r in rows if r.direction == "one"}
-    steps: list[tuple[float, int, str, str]] = []
+    single = _cheapest(rows)
+    steps: list[tuple[float, int, str, tuple]] = []
     for index, name in enumerate(layer_order):
-        options = [(p, step_cost(single[(name, p)]), sizes[(name, "fp32")] - sizes[(name, p)])
+        options = [(single[(name, p)].key, step_cost(single[(name, p)]), sizes[(name, "fp32")] - sizes[(name, p)])
                    for p in ("int8", "int4") if (name, p) in single and sizes[(name, "fp32")] > sizes[(name, p)]]
         options.sort(key=lambda o: o[2])  # by bytes saved: int8, then int4
         done_cost, done_saved = 0.0, 0
         while options:
             ratios = [((cost - done_cost) / (saved - done_saved), i) for i, (_, cost, saved) in enumerate(options)]
             ratio, best = min(ratios)
-            precision, cost, saved = options[best]
-            steps.append((max(ratio, 0.0), index, name, precision))
+            key, cost, saved = options[best]
+            steps.append((max(ratio, 0.0), index, name, key))
             done_cost, done_saved = cost, saved
             options = [o for o in options[best + 1:] if o[2] > saved]
     steps.sort(key=lambda s: (s[0], s[1]))
-    return [(name, precision) for _, _, name, precision in steps]
+    return [key for _, _, _, key in steps]
+
+
+def step_rule(step: tuple) -> Rule:
+    """The rule a step gives its layer: the bare precision by RTN, else the precision with its method."""
+    precision, method = step[1], step[2] if len(step) > 2 else WeightMethod.RTN
+    return Rule(precision, () if method == WeightMethod.RTN else (("method", method),))
 
 
 def dominated(a: Candidate, b: Candidate) -> bool:
@@ -174,7 +206,7 @@ class _Verifier:
                  should_stop: Callable[[], bool] | None, progress: Callable[[str, int], None] | None):
         self.evaluator, self.model = evaluator, model
         self.names = [layer.name for layer in evaluator.layers]
-        self.single = {(r.layer, r.precision): r for r in rows if r.direction == "one"}
+        self.single = {r.key: r for r in rows if r.direction == "one"}
         self.base = evaluator.baseline.comparison.accuracy
         self.seen: dict[str, Candidate] = {}
         self.traces: dict[str, Trace] = {}
@@ -183,8 +215,9 @@ class _Verifier:
     def stop(self) -> bool:
         return self.should_stop is not None and self.should_stop()
 
-    def plan_of(self, assignment: dict[str, str]) -> Plan:
-        return Plan(rules=tuple((n, assignment[n]) for n in self.names if assignment.get(n, "fp32") != "fp32"))
+    def plan_of(self, assignment: dict[str, Rule]) -> Plan:
+        return Plan(rules=tuple((n, assignment[n]) for n in self.names if n in assignment
+                                and assignment[n].precision != "fp32"))
 
     def check(self, plan: Plan, source: str) -> Candidate:
         """The verified candidate for `plan`; when it is run, its trace becomes the "last" one."""
@@ -194,12 +227,13 @@ class _Verifier:
         start = max(options, key=lambda trace: self.evaluator.resume_cut(trace, plan))
         result, trace = self.evaluator.run(plan, source=start, keep=True)
         self.traces["last"] = trace
-        resolved = plan.resolve(self.names, strict=False)
+        specs = plan.specs(self.names, strict=False)
         counts: dict[str, int] = {}
-        for precision in resolved.values():
-            counts[precision] = counts.get(precision, 0) + 1
+        for spec in specs.values():
+            counts[spec.precision] = counts.get(spec.precision, 0) + 1
         c = result.comparison
-        singles = [self.single[(n, p)] for n, p in resolved.items() if (n, p) in self.single]
+        keys = [row_key(n, spec.precision, spec.method) for n, spec in specs.items()]
+        singles = [self.single[key] for key in keys if key in self.single]
         candidate = Candidate(plan, source, c.accuracy, tuple(c.ci95), 100.0 * (self.base - c.accuracy),
                               sum(r.drop for r in singles), c.mcnemar_p, c.kl, sum(r.kl for r in singles),
                               c.flips, model_size_bytes(self.model, plan), counts)
@@ -249,16 +283,17 @@ def search(evaluator: Evaluator, model: nn.Module, tokenizer, rows: Sequence[Row
     verifier = _Verifier(evaluator, model, rows, should_stop, progress)
     base = verifier.base
 
-    def assignment(k: int) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for name, precision in steps[:k]:
-            out[name] = precision
+    def assignment(k: int) -> dict[str, Rule]:
+        out: dict[str, Rule] = {}
+        for step in steps[:k]:
+            out[step[0]] = step_rule(step)
         return out
 
     rest = model_size_bytes(model, FP32) - sum(sizes[(n, "fp32")] for n in names)  # what no plan changes
 
     def predicted_size(k: int) -> int:
-        return rest + sum(sizes[(n, assignment(k).get(n, "fp32"))] for n in names)
+        chosen = assignment(k)
+        return rest + sum(sizes[(n, chosen[n].precision if n in chosen else "fp32")] for n in names)
 
     def at(k: int) -> Candidate:
         candidate = verifier.check(verifier.plan_of(assignment(k)), f"greedy {k}/{len(steps)}")
@@ -287,15 +322,16 @@ def search(evaluator: Evaluator, model: nn.Module, tokenizer, rows: Sequence[Row
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if meets(budget, at(mid), base) else (lo, mid)
         current, tried = assignment(best[0]), 0
-        for name, precision in steps[best[0]:]:
+        for step in steps[best[0]:]:
             if tried >= MAX_REFINE or verifier.stop():
                 break
-            trial = verifier.plan_of({**current, name: precision})
-            if current.get(name) == precision or trial.key() in verifier.seen:
+            name, rule = step[0], step_rule(step)
+            trial = verifier.plan_of({**current, name: rule})
+            if current.get(name) == rule or trial.key() in verifier.seen:
                 continue
             tried += 1
-            if meets(budget, verifier.check(trial, f"refined +{name}:{precision}"), base):
-                current[name] = precision
+            if meets(budget, verifier.check(trial, f"refined +{name}:{':'.join(step[1:])}"), base):
+                current[name] = rule
                 verifier.keep("best", trial)
     elif budget.kind == "target_bytes":
         k = next((k for k, s in enumerate(prefix_sizes) if s <= budget.value), len(steps))

@@ -5,6 +5,10 @@ comes from the one evaluation path: a row starts at the layer's cut from the FP3
 "one") or from the uniform plan's states ("all-but-one"), which gives exactly the result of a full
 evaluation of the same plan at a fraction of its cost. The proxy (each layer's output SQNR on a
 calibration batch) costs seconds; its rank correlation with the measured KL says how far to trust it.
+
+A sweep may also measure each Linear at a precision by other weight methods (GPTQ, AWQ, HQQ: rows per
+(layer, precision, method) where the method takes the precision); `rescued_by` reads off, for a layer that
+RTN changes significantly, the cheapest method that does not.
 """
 from __future__ import annotations
 
@@ -23,7 +27,10 @@ from engine.core.errors import EngineError
 from engine.core.numerics import sqnr_db
 from engine.core.plan import DEFAULT_GROUP_SIZE, Plan
 from engine.core.qmodules import linear_parts
+from engine.core.rules import METHOD_PRECISIONS, Rule
+from engine.core.stats import SIGNIFICANCE
 from engine.core.tokens import encode, length_sorted, pad
+from engine.core.vocabulary import WeightMethod, names
 from engine.evaluation.evaluator import Evaluator, Trace
 from engine.model.inventory import Layer, inventory
 from engine.model.loading import fingerprint, input_limit
@@ -34,16 +41,22 @@ DIRECTIONS = ("one", "all-but-one")
 SWEEP_PRECISIONS = ("int8", "int4")
 PROXY_SENTENCES = 64
 HEAD_WORK = 0.1  # a head-only row costs about a tenth of one half-block (apply_plan and statistics)
+# Weight methods by the cost of preparing them, cheapest first: RTN rounds; HQQ iterates on the weights alone;
+# AWQ searches a grid of input scales on calibration activations; GPTQ inverts each layer's Hessian and updates
+# its weights column by column.
+COST_ORDER = (WeightMethod.RTN, WeightMethod.HQQ, WeightMethod.AWQ, WeightMethod.GPTQ)
 
 
 class SweepError(EngineError):
     """A sweep asked for with a precision or direction it does not support; the message says which."""
 
 
-def layer_plan(layer: str, precision: str, direction: str) -> Plan:
-    """The plan of one sweep row: only `layer` at `precision`, or every layer but `layer`."""
+def layer_plan(layer: str, precision: str, direction: str, method: WeightMethod = WeightMethod.RTN) -> Plan:
+    """The plan of one sweep row: only `layer` at `precision` (by `method`), or every layer but `layer`."""
     if direction == "one":
-        return Plan(rules=((layer, precision),))
+        return Plan(rules=((layer, Rule(precision, () if method == WeightMethod.RTN else (("method", method),))),))
+    if method != WeightMethod.RTN:
+        raise SweepError(f"method {method} is swept one layer at a time (direction one), not {direction!r}")
     if direction == "all-but-one":
         return Plan(rules=(("*", precision), (layer, "fp32")))
     raise SweepError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
@@ -57,6 +70,28 @@ def check_precisions(precisions: Iterable[str]) -> tuple[str, ...]:
         raise SweepError(f"sweep precisions must be among {', '.join(SWEEP_PRECISIONS)}, "
                          f"not {bad[0] if bad else 'none'!r}")
     return chosen
+
+
+def check_methods(methods: Iterable[str]) -> tuple[WeightMethod, ...]:
+    """The requested weight methods, validated, in the given order (RTN first when it is asked)."""
+    chosen = tuple(dict.fromkeys(m.strip().lower() for m in methods if m.strip()))
+    bad = [m for m in chosen if m not in names(WeightMethod)]
+    if bad or not chosen:
+        raise SweepError(f"sweep methods must be among {', '.join(names(WeightMethod))}, "
+                         f"not {bad[0] if bad else 'none'!r}")
+    return tuple(WeightMethod(m) for m in chosen)
+
+
+def applies(layer: Layer, precision: str, method: WeightMethod) -> bool:
+    """Whether a sweep has a (layer, precision, method) row: the method takes the precision, and a method other
+    than RTN is for Linears (none has activations or a Hessian for an embedding lookup)."""
+    return method == WeightMethod.RTN or (layer.kind == "linear" and precision in METHOD_PRECISIONS[method])
+
+
+def row_key(layer: str, precision: str, method: WeightMethod = WeightMethod.RTN) -> tuple:
+    """A row's key in `done` and in lookups: (layer, precision) for RTN, as sweeps have always keyed it (so RTN
+    sweeps and their memoized rows keep their keys), and (layer, precision, method) for any other method."""
+    return (layer, precision) if method == WeightMethod.RTN else (layer, precision, WeightMethod(method))
 
 
 def group_of(role: str, block: int | None) -> str:
@@ -86,15 +121,22 @@ class Row:
     n: int
     start_cut: int
     seconds: float
+    method: WeightMethod = WeightMethod.RTN  # rows stored before methods existed are RTN's
+
+    @property
+    def key(self) -> tuple:
+        return row_key(self.layer, self.precision, self.method)
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data["ci95"] = list(self.ci95)
+        data["method"] = self.method.value
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Row":
-        return cls(**{**data, "ci95": tuple(data["ci95"])})
+        method = WeightMethod(data.get("method", WeightMethod.RTN))
+        return cls(**{**data, "ci95": tuple(data["ci95"]), "method": method})
 
 
 @dataclass(frozen=True)
@@ -126,25 +168,30 @@ def _work(cut: int, n_blocks: int) -> float:
 
 
 def sweep(evaluator: Evaluator, precisions: Sequence[str] = SWEEP_PRECISIONS, direction: str = "one",
-          sqnr: dict[tuple[str, str], float] | None = None, done: dict[tuple[str, str], Row] | None = None,
+          sqnr: dict[tuple[str, str], float] | None = None, done: dict[tuple, Row] | None = None,
           should_stop: Callable[[], bool] | None = None, on_row: Callable[[Row], None] | None = None,
-          progress: Callable[[SweepProgress], None] | None = None) -> SweepResult:
-    """Every (layer, precision) row in forward order, both precisions of a layer from the same start.
+          progress: Callable[[SweepProgress], None] | None = None,
+          methods: Sequence[str] = (WeightMethod.RTN,)) -> SweepResult:
+    """Every (layer, precision, method) row in forward order (methods where they apply), a layer's rows from
+    the same start.
 
-    `done` rows are kept as given (a resumed sweep); `should_stop` is asked between rows and the rows
-    finished so far are returned; `on_row` sees each newly computed row (to memoize it).
+    `done` rows (keyed by `row_key`) are kept as given (a resumed sweep); `should_stop` is asked between rows
+    and the rows finished so far are returned; `on_row` sees each newly computed row (to memoize it). The SQNR
+    proxy is RTN's, so only RTN rows carry it.
     """
-    precisions = check_precisions(precisions)
+    precisions, methods = check_precisions(precisions), check_methods(methods)
     if direction not in DIRECTIONS:
         raise SweepError(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
+    if direction != "one" and methods != (WeightMethod.RTN,):
+        raise SweepError(f"methods other than rtn are swept one layer at a time (direction one), not {direction!r}")
     done = dict(done or {})
     started = time.perf_counter()
-    tasks = [(layer, p) for layer in evaluator.layers for p in precisions]
+    tasks = [(layer, p, m) for layer in evaluator.layers for p in precisions for m in methods if applies(layer, p, m)]
     cuts = {layer.name: evaluator.cuts[layer.name] for layer in evaluator.layers}
-    todo_work = {(layer.name, p): _work(cuts[layer.name], evaluator.stages.n_blocks)
-                 for layer, p in tasks if (layer.name, p) not in done}
+    todo_work = {row_key(layer.name, p, m): _work(cuts[layer.name], evaluator.stages.n_blocks)
+                 for layer, p, m in tasks if row_key(layer.name, p, m) not in done}
     if direction == "all-but-one":  # each precision's uniform run, once, if any of its rows is missing
-        for p in {p for _, p in todo_work}:
+        for p in {key[1] for key in todo_work}:
             todo_work[("*", p)] = _work(0, evaluator.stages.n_blocks)
     remaining, spent_work, spent_s = sum(todo_work.values()), 0.0, 0.0
     starts: dict[str, Trace] = {}
@@ -156,8 +203,8 @@ def sweep(evaluator: Evaluator, precisions: Sequence[str] = SWEEP_PRECISIONS, di
             progress(SweepProgress(len(result.rows), len(tasks), time.perf_counter() - started, eta, row))
 
     report(None)
-    for layer, precision in tasks:
-        key = (layer.name, precision)
+    for layer, precision, method in tasks:
+        key = row_key(layer.name, precision, method)
         if key in done:
             result.rows.append(done[key])
             continue
@@ -174,7 +221,7 @@ def sweep(evaluator: Evaluator, precisions: Sequence[str] = SWEEP_PRECISIONS, di
                 spent_work += todo_work[("*", precision)]
                 remaining -= todo_work[("*", precision)]
             source = starts[precision]
-        row = measure_row(evaluator, layer, precision, direction, source, sqnr)
+        row = measure_row(evaluator, layer, precision, direction, source, sqnr, method)
         spent_s += row.seconds
         spent_work += todo_work[key]
         remaining -= todo_work[key]
@@ -188,15 +235,31 @@ def sweep(evaluator: Evaluator, precisions: Sequence[str] = SWEEP_PRECISIONS, di
 
 
 def measure_row(evaluator: Evaluator, layer: Layer, precision: str, direction: str, source: Trace,
-                sqnr: dict[tuple[str, str], float] | None = None) -> Row:
+                sqnr: dict[tuple[str, str], float] | None = None, method: WeightMethod = WeightMethod.RTN) -> Row:
     """One row, resumed from `source`: the FP32 states for "one", the uniform plan's for "all-but-one"."""
     started = time.perf_counter()
-    evaluated, _ = evaluator.run(layer_plan(layer.name, precision, direction), source=source)
+    evaluated, _ = evaluator.run(layer_plan(layer.name, precision, direction, method), source=source)
     c = evaluated.comparison
     drop = 100.0 * (evaluator.baseline.comparison.accuracy - c.accuracy)
+    proxy = (sqnr or {}).get((layer.name, precision)) if method == WeightMethod.RTN else None
     return Row(layer.name, layer.block, layer.role, precision, direction, c.accuracy, tuple(c.ci95), c.flips, c.kl,
-               c.mcnemar_p, (sqnr or {}).get((layer.name, precision)), drop, c.agreement, c.n, evaluated.start_cut,
-               time.perf_counter() - started)
+               c.mcnemar_p, proxy, drop, c.agreement, c.n, evaluated.start_cut, time.perf_counter() - started,
+               WeightMethod(method))
+
+
+def rescued_by(rows: Iterable[Row]) -> dict[tuple[str, str], WeightMethod | None]:
+    """For each single-layer (layer, precision) whose RTN row changes correctness significantly against FP32
+    (McNemar p < SIGNIFICANCE), the cheapest method (COST_ORDER) whose row is within noise, or None when no
+    swept method is. Layers RTN leaves within noise need no rescue and are not listed."""
+    single = {row.key: row for row in rows if row.direction == "one"}
+    out: dict[tuple[str, str], WeightMethod | None] = {}
+    for (layer, precision), row in ((k, r) for k, r in single.items() if r.method == WeightMethod.RTN):
+        if row.mcnemar_p >= SIGNIFICANCE:
+            continue
+        out[(layer, precision)] = next(
+            (m for m in COST_ORDER[1:] if (layer, precision, m) in single
+             and single[(layer, precision, m)].mcnemar_p >= SIGNIFICANCE), None)
+    return out
 
 
 # ---- the proxy ------------------------------------------------------------------------------
@@ -257,7 +320,8 @@ def _quantized_layer(model: nn.Module, model_key: str, layer: Layer, precision: 
         table = simulated_weight(model_key, layer.name, precision, original.weight.detach(), group_size, embedding=True)
         return lambda ids: F.embedding(ids, table)
     weight, bias = linear_parts(original)
-    return simulated_linear(model_key, layer.name, precision, weight, bias, Plan(group_size=group_size))
+    plan = Plan(rules=((layer.name, precision),), group_size=group_size)
+    return simulated_linear(model_key, layer.name, plan.specs([layer.name])[layer.name], weight, bias, plan)
 
 
 def proxy_agreement(rows: Iterable[Row]) -> dict[str, dict]:
@@ -277,9 +341,9 @@ def proxy_agreement(rows: Iterable[Row]) -> dict[str, dict]:
 
 
 def block_summary(rows: Iterable[Row]) -> list[dict]:
-    """Mean and worst drop, and mean KL, per (direction, precision, block / embedding / head)."""
+    """Mean and worst drop, and mean KL, per (direction, precision, block / embedding / head), of RTN's rows."""
     groups: dict[tuple[str, str, str], list[Row]] = {}
-    for row in rows:
+    for row in (r for r in rows if r.method == WeightMethod.RTN):
         groups.setdefault((row.direction, row.precision, group_of(row.role, row.block)), []).append(row)
 
     def order(key):

@@ -1,4 +1,5 @@
-"""`compare`: plans side by side on several sets."""
+"""`compare`: plans side by side on several sets (or, with --methods / --calib-curve, quantization methods and
+calibration sizes side by side on one set: engine.cli.methods)."""
 from __future__ import annotations
 
 from engine.cli.common import (UsageError, device_arg, for_target, load, model_arg, positive_int, progress_printer,
@@ -14,6 +15,9 @@ def setup(_name: str, parser) -> None:
     device_arg(parser)
     runtime_arg(parser, several=True)
     target_cpu_arg(parser)
+    from engine.cli.methods import method_args
+
+    method_args(parser)
 
 
 def run(_name: str, args):
@@ -25,6 +29,8 @@ def run(_name: str, args):
     if not items or not sets:
         raise UsageError("compare needs at least one plan (--plans) and one set (--data)")
     resolve_device(args.device)  # before loading anything: a missing GPU is reported at once
+    if args.methods is not None or args.calib_curve is not None:
+        return _methods(args, sets)
     model, tokenizer = load(args)
     plans = [(label, for_target(args, plan)) for label, plan in (resolve_plan_item(item, model) for item in items)]
     from cache import results
@@ -32,3 +38,15 @@ def run(_name: str, args):
     chosen = runtimes(args.runtime)
     return compare_plans(model, tokenizer, plans, sets, args.device, progress=progress_printer(), limit=args.limit,
                          runtimes=chosen, exports=results.exports() if "onnxruntime" in chosen else None)
+
+
+def _methods(args, sets: list[str]):
+    from engine.cli import methods
+    from engine.core.data import load_dataset
+
+    chosen = runtimes(args.runtime)
+    if len(sets) != 1 or len(chosen) != 1:
+        raise UsageError("--methods and --calib-curve compare on one set (--data) and one runtime (--runtime)")
+    data = load_dataset(sets[0]).head(args.limit)
+    model, tokenizer = load(args)
+    return methods.run(args, model, tokenizer, data, chosen[0])

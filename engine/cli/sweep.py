@@ -1,5 +1,6 @@
 """`sensitivity` and `search`: per-layer sweeps, memoized in the same cache rows as the pages', and the
-search for the smallest verified plan."""
+search for the smallest verified plan. With --methods a sweep also measures each Linear by other weight methods
+(GPTQ, AWQ, HQQ), and the search may give a layer one of them."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,9 @@ from engine.cli.common import UsageError, data_args, device_arg, evaluation_set,
 
 
 def setup(name: str, parser) -> None:
+    parser.add_argument("--methods", default=None,
+                        help="weight methods to sweep, comma-separated among rtn, gptq, awq, hqq (rtn always; a "
+                             "method only where it takes the precision, and on Linears)")
     if name == "sensitivity":
         parser.add_argument("--precisions", default="int8,int4", help="comma-separated, among int8,int4")
         parser.add_argument("--direction", choices=("one", "all-but-one"), default="one",
@@ -28,12 +32,17 @@ def setup(name: str, parser) -> None:
     device_arg(parser)
 
 
-def _rows(model, tokenizer, evaluator, precisions: str, direction: str):
-    """The sweep's rows (memoized one by one), with a progress line on stderr about every tenth of the way."""
+def _rows(model, tokenizer, evaluator, precisions: str, direction: str, methods: str | None = None):
+    """The sweep's rows (RTN's memoized one by one), with a progress line on stderr about every tenth of the way.
+
+    Rows by other methods are computed here each time: the cache keys rows by (layer, precision, direction)."""
     from cache import results
-    from engine.analysis.sensitivity import check_precisions
+    from engine.analysis.sensitivity import check_precisions, sweep
+    from engine.cli.methods import chosen_methods
+    from engine.core.vocabulary import WeightMethod
 
     chosen = check_precisions(precisions.split(","))
+    others = tuple(m for m in chosen_methods(methods) if m != WeightMethod.RTN)
     shown = [-1]
 
     def progress(p) -> None:
@@ -43,7 +52,12 @@ def _rows(model, tokenizer, evaluator, precisions: str, direction: str):
                   f"about {p.eta_s:.0f} s left", file=sys.stderr, flush=True)
 
     sqnr = results.sqnr_proxy(model, tokenizer, evaluator, chosen)
-    return results.sweep(evaluator, chosen, direction, sqnr, progress=progress)
+    plain = results.sweep(evaluator, chosen, direction, sqnr, progress=progress)
+    if not others:
+        return plain
+    shown[0] = -1
+    done = {row.key: row for row in plain.rows}
+    return sweep(evaluator, chosen, direction, sqnr, done, progress=progress, methods=(WeightMethod.RTN, *others))
 
 
 def _sweep_file(path: str):
@@ -57,13 +71,18 @@ def _sweep_file(path: str):
 
 
 def run(name: str, args):
+    from engine.cli.methods import chosen_methods
+    from engine.core.vocabulary import WeightMethod
     from engine.evaluation.evaluate import get_evaluator
 
+    methods = chosen_methods(args.methods)  # before loading anything: a bad method is reported at once
+    if name == "sensitivity" and args.direction != "one" and set(methods) - {WeightMethod.RTN}:
+        raise UsageError("--methods other than rtn sweep one layer at a time: use --direction one")
     data = evaluation_set(args)
     model, tokenizer = load(args)
     evaluator = get_evaluator(model, tokenizer, data, args.device, keep_states=True)
     if name == "sensitivity":
-        result = _rows(model, tokenizer, evaluator, args.precisions, args.direction)
+        result = _rows(model, tokenizer, evaluator, args.precisions, args.direction, args.methods)
         print(f"sensitivity: {len(result.rows)} rows ({result.computed} computed) in {result.seconds:.1f} s",
               file=sys.stderr)
         return [row.as_dict() for row in result.rows]
@@ -73,7 +92,8 @@ def run(name: str, args):
               else Budget("target_bytes", args.target_bytes) if args.target_bytes is not None
               else Budget("latency_ms", args.max_latency_ms) if args.max_latency_ms is not None
               else Budget("not_worse"))
-    rows = _sweep_file(args.sweep) if args.sweep else _rows(model, tokenizer, evaluator, "int8,int4", "one").rows
+    rows = _sweep_file(args.sweep) if args.sweep else _rows(model, tokenizer, evaluator, "int8,int4", "one",
+                                                             args.methods).rows
     result = search(evaluator, model, tokenizer, rows, budget, latency=not args.no_latency,
                     progress=lambda text, n: print(f"search: {text}", file=sys.stderr, flush=True))
     return result.as_dict()
