@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import torch
 
 from engine.analysis.sensitivity import COST_ORDER
 from engine.core.plan import Plan
@@ -21,13 +22,14 @@ from engine.core.stats import SIGNIFICANCE, mcnemar_exact
 from engine.core.vocabulary import ActScheme, Calibrator, WeightMethod
 from engine.evaluation.evaluator import EvalResult, Evaluator
 from engine.model.inventory import Layer
+from engine.quant.awq import GRID as AWQ_GRID
+from engine.quant.calibration import SAMPLE_ROWS
 
 PER_CHANNEL = None  # a group size of None: one group per row (see per_channel_group)
 DEFAULT_GROUPS: tuple[int | None, ...] = (PER_CHANNEL, 128, 32)
 CURVE_SIZES = (16, 32, 64, 128, 256, 512)
-AWQ_GRID = 20  # candidate scale exponents AWQ tries per layer
-HQQ_ITERATIONS = 20  # half-quadratic steps per group
-CPU_FLOPS = 2e10  # float64/float32 operations a second one core sustains in the estimate's linear algebra
+HQQ_ITERATIONS = 20  # half-quadratic steps per group (ONNX Runtime's HQQ quantizer's default)
+AWQ_ROWS = 4 * SAMPLE_ROWS  # the calibration token rows a layer's AWQ search runs on (the calibration keeps these)
 TEXT_TOKENS = 32.0  # tokens a calibration text has, for the estimate
 
 Progress = Callable[[float, str], None]
@@ -229,8 +231,8 @@ def method_flops(layers: Sequence[Layer], method: WeightMethod, calib: int) -> f
     """Operations a method's preparation costs on the model's Linears (RTN: none worth counting).
 
     GPTQ: the Hessian X^T X (tokens x in^2), its inverse (in^3) and the column-by-column update (out x in^2).
-    AWQ: AWQ_GRID candidate scales, each a pass of the layer over the calibration tokens (2 x tokens x in x out).
-    HQQ: HQQ_ITERATIONS passes over the weights, about ten operations an element."""
+    AWQ: AWQ_GRID candidate scales, each a pass of the layer over its sampled calibration rows (2 x rows x in x
+    out). HQQ: HQQ_ITERATIONS passes over the weights, about ten operations an element."""
     tokens = calib * TEXT_TOKENS
     total = 0.0
     for layer in layers:
@@ -240,17 +242,29 @@ def method_flops(layers: Sequence[Layer], method: WeightMethod, calib: int) -> f
         if method == WeightMethod.GPTQ:
             total += tokens * in_f**2 + in_f**3 + out_f * in_f**2
         elif method == WeightMethod.AWQ:
-            total += AWQ_GRID * 2 * tokens * in_f * out_f
+            total += AWQ_GRID * 2 * min(tokens, AWQ_ROWS) * in_f * out_f
         elif method == WeightMethod.HQQ:
             total += HQQ_ITERATIONS * 10 * in_f * out_f
     return total
 
 
+def machine_flops(size: int = 384, repeats: int = 5) -> float:
+    """Float32 operations a second this process's matrix products reach now (a few milliseconds to measure), so an
+    estimate follows the machine, its thread count and its load."""
+    a = torch.randn(size, size)
+    torch.mm(a, a)  # warm-up: the first product pays for allocation
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, a)
+    return 2 * size**3 * repeats / max(time.perf_counter() - started, 1e-9)
+
+
 def estimate_cost(plans: Sequence[MethodPlan], layers: Sequence[Layer], eval_seconds: float, n_examples: int,
-                  flops_per_s: float = CPU_FLOPS) -> float:
+                  flops_per_s: float | None = None) -> float:
     """About how many seconds `compare_methods` takes, before running it: one evaluation per plan (from a
     measured one, `eval_seconds` for `n_examples`), a calibration pass per calibrated plan (the same rate per
-    text), and each method's own work."""
+    text), and each method's own work at `flops_per_s` (default: this machine's, measured)."""
+    flops_per_s = flops_per_s or machine_flops()
     total = 0.0
     for item in plans:
         total += eval_seconds

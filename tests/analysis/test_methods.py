@@ -11,7 +11,7 @@ import torch
 
 from conftest import _tiny
 from engine.analysis.methods import (CurvePoint, MethodsReport, calibration_curve, compare_methods, estimate_cost,
-                                     method_flops, method_plans, per_channel_group, static_plan)
+                                     machine_flops, method_flops, method_plans, per_channel_group, static_plan)
 from engine.analysis.search import Budget, greedy_steps, search, step_rule
 from engine.analysis.sensitivity import (Row, SweepError, applies, layer_plan, rescued_by, row_key, sweep)
 from engine.core.data import load_dataset
@@ -120,6 +120,7 @@ def test_estimate_cost(tiny_distilbert, tokenizer):
     layers = get_evaluator(tiny_distilbert, tokenizer, load_dataset("embedded").head(8)).layers
     rtn, hqq, awq, gptq = method_plans(layers, (32,), tuple(WeightMethod), ())[:4]  # minmax, the reference, last
     assert estimate_cost([rtn], layers, 2.0, 100) == 2.0  # no calibration, no method: one evaluation
+    assert 1e6 < machine_flops() < 1e15
     linears = [layer.shape for layer in layers if layer.kind == "linear"]
     tokens = gptq.plan.calib * 32.0
     assert method_flops(layers, WeightMethod.GPTQ, gptq.plan.calib) == \
