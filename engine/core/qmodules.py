@@ -71,6 +71,12 @@ class SimLinear(nn.Module):
         """The float weight this layer computes with."""
         return self.weight if self.weight_scale is None else self.weight * self.weight_scale[:, None]
 
+    def integer_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the int8 values, the per-output-channel scales) of an int8 layer whose kernel sums integers."""
+        if self.weight_scale is None:
+            raise ValueError(f"a {self.precision} layer simulated in float has no integer weights")
+        return self.weight, self.weight_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_scale is not None:
             x = x / self.in_scale
@@ -89,6 +95,37 @@ class SimLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, precision={self.precision}, act={self.act}"
+
+
+class StaticInt8Linear(nn.Module):
+    """Real static W8A8: the input quantized with its calibrated (scale, zero point), an int8 x int8 -> int32 GEMM
+    (torch._int_mm), then the kernel's epilogue (one rounding, as SimLinear's). With 7-bit activations
+    (reduce_range, torch's x86 engines) q - zero point fits int8; otherwise, and off the CPU, the integer sums
+    are computed in float (exact below 2^24) and the module says so (`kernel_note`)."""
+
+    tokenwise = True
+
+    def __init__(self, integers: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 static_scale: tuple[float, int], reduce_range: bool):
+        super().__init__()
+        self.out_features, self.in_features = integers.shape
+        self.static_scale, self.reduce_range = static_scale, reduce_range
+        self.register_buffer("weight_t", integers.to(torch.int8).t().contiguous())
+        self.register_buffer("weight_scale", scales.float())
+        self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
+        if not reduce_range or integers.device.type != "cpu":
+            self.kernel_note = "static int8 sums computed in float (exact): no int8 GEMM for 8-bit activations here"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_activation(x, "static", self.reduce_range, self.static_scale)
+        rows = q.reshape(-1, self.in_features)
+        if getattr(self, "kernel_note", None) is None:
+            sums = torch._int_mm(rows.to(torch.int8), self.weight_t)
+        else:
+            sums = rows @ self.weight_t.float()
+        out = sums.double() * (scale * self.weight_scale).double()
+        out = out if self.bias is None else out + self.bias.double()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 class Int4Linear(nn.Module):

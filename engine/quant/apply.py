@@ -16,7 +16,7 @@ from torch import nn
 from engine.core.numerics import int8_reduce_range
 from engine.core.plan import FP32, PlanError, PlanLike, as_plan
 from engine.core.precisions import PRECISIONS
-from engine.core.qmodules import Int4Linear, ScaledInput, SimLinear, linear_parts
+from engine.core.qmodules import Int4Linear, ScaledInput, SimLinear, StaticInt8Linear, linear_parts
 from engine.core.rules import LayerSpec
 from engine.core.memo import memoized
 from engine.core.settings import settings
@@ -169,8 +169,14 @@ def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = Kernels.S
             static = numerics.static(*prepared.ranges[layer.name], numerics.reduce_range and int8_reduce_range())
         method_weights = prepared.weights.get(layer.name) if precision == "int4" else None
         if kernels == Kernels.REAL:
-            module = (Int4Linear.from_integers(method_weights, bias) if method_weights is not None
-                      else PRECISIONS[precision].real_linear(weight, bias, spec.group_size, device))
+            if static is not None:  # calibrated activation scales: the static kernel, with the same integers
+                integers, scales = simulated_linear(model_key, layer.name, spec, weight, None, plan,
+                                                    transform=transform).integer_weights()
+                module = StaticInt8Linear(integers, scales, bias, static, reduce_range=int8_reduce_range())
+            elif method_weights is not None:
+                module = Int4Linear.from_integers(method_weights, bias)
+            else:
+                module = PRECISIONS[precision].real_linear(weight, bias, spec.group_size, device)
             replacement = module if in_scale is None else ScaledInput(in_scale, module)
         else:
             replacement = simulated_linear(model_key, layer.name, spec, weight, bias, plan, static, in_scale,

@@ -118,3 +118,19 @@ def test_the_export_computes_what_the_layer_map_simulates(family, case, tmp_path
     assert np.mean(exported.predictions == simulated.predictions) >= 0.995
     scale = max(1.0, np.abs(simulated.logits).max())
     np.testing.assert_allclose(exported.logits, simulated.logits, atol=2e-3 * scale)
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "entropy"])
+def test_torch_real_static_int8_sums_integers_with_the_calibrated_scale(tiny_bert, tokenizer, calibrator):
+    from engine.core.qmodules import StaticInt8Linear
+
+    plan = _plan(tiny_bert, {"precision": "int8", "act": "static", "calibration": calibrator})
+    prepared = prepare(tiny_bert, tokenizer, plan, POOL)
+    real = apply_plan(tiny_bert, plan, "real", prepared=prepared)
+    simulated = apply_plan(tiny_bert, plan, prepared=prepared)
+    name = _linears(tiny_bert)[0]
+    assert isinstance(real.get_submodule(name), StaticInt8Linear)
+    assert real.get_submodule(name).static_scale == simulated.get_submodule(name).static_scale
+    inputs = tokenizer(list(DATA.texts[:8]), padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        torch.testing.assert_close(real(**inputs).logits, simulated(**inputs).logits, atol=1e-5, rtol=1e-5)
