@@ -3,7 +3,8 @@ static activation ranges from each calibrator, each with its interval and McNema
 choice (RTN, minmax); and how W8A8-static accuracy moves with the number of calibration texts.
 
 Figures from engine.analysis.methods, run through the server's queue and kept on disk like the comparison's.
-The table and chart builders are plain functions of the stored rows (tests call them without a page).
+The table and chart builders are plain functions of the stored rows (tests call them without a page), and so
+are the sensitivity page's "rescued by" words.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import streamlit as st
 from app_pages import common
 from cache import lookup, make_key, put
 from engine.analysis import methods as mth
+from engine.analysis.sensitivity import rescued_by
 from engine.core.errors import EngineError
 from engine.core.rules import METHOD_PRECISIONS
 from engine.core.stats import SIGNIFICANCE
@@ -90,6 +92,14 @@ def curve_chart(points: list[dict], fp32_accuracy: float) -> go.Figure:
                          yaxis_tickformat=".1%", height=380, margin={"t": 30, "b": 10})
     figure.update_xaxes(**common.log_ticks([p["texts"] for p in points]))
     return figure
+
+
+def rescue_words(rows) -> dict[tuple[str, str], str]:
+    """The sensitivity page's "rescued by": for each (layer, precision) that RTN changes significantly and that
+    other methods were swept for, the cheapest method whose row is within noise ("HQQ"), else "none swept"."""
+    swept = {(r.layer, r.precision) for r in rows if r.method != WeightMethod.RTN}
+    return {key: method.value.upper() if method is not None else "none swept"
+            for key, method in rescued_by(rows).items() if key in swept}
 
 
 def curve_plans(layers, calibrators, sizes) -> list[mth.MethodPlan]:

@@ -1,4 +1,5 @@
-"""Sensitivity & search: which layers can take INT4, and the smallest plan that meets a budget."""
+"""Sensitivity & search: which layers can take INT4 (by round-to-nearest, or rescued by GPTQ, AWQ or HQQ), and
+the smallest plan that meets a budget."""
 from __future__ import annotations
 
 import math
@@ -9,14 +10,17 @@ import plotly.graph_objects as go
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from app_pages import cluster, common, deployment
-from cache import keys, lookup, remember, results
+from app_pages import cluster, common, deployment, methods_view
+from cache import keys, lookup, make_key, put, remember, results
+from engine.analysis import methods as mth
 from engine.analysis import search as amp
 from engine.analysis import sensitivity as sens
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, Plan
+from engine.core.rules import DEFAULT_CALIB
 from engine.grid.tasks import build_tasks
 from engine.core.stats import SIGNIFICANCE
+from engine.core.vocabulary import WeightMethod
 from engine.model.families import ALL_ROLES
 
 DIRECTION_TEXT = {"one": "only this layer quantized", "all-but-one": "every layer quantized but this one"}
@@ -37,29 +41,75 @@ def stop_sweep() -> None:
     state["sens_stop"] = True
 
 
-def estimated_seconds(evaluator, missing: list[tuple[str, str]], direction: str) -> float:
-    """A sweep's cost from this set's measured FP32 pass: each row runs the model from its layer's cut."""
+def estimated_seconds(evaluator, missing: list[tuple], direction: str) -> float:
+    """A sweep's cost from this set's measured FP32 pass: each row runs the model from its layer's cut, and a row
+    by another method than RTN adds the method's own work on its layer at this machine's measured rate."""
     full, cuts = evaluator.baseline.seconds, evaluator.cuts
     last = max(evaluator.last_cut, 1)
-    rows = sum((last - cuts[name] + sens.HEAD_WORK) / last for name, _ in missing) * full
-    return rows + (full * len({p for _, p in missing}) if direction == "all-but-one" else 0.0)
+    rows = sum((last - cuts[key[0]] + sens.HEAD_WORK) / last for key in missing) * full
+    by_method = [(key[0], key[2]) for key in missing if len(key) == 3]  # sens.row_key: RTN's keys have two parts
+    if by_method:
+        layers, rate = {layer.name: layer for layer in evaluator.layers}, mth.machine_flops()
+        rows += sum(mth.method_flops([layers[name]], method, DEFAULT_CALIB) for name, method in by_method) / rate
+    return rows + (full * len({key[1] for key in missing}) if direction == "all-but-one" else 0.0)
 
 
-def _missing(evaluator, precisions, direction: str, known: dict | None = None) -> list[tuple[str, str]]:
-    """The (layer, precision) rows of a sweep not stored yet."""
-    known = results.known_rows(evaluator, precisions, direction) if known is None else known
-    return [(layer.name, p) for layer in evaluator.layers for p in precisions if (layer.name, p) not in known]
+# ---- rows by other methods than RTN, memoized one by one like RTN's -----------------------------------------
+def method_row_key(evaluator, layer: str, precision: str, method: WeightMethod) -> str:
+    """A non-RTN single-layer row: RTN's row key (keys.sweep_row) with the method added, so RTN's keys stay."""
+    model_fp, data_fp, device = evaluator.key
+    return make_key("sensitivity-row", model=model_fp, data=data_fp, device=device, batch=evaluator.batch_size,
+                    layer=layer, precision=precision, direction="one", method=method.value)
 
 
-def sweep_panel(evaluator, model, tokenizer, precisions, direction: str, full=None) -> None:
+def known_rows(evaluator, precisions, direction: str, methods=(WeightMethod.RTN,)) -> dict[tuple, sens.Row]:
+    """The stored rows of a sweep, keyed by `sens.row_key`: RTN's (any page, the CLI, the grid) and, one layer at
+    a time, those of the other methods where they apply."""
+    rows = dict(results.known_rows(evaluator, precisions, direction))
+    for method in (m for m in methods if m != WeightMethod.RTN and direction == "one"):
+        for layer in evaluator.layers:
+            for precision in precisions:
+                found = sens.applies(layer, precision, method) and lookup(
+                    method_row_key(evaluator, layer.name, precision, method))
+                if found:
+                    rows[sens.row_key(layer.name, precision, method)] = sens.Row.from_dict(found)
+    return rows
+
+
+def memoized_sweep(evaluator, precisions, direction: str, methods, sqnr, should_stop, progress) -> sens.SweepResult:
+    """results.sweep, with the rows of methods other than RTN stored one by one too."""
+    if tuple(methods) == (WeightMethod.RTN,):
+        return results.sweep(evaluator, precisions, direction, sqnr, should_stop=should_stop, progress=progress)
+
+    def store(row: sens.Row) -> None:
+        put(keys.sweep_row(evaluator, row.layer, row.precision, row.direction) if row.method == WeightMethod.RTN
+            else method_row_key(evaluator, row.layer, row.precision, row.method), row.as_dict())
+
+    return sens.sweep(evaluator, precisions, direction, sqnr, known_rows(evaluator, precisions, direction, methods),
+                      should_stop=should_stop, on_row=store, progress=progress, methods=methods)
+
+
+def _tasks(evaluator, precisions, methods) -> list[tuple]:
+    """Every row key of a sweep: (layer, precision[, method]) where the method applies."""
+    return [sens.row_key(layer.name, p, m) for layer in evaluator.layers for p in precisions for m in methods
+            if sens.applies(layer, p, m)]
+
+
+def _missing(evaluator, precisions, direction: str, methods, known: dict | None = None) -> list[tuple]:
+    """The rows of a sweep not stored yet."""
+    known = known_rows(evaluator, precisions, direction, methods) if known is None else known
+    return [key for key in _tasks(evaluator, precisions, methods) if key not in known]
+
+
+def sweep_panel(evaluator, model, tokenizer, precisions, direction: str, methods, full=None) -> None:
     """Run / Stop with live progress; rows are computed in short queued jobs and stored as they finish. `full`: the
     whole set's evaluator when `evaluator` is a quick sample, whose sweep's cost is said beside the sample's."""
     if not precisions:
         st.info("Choose at least one precision.")
         return
-    known = results.known_rows(evaluator, precisions, direction)
-    total = len(evaluator.layers) * len(precisions)
-    missing = _missing(evaluator, precisions, direction, known)
+    known = known_rows(evaluator, precisions, direction, methods)
+    total = len(_tasks(evaluator, precisions, methods))
+    missing = _missing(evaluator, precisions, direction, methods, known)
     buttons = st.columns([1, 1, 4])
     run = buttons[0].button("Resume sweep" if 0 < len(known) < total else "Run sweep", type="primary",
                             disabled=not missing, key="sens_run")
@@ -71,7 +121,8 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str, full=No
                           if missing else "") + ". Each row is stored as soon as it is finished."
                        + (f" The whole set ({len(full.labels):,} sentences) would take about "
                           f"{fmt_seconds(estimated_seconds(full, whole, direction))}."
-                          if full is not None and (whole := _missing(full, precisions, direction)) else ""))
+                          if full is not None and (whole := _missing(full, precisions, direction, methods))
+                          else ""))
     if cluster.address() and missing:
         cluster_button(precisions, direction)
     if not run:
@@ -88,17 +139,17 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str, full=No
             def enough() -> bool:
                 return job.cancelled() or time.perf_counter() - began > CHUNK_S[direction]
 
-            return results.sweep(evaluator, precisions, direction, sqnr, should_stop=enough,
-                                 progress=lambda p: setattr(job, "progress", p))
+            return memoized_sweep(evaluator, precisions, direction, methods, sqnr, enough,
+                                  lambda p: setattr(job, "progress", p))
 
         def show(p) -> None:
-            last = f" · last: {p.row.layer.split('.', 1)[-1]} {p.row.precision}" if p.row else ""
+            last = f" · last: {p.row.layer.split('.', 1)[-1]} {p.row.precision} {p.row.method}" if p.row else ""
             bar.progress(p.fraction, text=f"{p.done}/{p.total} rows · {fmt_seconds(time.perf_counter() - started)} "
                                           f"elapsed · about {fmt_seconds(p.eta_s)} left{last}")
 
         result = common.run_job("sensitivity", "Sweeping", work, show_progress=show)
         computed += result.computed
-        known = results.known_rows(evaluator, precisions, direction)
+        known = known_rows(evaluator, precisions, direction, methods)
     state["sens_last_run"] = (computed, time.perf_counter() - started, bool(state.get("sens_stop")))
     st.rerun()
 
@@ -165,7 +216,10 @@ def heatmaps_section(evaluator, rows_by_direction: dict, precisions) -> None:
 
 def ranked_section(rows: list[sens.Row]) -> None:
     st.header("Ranked")
-    table = pd.DataFrame([{"layer": r.layer, "precision": r.precision, "drop (points)": r.drop,
+    rescued = methods_view.rescue_words(rows)
+    table = pd.DataFrame([{"layer": r.layer, "precision": r.precision, "method": r.method.value.upper(),
+                           "rescued by": rescued.get((r.layer, r.precision), "") if r.method == WeightMethod.RTN
+                           else "", "drop (points)": r.drop,
                            "accuracy": r.accuracy, "95% CI": f"[{r.ci95[0]:.1%}, {r.ci95[1]:.1%}]",
                            "flips": r.flips, "KL (nats)": r.kl, "McNemar p": r.mcnemar_p,
                            "SQNR (dB)": r.sqnr_db, "significant": r.mcnemar_p < SIGNIFICANCE} for r in rows])
@@ -179,11 +233,14 @@ def ranked_section(rows: list[sens.Row]) -> None:
     significant = int(table["significant"].sum())
     st.caption(f"{significant} of {len(rows)} rows differ from FP32 at McNemar's {SIGNIFICANCE:.0%} level (no "
                f"correction for {len(rows)} tests: expect about {SIGNIFICANCE * len(rows):.0f} by chance when "
-               "nothing differs).")
+               "nothing differs)."
+               + (" Rescued by: the cheapest swept method (HQQ, then AWQ, then GPTQ) whose row of a layer that RTN "
+                  "changes significantly is within noise." if rescued else ""))
 
 
 def proxy_section(rows: list[sens.Row], precisions) -> None:
     st.header("Cheap proxy against the measurement")
+    rows = [r for r in rows if r.method == WeightMethod.RTN]  # the proxy is RTN's
     agreement = sens.proxy_agreement(rows)
     scatter = go.Figure()
     for precision in precisions:
@@ -384,14 +441,22 @@ precisions = controls[0].multiselect("Precisions", sens.SWEEP_PRECISIONS, defaul
                                      key="sens_precisions")
 direction = controls[1].radio("Direction", sens.DIRECTIONS, horizontal=True, key="sens_direction",
                               format_func=lambda d: f"{d}: {DIRECTION_TEXT[d]}")
-sweep_panel(evaluator, model, tokenizer, precisions, direction, full if quick else None)
+chosen_methods = st.multiselect("Methods", list(WeightMethod), default=[WeightMethod.RTN], key="sens_methods",
+                                format_func=lambda m: m.value.upper(),
+                                help="each Linear also measured by these weight methods where they take the "
+                                     "precision (GPTQ and HQQ: INT4), one layer at a time; RTN is always swept")
+methods = tuple(dict.fromkeys([WeightMethod.RTN, *chosen_methods])) if direction == "one" else (WeightMethod.RTN,)
+if direction != "one" and set(chosen_methods) - {WeightMethod.RTN}:
+    st.caption("Methods other than RTN are swept one layer at a time (direction one); this sweep is RTN's.")
+sweep_panel(evaluator, model, tokenizer, precisions, direction, methods, full if quick else None)
 if "sens_last_run" in state:
     computed, seconds, stopped = state["sens_last_run"]
     if computed:
         st.caption(f"Last run: {computed} rows in {seconds:.0f} s ({seconds / computed:.1f} s a row)"
                    + (", stopped." if stopped else "."))
 rows_by_direction = {d: results.known_rows(evaluator, sens.SWEEP_PRECISIONS, d) for d in sens.DIRECTIONS}
-rows = [r for r in rows_by_direction[direction].values() if r.precision in precisions]
+rows = [r for r in known_rows(evaluator, sens.SWEEP_PRECISIONS, direction, methods).values()
+        if r.precision in precisions]
 heatmaps_section(evaluator, rows_by_direction, precisions)
 if rows:
     ranked_section(rows)

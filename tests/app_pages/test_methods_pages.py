@@ -169,3 +169,40 @@ def test_the_methods_view_says_its_cost_then_runs_and_keeps_its_table(folder, tm
         {"calibrator": "minmax", "texts": 32, "accuracy": 0.6, "ci95": [0.5, 0.7]},
         {"calibrator": "minmax", "texts": 16, "accuracy": 0.5, "ci95": [0.4, 0.6]}], 0.55)
     assert list(curve.data[0].x) == [16, 32] and list(curve.data[0].error_y.array) == pytest.approx([0.1, 0.1])
+
+
+# ---- the sensitivity page ------------------------------------------------------------------------
+def test_the_sweep_measures_each_method_and_keeps_its_rows(folder, names, tmp_path, monkeypatch):
+    at = _page("sensitivity", folder, tmp_path, monkeypatch)
+    at.run()
+    assert not at.exception and not at.error
+    assert at.multiselect(key="sens_methods").value == [WeightMethod.RTN]  # RTN only, unless asked
+    at.multiselect(key="sens_precisions").set_value(["int4"])
+    at.multiselect(key="sens_methods").set_value([WeightMethod.GPTQ]).run()
+    rows = len(names) + len([n for n in names if "embeddings" not in n])  # RTN everywhere, GPTQ on the Linears
+    assert any(f"0 of {rows} rows done" in c.value and "the rest will take about" in c.value for c in at.caption)
+    at.button(key="sens_run").click().run()
+    assert not at.exception and not at.error
+    ranked = next(frame.value for frame in at.dataframe if "rescued by" in frame.value.columns)
+    linears = [n for n in names if "embeddings" not in n]
+    assert sorted(ranked[ranked["method"] == "GPTQ"]["layer"]) == sorted(linears)  # GPTQ where it applies
+    assert len(ranked[ranked["method"] == "RTN"]) == len(names)
+    again = _page("sensitivity", folder, tmp_path, monkeypatch)  # another session: every row is stored
+    again.session_state["sens_precisions"] = ["int4"]
+    again.session_state["sens_methods"] = [WeightMethod.GPTQ]
+    again.run()
+    assert not again.exception and again.button(key="sens_run").disabled
+
+
+def test_rescued_by_names_the_cheapest_method_within_noise():
+    from app_pages.methods_view import rescue_words
+    from engine.analysis.sensitivity import Row
+
+    def row(layer: str, method: WeightMethod, p: float) -> Row:
+        return Row(layer, 0, "query", "int4", "one", 0.8, (0.7, 0.9), 3, 0.01, p, None, 1.0, 0.9, 100, 1, 0.1, method)
+
+    rows = [row("a", WeightMethod.RTN, 0.001), row("a", WeightMethod.GPTQ, 0.5), row("a", WeightMethod.HQQ, 0.6),
+            row("b", WeightMethod.RTN, 0.001), row("b", WeightMethod.GPTQ, 0.01),
+            row("c", WeightMethod.RTN, 0.9), row("c", WeightMethod.GPTQ, 0.9), row("d", WeightMethod.RTN, 0.001)]
+    # a: HQQ is cheaper than GPTQ; b: nothing swept keeps it; c: needs no rescue; d: no other method was swept
+    assert rescue_words(rows) == {("a", "int4"): "HQQ", ("b", "int4"): "none swept"}
