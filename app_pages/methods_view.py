@@ -142,15 +142,14 @@ def queued(key: str, button: str, label: str, estimate_s: float, compute, disabl
 
 def methods_section(evaluator) -> None:
     st.subheader("INT4 methods and W8A8-static calibrators")
-    columns = st.columns(3)
+    columns = st.columns(2)  # two a row: three would hide chips behind a fade
     methods = columns[0].multiselect("INT4 methods", INT4_METHODS, default=INT4_METHODS, key="mv_methods",
                                      format_func=lambda m: m.value.upper(),
                                      help="RTN is always run: every method is tested against it")
     groups = columns[1].multiselect("INT4 groups", list(mth.DEFAULT_GROUPS), default=list(mth.DEFAULT_GROUPS),
                                     format_func=mth.group_label, key="mv_groups")
-    calibrators = columns[2].multiselect("Calibrators", list(Calibrator), default=list(Calibrator),
-                                         key="mv_calibrators", help="minmax is always run: the others are tested "
-                                                                    "against it")
+    calibrators = st.multiselect("Calibrators", list(Calibrator), default=list(Calibrator), key="mv_calibrators",
+                                 help="minmax is always run: the others are tested against it")
     plans = mth.method_plans(evaluator.layers, groups, methods, calibrators)
     estimate = mth.estimate_cost(plans, evaluator.layers, evaluator.baseline.seconds, len(evaluator.labels))
     key = _key(evaluator, "compare", plans=[(p.label, p.plan.key()) for p in plans])
