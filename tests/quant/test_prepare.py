@@ -134,3 +134,22 @@ def test_torch_real_static_int8_sums_integers_with_the_calibrated_scale(tiny_ber
     inputs = tokenizer(list(DATA.texts[:8]), padding=True, return_tensors="pt")
     with torch.inference_mode():
         torch.testing.assert_close(real(**inputs).logits, simulated(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_every_family_runs_every_method(family):
+    """One plan per family giving its Linear layers each method, a calibrator and bias correction in turn."""
+    model, tokenizer = zoo.build(family)
+    evaluator = Evaluator(model, tokenizer, DATA.head(16), batch_size=8)
+    linears = [layer.name for layer in evaluator.layers if layer.kind == "linear"]
+    rules = ({"precision": "int4", "method": "gptq", "group_size": 16},
+             {"precision": "int4", "method": "hqq", "group_size": 16},
+             {"precision": "int8", "method": "awq"},
+             {"precision": "int8", "act": "static", "calibration": "entropy", "bias_correction": True})
+    plan = Plan.from_json({**{name: rules[i % len(rules)] for i, name in enumerate(linears)},
+                           "options": {"calib": 16}})
+    result, _ = evaluator.run(plan)
+    assert np.isfinite(result.logits).all()
+    prepared = prepare(model, tokenizer, plan, DATA.calibration)
+    assert {name for i, name in enumerate(linears) if i % 4 < 2} == set(prepared.weights)
+    assert {name for i, name in enumerate(linears) if i % 4 == 3} == set(prepared.ranges) == set(prepared.biases)
