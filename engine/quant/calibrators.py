@@ -192,11 +192,13 @@ def _ranges(model: nn.Module, tokenizer, texts: Sequence[str], layers: dict[str,
             x, mask = args[0].float(), current["mask"]
             if name in factors:
                 x = x / factors[name]
-            if not (x.dim() == 3 and x.shape[:2] == mask.shape):  # not one row per token (DeBERTa's positions)
+            if x.shape[0] != mask.shape[0]:  # not per sentence (DeBERTa's relative positions): one array
                 collectors[name].add(x.reshape(-1, x.shape[-1]).cpu().numpy())
                 return
+            token_level = x.dim() == 3 and x.shape[:2] == mask.shape
             for row in range(mask.shape[0]):  # in text order: ORT's histograms depend on the order
-                collectors[name].add(x[row][mask[row]].cpu().numpy())
+                values = x[row][mask[row]] if token_level else x[row]
+                collectors[name].add(values.cpu().numpy())
         return record
 
     handles = [probe.get_submodule(name).register_forward_pre_hook(observer(name)) for name in layers]
