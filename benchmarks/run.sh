@@ -13,5 +13,6 @@ run sensitivity sensitivity --precisions int8,int4
 run search search --max-drop 1.0
 run smoothquant-static smoothquant --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1,auto --act static
 python benchmarks/ort_agreement.py --json "$out/ort-agreement.json" > "$out/ort-agreement.md"
+python benchmarks/methods.py --agreement --json "$out/methods.json" > "$out/methods.md"  # methods, calibrators, deployed = simulated
 run smoothquant-dynamic smoothquant --alpha 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1,auto --act dynamic
 python benchmarks/load_test.py --json "$out/load-test.json" > "$out/load-test.md"  # 8 sessions on one server
