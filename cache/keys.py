@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from engine.core.cpu import this_cpu
 from engine.core.plan import Plan
+from engine.core.vocabulary import Kernels, Runtime
 from engine.model.loading import fingerprint
 
 from cache import make_key
 
 
-def evaluation(model_fp: str, data_fp: str, plan: Plan, kernels: str = "simulated", device: str = "cpu",
+def evaluation(model_fp: str, data_fp: str, plan: Plan, kernels: str = Kernels.SIMULATED, device: str = "cpu",
                batch: int = 32) -> str:
     """A plan's evaluation on a set (EvalResult.summary()). The exported graph run by ONNX Runtime computes
     what this CPU's int8 instructions compute (engine.core.cpu), so that result is keyed by the CPU too."""
-    ran_on = {"cpu": this_cpu().value} if kernels == "real" and plan.runtime == "onnxruntime" else {}
+    ran_on = {"cpu": this_cpu().value} if kernels == Kernels.REAL and plan.runtime == Runtime.ONNXRUNTIME else {}
     return make_key("evaluation", model=model_fp, data=data_fp, plan=plan.key(), kernels=kernels, device=device,
                     batch=batch, **ran_on)
 
 
-def evaluator_evaluation(evaluator, plan: Plan, kernels: str = "simulated") -> str:
+def evaluator_evaluation(evaluator, plan: Plan, kernels: str = Kernels.SIMULATED) -> str:
     model_fp, data_fp, device = evaluator.key
     return evaluation(model_fp, data_fp, plan, kernels, device, evaluator.batch_size)
 
@@ -45,7 +46,8 @@ def size(model, plan: Plan) -> str:
     return make_key("size", model=model_fp, plan=plan.precisions_only().key())
 
 
-def latency(model, plan: Plan, reference: Plan, batch: int, tokens: int, device: str, runtime: str = "torch") -> str:
+def latency(model, plan: Plan, reference: Plan, batch: int, tokens: int, device: str,
+            runtime: str = Runtime.TORCH) -> str:
     return make_key("latency", model=fingerprint(model), plan=plan.key(), reference=reference.key(), batch=batch,
                     tokens=tokens, device=device, runtime=runtime)
 

@@ -14,13 +14,14 @@ from engine.analysis.benchmark import bench_against
 from engine.analysis.deploy import Exports
 from engine.analysis.diagnose import diagnose, exported_layer_sqnr, sample
 from engine.core.plan import Plan
+from engine.core.vocabulary import Kernels, Runtime
 from engine.evaluation.evaluator import Cancelled, Evaluator
 from engine.runtime.size import model_size_bytes
 
 from cache import cache_dir, keys, lookup, put, remember
 
 
-def evaluation(evaluator: Evaluator, plan: Plan, kernels: str = "simulated",
+def evaluation(evaluator: Evaluator, plan: Plan, kernels: str = Kernels.SIMULATED,
                compute: Callable[[], dict] | None = None) -> dict:
     """The plan's EvalResult.summary() on the evaluator's set: from the cache, else `compute()` (default:
     a full run), stored for every later caller."""
@@ -28,7 +29,7 @@ def evaluation(evaluator: Evaluator, plan: Plan, kernels: str = "simulated",
                     compute or (lambda: evaluator.run(plan, kernels)[0].summary()))
 
 
-def cached_evaluation(evaluator: Evaluator, plan: Plan, kernels: str = "simulated") -> dict | None:
+def cached_evaluation(evaluator: Evaluator, plan: Plan, kernels: str = Kernels.SIMULATED) -> dict | None:
     return lookup(keys.evaluator_evaluation(evaluator, plan, kernels))
 
 
@@ -81,7 +82,7 @@ def latency(model, tokenizer, plan: Plan, reference: Plan, batch: int, tokens: i
         found = lookup(key)
         if found is not None:
             return found
-    if plan.runtime == "onnxruntime":  # the exported graph itself, timed in the same rounds as the torch reference
+    if plan.runtime == Runtime.ONNXRUNTIME:  # the exported graph itself, timed in the same rounds as torch's reference
         timed = bench_against(model, tokenizer, {"reference": reference}, "reference", batch, tokens, device,
                               data=data, exported={"plan": exports().folder(model, tokenizer, plan, data)},
                               progress=stop_when(cancelled))
@@ -121,7 +122,7 @@ def stop_when(cancelled: Callable[[], bool] | None) -> Callable[[float], None] |
     return check
 
 
-def store_evaluation(evaluator: Evaluator, plan: Plan, summary: dict, kernels: str = "simulated") -> None:
+def store_evaluation(evaluator: Evaluator, plan: Plan, summary: dict, kernels: str = Kernels.SIMULATED) -> None:
     put(keys.evaluator_evaluation(evaluator, plan, kernels), summary)
 
 

@@ -20,6 +20,7 @@ from engine.core.data import EvalSet
 from engine.core.plan import Plan
 from engine.core.stats import wilson_interval
 from engine.core.tokens import encode
+from engine.core.vocabulary import Kernels
 from engine.model.loading import input_limit, label_space
 
 DEFAULT_RATES = (0.0, 0.05, 0.1, 0.2, 0.4)
@@ -96,7 +97,7 @@ def search_flip(model, tokenizer, text: str, plan: Plan, kernels: str, budget: i
 
 def flip_search(model: nn.Module, tokenizer, text: str, target: str = "int4", plans: Mapping[str, Plan] | None = None,
                 budget: int = 3, kinds: Sequence[str] = KINDS, seed: int = 0, keep_ends: bool = False,
-                kernels: str = "simulated", progress: Progress | None = None,
+                kernels: str = Kernels.SIMULATED, progress: Progress | None = None,
                 data: EvalSet | None = None) -> FlipResult:
     """Find a few character edits that change `target`'s top class (a name in `plans`).
 
@@ -147,7 +148,7 @@ def _interval_row(hits: int, n: int) -> tuple[float, list[float]]:
 
 def sweep(model: nn.Module, tokenizer, dataset: EvalSet, kinds: Sequence[str] = ("swap", "keyboard", "homoglyph"),
           rates: Sequence[float] = DEFAULT_RATES, plans: Mapping[str, Plan] | None = None, seed: int = 0,
-          keep_ends: bool = False, kernels: str = "simulated", batch_size: int = BATCH,
+          keep_ends: bool = False, kernels: str = Kernels.SIMULATED, batch_size: int = BATCH,
           progress: Progress | None = None) -> dict:
     """Accuracy (95% Wilson CI) and flip rate of every plan on `dataset` perturbed by each kind at each rate.
 
@@ -203,7 +204,7 @@ def sweep(model: nn.Module, tokenizer, dataset: EvalSet, kinds: Sequence[str] = 
 
 def attack_success(model: nn.Module, tokenizer, dataset: EvalSet, plans: Mapping[str, Plan] | None = None,
                    targets: Sequence[str] | None = None, budget: int = 3, kinds: Sequence[str] = KINDS,
-                   seed: int = 0, keep_ends: bool = False, kernels: str = "simulated",
+                   seed: int = 0, keep_ends: bool = False, kernels: str = Kernels.SIMULATED,
                    progress: Progress | None = None) -> dict:
     """The flip search's success rate (95% Wilson CI) per target over every text of `dataset` (pass a
     `sample`): success = the target's top class changed within `budget` edits; also the mean number of

@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.core.data import EvalSet, load_dataset
 from engine.core.plan import FP32, Plan
+from engine.core.vocabulary import TIMING_TOKENS, Kernels, Runtime
 from engine.quant.prepare import build
 from engine.runtime.device import model_on, resolve_device
 from engine.runtime.latency import bench_inputs, interleaved, machine, paired_speedup, peak_memory, summary, time_call
@@ -17,16 +18,14 @@ from engine.runtime.onnx_session import benchmark, ort_call
 from engine.runtime.profile import cpu_report, profile_ort, profile_torch
 from engine.runtime.size import model_size_bytes
 
-BENCH_TOKENS = 32
-
 
 def real_model(model: nn.Module, tokenizer, plan: Plan, device: torch.device, data: EvalSet | None = None) -> nn.Module:
     """The plan on the device's real kernels (calibrated on `data`'s pool, the embedded set's by default)."""
     source = data if data is not None else load_dataset("embedded")
-    return build(model_on(model, device), tokenizer, plan, "real", source.calibration, source.calibration_source)
+    return build(model_on(model, device), tokenizer, plan, Kernels.REAL, source.calibration, source.calibration_source)
 
 
-def bench(model: nn.Module, tokenizer, plan: Plan, batch: int = 1, tokens: int = BENCH_TOKENS, device: str = "cpu",
+def bench(model: nn.Module, tokenizer, plan: Plan, batch: int = 1, tokens: int = TIMING_TOKENS, device: str = "cpu",
           min_seconds: float = 1.0, data: EvalSet | None = None) -> dict:
     """Latency p50/p95 and throughput of the plan on real kernels, after warm-up."""
     if batch < 1 or tokens < 2:
@@ -39,12 +38,12 @@ def bench(model: nn.Module, tokenizer, plan: Plan, batch: int = 1, tokens: int =
         times = time_call(lambda: real(**inputs), repeats=10 if batch > 1 else 20, min_seconds=min_seconds, sync=sync)
         peak = peak_memory(lambda: real(**inputs), target)
     return {**summary(times, batch), "size_bytes": model_size_bytes(model, plan), "threads": torch.get_num_threads(),
-            "batch": batch, "tokens": tokens, "runtime": "torch", "device": str(target), "peak_memory_bytes": peak,
-            "machine": machine(target)}
+            "batch": batch, "tokens": tokens, "runtime": Runtime.TORCH, "device": str(target),
+            "peak_memory_bytes": peak, "machine": machine(target)}
 
 
 def bench_against(model: nn.Module, tokenizer, plans: Mapping[str, Plan], reference: str, batch: int = 1,
-                  tokens: int = BENCH_TOKENS, device: str = "cpu", repeats: int = 20, min_seconds: float = 0.5,
+                  tokens: int = TIMING_TOKENS, device: str = "cpu", repeats: int = 20, min_seconds: float = 0.5,
                   data: EvalSet | None = None, progress: Callable[[float], None] | None = None,
                   exported: Mapping[str, Path] | None = None) -> dict[str, dict]:
     """Every plan's latency and its paired speedup over `reference` (a torch plan among `plans`), all timed
@@ -72,23 +71,25 @@ def bench_against(model: nn.Module, tokenizer, plans: Mapping[str, Plan], refere
         speedup, interval = paired_speedup(times[reference], times[label])
         out[label] = {**summary(times[label], batch), "speedup": speedup, "speedup_ci95": list(interval),
                       "reference": reference, "size_bytes": sizes[label], "batch": batch, "tokens": tokens,
-                      "threads": torch.get_num_threads(), "runtime": "onnxruntime" if label in (exported or {})
-                      else "torch", "protocol": "interleaved", "device": str(target),
+                      "threads": torch.get_num_threads(),
+                      "runtime": Runtime.ONNXRUNTIME if label in (exported or {}) else Runtime.TORCH,
+                      "protocol": "interleaved", "device": str(target),
                       "load_average": [before["load_average"], after["load_average"]], "machine": after}
     return out
 
 
-def bench_exported(folder: Path, tokenizer, batch: int = 1, tokens: int = BENCH_TOKENS, repeats: int = 20,
+def bench_exported(folder: Path, tokenizer, batch: int = 1, tokens: int = TIMING_TOKENS, repeats: int = 20,
                    min_seconds: float = 1.0) -> dict:
     """An exported plan alone on ONNX Runtime, as a server running one model runs it: repeats back to back
     with ORT's default spinning threads."""
     inputs = bench_inputs(tokenizer, load_dataset("embedded").texts, batch, tokens, "cpu")
     timing = benchmark({"onnx": ort_call(folder, inputs)}, batch, "back_to_back", repeats, min_seconds)["onnx"]
     return {**timing, "size_bytes": (Path(folder) / "model.onnx").stat().st_size, "threads": torch.get_num_threads(),
-            "batch": batch, "tokens": tokens, "runtime": "onnxruntime", "device": "cpu", "machine": machine("cpu")}
+            "batch": batch, "tokens": tokens, "runtime": Runtime.ONNXRUNTIME, "device": "cpu",
+            "machine": machine("cpu")}
 
 
-def profile_against_fp32(model: nn.Module, tokenizer, plan: Plan, tokens: int = BENCH_TOKENS, device: str = "cpu",
+def profile_against_fp32(model: nn.Module, tokenizer, plan: Plan, tokens: int = TIMING_TOKENS, device: str = "cpu",
                          data: EvalSet | None = None, exported: Path | None = None,
                          batches: tuple[int, ...] = (1, 32)) -> dict:
     """Why the plan is (not) faster than torch FP32 here: both forwards' time by op group at each batch size

@@ -15,13 +15,14 @@ from typing import Callable, Sequence
 import numpy as np
 from torch import nn
 
-from engine.analysis.benchmark import BENCH_TOKENS, bench_against, real_model
+from engine.analysis.benchmark import bench_against, real_model
 from engine.analysis.deploy import Exports
 from engine.analysis.presets import display_name
 from engine.core.data import EvalSet, load_dataset
 from engine.core.kernels import kernel_notes
 from engine.core.plan import FP32, Plan, PlanError
 from engine.core.stats import bootstrap_diff_interval
+from engine.core.vocabulary import TIMING_TOKENS, Runtime, names
 from engine.evaluation.deployed import evaluate_exported
 from engine.evaluation.evaluate import get_evaluator
 from engine.evaluation.evaluator import EvalResult
@@ -33,7 +34,6 @@ from engine.runtime.latency import describe, machine
 CONTRACT_FIELDS = ("plan", "data", "accuracy", "ci95", "agreement", "flips", "mcnemar_p", "kl", "size_bytes",
                    "latency_ms_p50", "throughput_per_s", "device", "runtime")
 THROUGHPUT_BATCH = 32
-RUNTIMES = ("torch", "onnxruntime")
 
 Progress = Callable[[float, str], None]
 
@@ -69,17 +69,17 @@ def _unique_labels(plans: Sequence[tuple[str, Plan]]) -> list[tuple[str, Plan]]:
 
 def variant(label: str, runtime: str) -> str:
     """The name of a plan on a runtime in a comparison's results (the plan's label on torch)."""
-    return label if runtime == "torch" else f"{label} · {runtime}"
+    return label if runtime == Runtime.TORCH else f"{label} · {runtime}"
 
 
 def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]],
                    datasets: Sequence[str | EvalSet], device: str = "cpu", limit: int | None = None,
                    progress: Progress | None = None, bench_seconds: float = 1.0,
-                   runtimes: Sequence[str] = ("torch",), exports: Exports | None = None) -> Report:
+                   runtimes: Sequence[str] = (Runtime.TORCH,), exports: Exports | None = None) -> Report:
     """Evaluate every plan on every set and runtime, and time every variant once, all in one interleaved
     run; torch FP32 is always the reference. An ONNX Runtime variant is the exported graph itself (exported
     once into `exports`, a temporary folder by default), evaluated and timed as it is deployed."""
-    if exports is None and "onnxruntime" in runtimes:
+    if exports is None and Runtime.ONNXRUNTIME in runtimes:
         with tempfile.TemporaryDirectory(prefix="compare-exports-") as scratch:
             return run_comparison(model, tokenizer, plans, datasets, device, limit, progress, bench_seconds,
                                   runtimes, Exports(scratch))
@@ -88,17 +88,17 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
         raise PlanError("no plans to compare")
     if not datasets:
         raise PlanError("no evaluation sets to compare on")
-    unknown = [runtime for runtime in runtimes if runtime not in RUNTIMES]
+    unknown = [runtime for runtime in runtimes if runtime not in names(Runtime)]
     if unknown or not runtimes:
-        raise PlanError(f"runtime {unknown[0] if unknown else 'none'!r}: choose among {', '.join(RUNTIMES)}")
-    if "onnxruntime" in runtimes and target.type != "cpu":
+        raise PlanError(f"runtime {unknown[0] if unknown else 'none'!r}: choose among {', '.join(names(Runtime))}")
+    if Runtime.ONNXRUNTIME in runtimes and target.type != "cpu":
         raise PlanError("ONNX Runtime variants run on its CPU provider here: compare them with --device cpu")
-    names = [layer.name for layer in inventory(model)]
+    layer_names = [layer.name for layer in inventory(model)]
     plans = _unique_labels(plans)
     for _, plan in plans:
-        plan.resolve(names)
-        if "onnxruntime" in runtimes:
-            plan.on("onnxruntime").resolve(names)
+        plan.resolve(layer_names)
+        if Runtime.ONNXRUNTIME in runtimes:
+            plan.on(Runtime.ONNXRUNTIME).resolve(layer_names)
     sets = [(load_dataset(d) if isinstance(d, str) else d).head(limit) for d in datasets]
     classes = label_space(model)
     for data in sets:  # before any export: a set the model cannot be scored on fails at once
@@ -112,7 +112,7 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
             progress(min(1.0, (done + fraction) / total), text)
 
     folders = {}
-    if "onnxruntime" in runtimes:
+    if Runtime.ONNXRUNTIME in runtimes:
         for label, plan in plans:
             report(0.0, f"exporting {display_name(label)} for ONNX Runtime")
             folders[label] = exports.folder(model, tokenizer, plan, sets[0])
@@ -126,7 +126,7 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
             for runtime in runtimes:
                 text = f"evaluating {display_name(label)} on {data.name} ({runtime})"
                 report(0.0, text)
-                if runtime == "onnxruntime":
+                if runtime == Runtime.ONNXRUNTIME:
                     result = evaluate_exported(evaluator, folders[label])
                 elif plan.key() == FP32.key():
                     result = evaluator.baseline
@@ -139,10 +139,10 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
     reference = next(label for label, plan in timed if plan.key() == FP32.key())
     calibration_set = sets[0]
     timings = {}
-    exported = {variant(label, "onnxruntime"): folder for label, folder in folders.items()}
+    exported = {variant(label, Runtime.ONNXRUNTIME): folder for label, folder in folders.items()}
     for batch in (1, THROUGHPUT_BATCH):
         text = f"timing {len(timed) + len(exported)} variants at batch {batch}, interleaved"
-        timings[batch] = bench_against(model, tokenizer, dict(timed), reference, batch, BENCH_TOKENS, str(target),
+        timings[batch] = bench_against(model, tokenizer, dict(timed), reference, batch, TIMING_TOKENS, str(target),
                                        repeats=20 if batch == 1 else 10, min_seconds=bench_seconds,
                                        data=calibration_set, progress=lambda f, text=text: report(f, text),
                                        exported=exported)
@@ -179,15 +179,15 @@ def _row(label: str, runtime: str, plan: Plan, outcome: SetOutcome, single: dict
         "speedup": single["speedup"], "speedup_ci95": single["speedup_ci95"],
         "fp32_size_bytes": fp32_single["size_bytes"], "size_ratio": single["size_bytes"] / fp32_single["size_bytes"],
         "peak_memory_bytes": None, "threads": single["threads"], "load_average": single["load_average"],
-        "tokens": BENCH_TOKENS, "throughput_batch": THROUGHPUT_BATCH, "timing_repeats": single["repeats"],
+        "tokens": TIMING_TOKENS, "throughput_batch": THROUGHPUT_BATCH, "timing_repeats": single["repeats"],
         "machine": machine_text, "kernel_notes": notes, "plan_json": plan.to_json(),
-        "cpu_kernel": plan.cpu.kernel if runtime == "onnxruntime" else None,
+        "cpu_kernel": plan.cpu.kernel if runtime == Runtime.ONNXRUNTIME else None,
     }
 
 
 def compare_plans(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]], datasets: Sequence[str | EvalSet],
                   device: str = "cpu", progress: Progress | None = None, limit: int | None = None,
-                  bench_seconds: float = 1.0, runtimes: Sequence[str] = ("torch",),
+                  bench_seconds: float = 1.0, runtimes: Sequence[str] = (Runtime.TORCH,),
                   exports: Exports | None = None) -> list[dict]:
     """One row per (plan, set, runtime): the contract's fields plus intervals, p95, speedup, size ratio."""
     return run_comparison(model, tokenizer, plans, datasets, device, limit, progress, bench_seconds, runtimes,

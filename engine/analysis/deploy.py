@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.core.data import EvalSet, load_dataset
 from engine.core.plan import Plan, PlanLike, as_plan
+from engine.core.vocabulary import TIMING_TOKENS, Runtime
 from engine.evaluation.deployed import evaluate_exported
 from engine.evaluation.evaluate import get_evaluator
 from engine.model.loading import fingerprint, label_space
@@ -30,7 +31,6 @@ from engine.runtime.onnx_export import ExportError, export_onnx
 from engine.runtime.onnx_session import benchmark, ort_call
 from engine.runtime.profile import cpu_report, profile_ort
 
-CARD_TOKENS = 32
 STALE_S = 3600.0  # a partial export folder older than this was left by a process that died
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def deploy(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path, dat
     """Export `plan` to `out_dir` for ONNX Runtime, calibrated on `data`'s calibration pool (the embedded set's by
     default), with a card measured on `data` itself (accuracy with its interval, agreement with FP32, latency)
     unless `measure` is off."""
-    plan = as_plan(plan).on("onnxruntime")
+    plan = as_plan(plan).on(Runtime.ONNXRUNTIME)
     data = data if data is not None else load_dataset("embedded")
     if measure:
         label_space(model).indices(data.labels, data.name)  # a set the card cannot be measured on fails first
@@ -54,9 +54,9 @@ def deploy(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path, dat
         figures = {**result.as_dict(), "data": evaluator.dataset.name,
                    "fp32_accuracy": evaluator.baseline.comparison.accuracy}
         if latency:
-            inputs = bench_inputs(tokenizer, data.texts, 1, CARD_TOKENS, "cpu")
+            inputs = bench_inputs(tokenizer, data.texts, 1, TIMING_TOKENS, "cpu")
             timing = benchmark({"onnx": ort_call(folder, inputs)}, batch=1, protocol="back_to_back")["onnx"]
-            figures["latency"] = {**timing, "batch": 1, "tokens": CARD_TOKENS, "threads": torch.get_num_threads()}
+            figures["latency"] = {**timing, "batch": 1, "tokens": TIMING_TOKENS, "threads": torch.get_num_threads()}
             feeds = {name: inputs[name].numpy() for name in ("input_ids", "attention_mask")}
             figures["profile"] = {**profile_ort(folder, feeds, batch=1).as_dict(), "cpu": cpu_report()}
         return figures
@@ -115,7 +115,7 @@ class Exports:
         return self._made(model, tokenizer, plan, data, measured=True, progress=progress)
 
     def _made(self, model, tokenizer, plan, data, measured: bool, progress=None) -> Path:
-        plan = as_plan(plan).on("onnxruntime")
+        plan = as_plan(plan).on(Runtime.ONNXRUNTIME)
         what = f"{fingerprint(model)}:{plan.key()}:{ort.__version__}"
         if measured:
             what += f":card:{data.fingerprint}"
@@ -150,5 +150,5 @@ def export_name(model_name: str, label: str, plan: Plan) -> str:
     embedded-layer-map-plan-int4-int8-8cd04c21."""
     model = Path(model_name).name if Path(model_name).is_dir() else model_name
     precisions = "-".join(sorted({rule.precision for _, rule in plan.rules})) or "fp32"
-    runtime = "-ort" if plan.runtime == "onnxruntime" else ""
+    runtime = "-ort" if plan.runtime == Runtime.ONNXRUNTIME else ""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}-{label}-{precisions}{runtime}-{plan.key()[:8]}").strip("-")

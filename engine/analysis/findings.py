@@ -11,6 +11,7 @@ from scipy import stats
 
 from engine.analysis.presets import IN_DOMAIN, OUT_OF_DOMAIN, display_name
 from engine.core.stats import SIGNIFICANCE
+from engine.core.vocabulary import Runtime
 
 Z95 = 1.959964
 
@@ -123,12 +124,12 @@ def domain_finding(in_domain: dict, out_domain: dict) -> str | None:
 
 def _name(row: dict) -> str:
     """The plan's display name, with its runtime when it is not torch."""
-    runtime = row.get("runtime", "torch")
-    return display_name(row["plan"]) + ("" if runtime == "torch" else f" on {runtime}")
+    runtime = row.get("runtime", Runtime.TORCH)
+    return display_name(row["plan"]) + ("" if runtime == Runtime.TORCH else f" on {runtime}")
 
 
 def _variant(row: dict) -> tuple[str, str]:
-    return row["plan"], row.get("runtime", "torch")
+    return row["plan"], row.get("runtime", Runtime.TORCH)
 
 
 def findings(rows: Sequence[dict]) -> list[str]:
@@ -136,7 +137,7 @@ def findings(rows: Sequence[dict]) -> list[str]:
     and runtime (torch FP32 itself, the reference, gets none)."""
     variants = list(dict.fromkeys(_variant(row) for row in rows))
     first = {_variant(row): row for row in reversed(rows)}
-    quantized = [v for v in variants if first[v]["plan_json"] != {} or v[1] != "torch"]
+    quantized = [v for v in variants if first[v]["plan_json"] != {} or v[1] != Runtime.TORCH]
     out = [speed_finding(first[v]) for v in quantized]
     out += [accuracy_finding(row) for row in rows if _variant(row) in quantized]
     for plan in quantized:

@@ -22,6 +22,7 @@ from engine.core.errors import EngineError
 from engine.core.memo import memoized
 from engine.core.plan import FP32, Plan, PlanLike, as_plan
 from engine.core.tokens import clean_surrogates, encode, length_sorted, pad
+from engine.core.vocabulary import ActScheme, Kernels
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint, input_limit, label_space
 from engine.analysis.perturb import words
@@ -61,13 +62,13 @@ def planned_model(model: nn.Module, tokenizer, plan: Plan, kernels: str, data: E
 
 def batch_independent(model: nn.Module, plan: Plan) -> bool:
     """False when some Linear runs int8 with per-tensor dynamic activation scales (one scale per batch)."""
-    if plan.act != "dynamic":
+    if plan.act != ActScheme.DYNAMIC:
         return True
     resolved = plan.resolve([layer.name for layer in inventory(model)], strict=False)
     return not any(resolved[layer.name] == "int8" for layer in inventory(model) if layer.kind == "linear")
 
 
-def class_probs(model: nn.Module, tokenizer, ids: Sequence[Sequence[int]], plan: Plan, kernels: str = "simulated",
+def class_probs(model: nn.Module, tokenizer, ids: Sequence[Sequence[int]], plan: Plan, kernels: str = Kernels.SIMULATED,
                 batch_size: int | None = None, data: EvalSet | None = None) -> np.ndarray:
     """Probabilities [n, classes] in input order, from length-sorted padded batches.
 
@@ -101,7 +102,7 @@ def _note(ids: list[int], truncated: bool, limit: int, tokenizer, text: str) -> 
 
 
 def predict(model: nn.Module, tokenizer, texts: Sequence[str] | str, plan: PlanLike = FP32,
-            kernels: str = "simulated", batch_size: int | None = None, data: EvalSet | None = None) -> list[dict]:
+            kernels: str = Kernels.SIMULATED, batch_size: int | None = None, data: EvalSet | None = None) -> list[dict]:
     """One prediction per text, in order: {"text", "label", "confidence", "probs", "truncated", "tokens"}
     plus a "note" for empty, all-unknown or truncated input. `label` is the top class's name from the
     model's id2label (lower-cased) and `probs` maps every class name to its probability.
@@ -132,7 +133,7 @@ def predict(model: nn.Module, tokenizer, texts: Sequence[str] | str, plan: PlanL
     return results
 
 
-def predict_all(model: nn.Module, tokenizer, text: str, plans: Mapping[str, Plan], kernels: str = "simulated",
+def predict_all(model: nn.Module, tokenizer, text: str, plans: Mapping[str, Plan], kernels: str = Kernels.SIMULATED,
                 data: EvalSet | None = None) -> dict[str, dict]:
     """The prediction of every named plan for one text (plans with the same key are computed once)."""
     by_key: dict[str, dict] = {}
@@ -164,7 +165,7 @@ def _kept_chars(tokenizer, text: str, limit: int) -> int:
     return max((end for _, end in encoded["offset_mapping"]), default=0)
 
 
-def occlusion(model: nn.Module, tokenizer, text: str, plan: PlanLike = FP32, kernels: str = "simulated",
+def occlusion(model: nn.Module, tokenizer, text: str, plan: PlanLike = FP32, kernels: str = Kernels.SIMULATED,
               max_words: int = MAX_OCCLUDED, target: int | None = None, data: EvalSet | None = None) -> list[dict]:
     """One entry per word of `perturb.words(text)`: {"start", "end", "word", "importance", "class"}.
 

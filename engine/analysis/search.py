@@ -25,11 +25,11 @@ from engine.core.errors import EngineError
 from engine.core.plan import FP32, Plan
 from engine.core.rules import Rule
 from engine.core.stats import SIGNIFICANCE
-from engine.core.vocabulary import WeightMethod
+from engine.core.vocabulary import BudgetKind, WeightMethod, names
 from engine.evaluation.evaluator import Evaluator, Trace
 from engine.runtime.size import model_size_bytes
 
-BUDGETS = ("max_drop", "not_worse", "target_bytes", "latency_ms")
+BUDGETS = tuple(BudgetKind)  # the budgets a page offers, in this order
 LADDER = 6  # candidates spread evenly over the size range, for the front
 MAX_REFINE = 12  # single-step additions tried after the bisection, each verified
 KL_POINTS = 1.0  # accuracy points charged per nat of KL: breaks the many ties among whole-sentence drops
@@ -41,29 +41,32 @@ class SearchError(EngineError):
 
 @dataclass(frozen=True)
 class Budget:
-    """What the chosen plan must satisfy: kind in BUDGETS and its value (none for not_worse)."""
+    """What the chosen plan must satisfy: a BudgetKind and its value (none for not_worse)."""
 
     kind: str
     value: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in BUDGETS:
-            raise SearchError(f"budget must be one of {', '.join(BUDGETS)}, not {self.kind!r}")
-        if self.kind != "not_worse" and (self.value is None or not math.isfinite(self.value) or self.value < 0):
+        if self.kind not in names(BudgetKind):
+            raise SearchError(f"budget must be one of {', '.join(names(BudgetKind))}, not {self.kind!r}")
+        if self.kind != BudgetKind.NOT_WORSE and (self.value is None or not math.isfinite(self.value)
+                                                  or self.value < 0):
             raise SearchError(f"budget {self.kind} needs a finite value >= 0, not {self.value!r}")
 
     @property
     def accuracy_bound(self) -> bool:
-        return self.kind in ("max_drop", "not_worse")
+        return self.kind in (BudgetKind.MAX_DROP, BudgetKind.NOT_WORSE)
 
     def describe(self) -> str:
-        if self.kind == "not_worse":
-            return f"not significantly worse than FP32 (McNemar p >= {SIGNIFICANCE})"
-        if self.kind == "max_drop":
-            return f"accuracy drop at most {self.value:g} points"
-        if self.kind == "target_bytes":
-            return f"size at most {self.value:,.0f} bytes ({self.value / 1e6:.2f} MB)"
-        return f"latency (batch 1) at most {self.value:g} ms"
+        return _DESCRIBE[self.kind](self.value)
+
+
+_DESCRIBE: dict[BudgetKind, Callable[[float | None], str]] = {
+    BudgetKind.NOT_WORSE: lambda _value: f"not significantly worse than FP32 (McNemar p >= {SIGNIFICANCE})",
+    BudgetKind.MAX_DROP: lambda value: f"accuracy drop at most {value:g} points",
+    BudgetKind.TARGET_BYTES: lambda value: f"size at most {value:,.0f} bytes ({value / 1e6:.2f} MB)",
+    BudgetKind.LATENCY_MS: lambda value: f"latency (batch 1) at most {value:g} ms",
+}
 
 
 @dataclass
@@ -249,15 +252,17 @@ class _Verifier:
             self.traces[name] = last
 
 
+_MEETS: dict[BudgetKind, Callable[[float | None, Candidate, float], bool]] = {
+    BudgetKind.MAX_DROP: lambda bound, c, _base: c.drop <= bound + 1e-9,
+    BudgetKind.NOT_WORSE: lambda _bound, c, base: c.accuracy >= base or c.mcnemar_p >= SIGNIFICANCE,
+    BudgetKind.TARGET_BYTES: lambda bound, c, _base: c.size_bytes <= bound,
+    BudgetKind.LATENCY_MS: lambda bound, c, _base: c.latency_ms_p50 is not None and c.latency_ms_p50 <= bound,
+}  # whether a verified candidate `c` meets the budget's bound, given FP32's accuracy `base`
+
+
 def meets(budget: Budget, candidate: Candidate, baseline_accuracy: float) -> bool:
     """Whether a verified candidate satisfies the budget."""
-    if budget.kind == "max_drop":
-        return candidate.drop <= budget.value + 1e-9
-    if budget.kind == "not_worse":
-        return candidate.accuracy >= baseline_accuracy or candidate.mcnemar_p >= SIGNIFICANCE
-    if budget.kind == "target_bytes":
-        return candidate.size_bytes <= budget.value
-    return candidate.latency_ms_p50 is not None and candidate.latency_ms_p50 <= budget.value
+    return _MEETS[budget.kind](budget.value, candidate, baseline_accuracy)
 
 
 def search(evaluator: Evaluator, model: nn.Module, tokenizer, rows: Sequence[Row], budget: Budget,
@@ -333,14 +338,14 @@ def search(evaluator: Evaluator, model: nn.Module, tokenizer, rows: Sequence[Row
             if meets(budget, verifier.check(trial, f"refined +{name}:{':'.join(step[1:])}"), base):
                 current[name] = rule
                 verifier.keep("best", trial)
-    elif budget.kind == "target_bytes":
+    elif budget.kind == BudgetKind.TARGET_BYTES:
         k = next((k for k, s in enumerate(prefix_sizes) if s <= budget.value), len(steps))
         while k <= len(steps) and not verifier.stop() and at(k).size_bytes > budget.value:
             k += 1
 
     candidates = list(verifier.seen.values())
     front = pareto_front(candidates)
-    if latency or budget.kind == "latency_ms":
+    if latency or budget.kind == BudgetKind.LATENCY_MS:
         for candidate in front:
             if verifier.stop():
                 break

@@ -18,6 +18,7 @@ from engine.core.numerics import fake_quant_activation, int8_reduce_range, sqnr_
 from engine.core.plan import DEFAULT_CALIB, Plan
 from engine.core.qmodules import linear_parts
 from engine.core.stats import paired_gain
+from engine.core.vocabulary import ActScheme
 from engine.evaluation.evaluator import EvalResult, Evaluator
 from engine.model.graph import model_graph
 from engine.model.inventory import inventory
@@ -29,17 +30,17 @@ ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 Runner = Callable[[Plan], EvalResult]
 
 
-def smoothed_plan(alpha: float | dict[str, float] | None, act: str = "static", calib: int = DEFAULT_CALIB,
+def smoothed_plan(alpha: float | dict[str, float] | None, act: str = ActScheme.STATIC, calib: int = DEFAULT_CALIB,
                   precision: str = "int8") -> Plan:
     """Uniform W8A8 (or smoothing alone with precision fp32) with a global or per-layer alpha."""
     alphas = tuple(alpha.items()) if isinstance(alpha, dict) else alpha
     rules = () if precision == "fp32" else (("*", precision),)
-    return Plan(rules, act=act if precision == "int8" else "dynamic", smooth_alpha=alphas, calib=calib)
+    return Plan(rules, act=act if precision == "int8" else ActScheme.DYNAMIC, smooth_alpha=alphas, calib=calib)
 
 
 def calibration_for(evaluator: Evaluator, calib: int = DEFAULT_CALIB) -> Calibration:
     """The calibration a W8A8 plan with `calib` sentences gets on this evaluator's source."""
-    return prepare(evaluator.model, evaluator.tokenizer, smoothed_plan(None, "static", calib),
+    return prepare(evaluator.model, evaluator.tokenizer, smoothed_plan(None, ActScheme.STATIC, calib),
                    evaluator.dataset.calibration, evaluator.dataset.calibration_source).calibration
 
 
@@ -55,7 +56,7 @@ def _error_energy(model: nn.Module, calibration: Calibration, name: str, factor:
     low, high = calibration.low[name], calibration.high[name]
     if factor is not None:
         x, weight, low, high = x / factor, weight * factor, low / factor, high / factor
-    static = static_qparams(low, high, int8_reduce_range()) if act == "static" else None
+    static = static_qparams(low, high, int8_reduce_range()) if act == ActScheme.STATIC else None
     quantized = F.linear(fake_quant_activation(x, act, int8_reduce_range(), static), int8_linear_weight(weight), bias)
     return float(reference.pow(2).sum()), float((reference - quantized).pow(2).sum())
 
@@ -68,7 +69,8 @@ def layer_sqnr(model: nn.Module, calibration: Calibration, name: str, factor: to
 _AUTO: dict[tuple, dict[str, float]] = {}
 
 
-def auto_alphas(model: nn.Module, calibration: Calibration, act: str = "static", grid: Sequence[float] = ALPHA_GRID,
+def auto_alphas(model: nn.Module, calibration: Calibration, act: str = ActScheme.STATIC,
+                grid: Sequence[float] = ALPHA_GRID,
                 progress: Callable[[float], None] | None = None) -> dict[str, float]:
     """Per layer, the alpha in `grid` whose smoothed W8A8 output has the least error on calibration data.
 
@@ -164,7 +166,8 @@ def max_logit_diff(evaluator: Evaluator, alpha: float | dict[str, float], calib:
     return float(np.abs(result.logits - evaluator.baseline_logits).max())
 
 
-def alpha_rows(evaluator: Evaluator, alphas: Sequence[float | str], act: str = "static", calib: int = DEFAULT_CALIB,
+def alpha_rows(evaluator: Evaluator, alphas: Sequence[float | str], act: str = ActScheme.STATIC,
+               calib: int = DEFAULT_CALIB,
                invariant: bool = True, progress: Callable[[float, str], None] | None = None,
                run: Runner | None = None) -> list[dict]:
     """One row per alpha ('auto' = per-layer automatic alpha): W8A8 with that smoothing against W8A8

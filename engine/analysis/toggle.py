@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.core.data import load_dataset
 from engine.core.plan import FP32, Plan, Rule
+from engine.core.vocabulary import Runtime
 from engine.evaluation.evaluate import get_evaluator
 from engine.evaluation.session import Session, StateBudget
 from engine.model.inventory import Layer, inventory
@@ -64,7 +65,7 @@ def change_label(before: Plan | None, after: Plan, layer_names: list[str]) -> st
     """What `after` changed from `before` (None: from FP32), in a few words for the history: "FP32" for a plan
     that quantizes nothing, the layer and its new precision for one layer, else how many layers and to what."""
     new = after.resolve(layer_names, strict=False)
-    if set(new.values()) <= {"fp32"} and after.runtime == "torch":
+    if set(new.values()) <= {"fp32"} and after.runtime == Runtime.TORCH:
         return "FP32"
     old = before.resolve(layer_names, strict=False) if before is not None else dict.fromkeys(layer_names, "fp32")
     changed = [name for name in layer_names if new[name] != old[name]]

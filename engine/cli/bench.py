@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from engine.cli.common import (UsageError, device_arg, load, model_arg, plan_arg, positive_int, resolved_plan,
                                runtime_arg)
+from engine.core.vocabulary import TIMING_TOKENS, Runtime
 
 
 def setup(_name: str, parser) -> None:
@@ -11,7 +12,8 @@ def setup(_name: str, parser) -> None:
     model_arg(parser)
     plan_arg(parser)
     parser.add_argument("--batch", type=positive_int, default=1)
-    parser.add_argument("--tokens", type=positive_int, default=32, help="sequence length of the timed inputs")
+    parser.add_argument("--tokens", type=positive_int, default=TIMING_TOKENS,
+                        help="sequence length of the timed inputs")
     parser.add_argument("--data", default="embedded",
                         help="toggle: the set evaluated; model: the set whose calibration rows a calibrated plan uses")
     device_arg(parser)
@@ -32,10 +34,10 @@ def run(_name: str, args):
     from engine.analysis.benchmark import bench, bench_exported, profile_against_fp32
 
     plan, data = resolved_plan(args, model), load_dataset(args.data)
-    if args.runtime == "torch":
+    if args.runtime == Runtime.TORCH:
         out = bench(model, tokenizer, plan, args.batch, args.tokens, args.device, data=data)
         folder = None
-    elif args.runtime != "onnxruntime" or args.device != "cpu":
+    elif args.runtime != Runtime.ONNXRUNTIME or args.device != "cpu":
         raise UsageError("runtime must be torch, or onnxruntime (on the CPU)")
     else:
         from cache import results

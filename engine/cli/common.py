@@ -10,6 +10,8 @@ import sys
 import warnings
 from typing import Callable
 
+from engine.core.vocabulary import Kernels, Runtime, names
+
 
 class UsageError(Exception):
     """Bad command-line input: reported in one line, exit code 2."""
@@ -50,21 +52,22 @@ def for_target(args: argparse.Namespace, plan):
 
 
 def kernels_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernels", default=None, choices=("simulated", "real"),
+    parser.add_argument("--kernels", default=None, choices=names(Kernels),
                         help="simulated (exact numerics, default on torch) or real kernels (default on onnxruntime: "
                              "the exported graph itself)")
 
 
 def runtime_arg(parser: argparse.ArgumentParser, several: bool = False) -> None:
-    parser.add_argument("--runtime", default="torch",
-                        help="comma-separated: torch, onnxruntime" if several else "torch or onnxruntime")
+    parser.add_argument("--runtime", default=Runtime.TORCH,
+                        help=f"comma-separated: {', '.join(names(Runtime))}" if several
+                        else " or ".join(names(Runtime)))
 
 
 def runtimes(text: str) -> list[str]:
     chosen = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in chosen if item not in ("torch", "onnxruntime")]
+    unknown = [item for item in chosen if item not in names(Runtime)]
     if unknown or not chosen:
-        raise UsageError(f"runtime {unknown[0] if unknown else 'none'!r}: choose torch or onnxruntime")
+        raise UsageError(f"runtime {unknown[0] if unknown else 'none'!r}: choose {' or '.join(names(Runtime))}")
     return chosen
 
 

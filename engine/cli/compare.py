@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.cli.common import (UsageError, device_arg, for_target, load, model_arg, positive_int, progress_printer,
                                runtime_arg, runtimes, target_cpu_arg)
+from engine.core.vocabulary import Runtime
 
 
 def setup(_name: str, parser) -> None:
@@ -37,7 +38,7 @@ def run(_name: str, args):
 
     chosen = runtimes(args.runtime)
     return compare_plans(model, tokenizer, plans, sets, args.device, progress=progress_printer(), limit=args.limit,
-                         runtimes=chosen, exports=results.exports() if "onnxruntime" in chosen else None)
+                         runtimes=chosen, exports=results.exports() if Runtime.ONNXRUNTIME in chosen else None)
 
 
 def _methods(args, sets: list[str]):

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from engine.cli.common import UsageError, load, model_arg, plan_arg, positive_int, progress_printer, resolved_plan
+from engine.core.vocabulary import Runtime, names
 
 
 def setup(_name: str, parser) -> None:
     model_arg(parser)
     plan_arg(parser, default="int8")
-    parser.add_argument("--runtime", default=None, choices=("torch", "onnxruntime"),
+    parser.add_argument("--runtime", default=None, choices=names(Runtime),
                         help="whose int8 and int4 numerics the plan's layers follow, simulated exactly (default: the "
                              "plan's own runtime option, else torch)")
     parser.add_argument("--data", default="embedded", help="the set whose sentences are sampled (and calibrate)")
@@ -27,7 +28,7 @@ def run(_name: str, args):
     model, tokenizer = load(args)
     plan = resolved_plan(args, model)
     plan = plan.on(args.runtime) if args.runtime else plan
-    if args.exported and plan.runtime != "onnxruntime":
+    if args.exported and plan.runtime != Runtime.ONNXRUNTIME:
         raise UsageError("--exported measures the ONNX Runtime export: add --runtime onnxruntime")
     show = progress_printer("diagnose: ")
     size = args.limit or DEFAULT_SAMPLE

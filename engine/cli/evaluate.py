@@ -5,6 +5,7 @@ import sys
 
 from engine.cli.common import (UsageError, data_args, device_arg, evaluation_set, kernels_arg, load, model_arg,
                                plan_arg, resolved_plan, runtime_arg)
+from engine.core.vocabulary import Kernels, Runtime, names
 
 
 def setup(name: str, parser) -> None:
@@ -58,7 +59,7 @@ def exported_evaluation(model, tokenizer, data, plan, device: str) -> dict:
     folder = results.exports().folder(model, tokenizer, plan, data)
     result = evaluate_exported(get_evaluator(model, tokenizer, data), folder)
     return {**result.as_dict(), "size_bytes": (folder / "model.onnx").stat().st_size, "plan": result.plan.to_json(),
-            "kernels": "real", "runtime": "onnxruntime", "data": data.name, "device": "cpu",
+            "kernels": Kernels.REAL, "runtime": Runtime.ONNXRUNTIME, "data": data.name, "device": "cpu",
             "seconds": round(result.seconds, 3), "export": str(folder)}
 
 
@@ -70,14 +71,14 @@ def run(name: str, args):
         data = evaluation_set(args)
         model, tokenizer = load(args)
         plan = resolved_plan(args, model)
-        if args.runtime == "torch":
-            return evaluate(model, tokenizer, data, plan, args.kernels or "simulated", None, args.device)
-        if args.runtime != "onnxruntime":
-            raise UsageError(f"runtime {args.runtime!r}: choose torch or onnxruntime")
+        if args.runtime == Runtime.TORCH:
+            return evaluate(model, tokenizer, data, plan, args.kernels or Kernels.SIMULATED, None, args.device)
+        if args.runtime != Runtime.ONNXRUNTIME:
+            raise UsageError(f"runtime {args.runtime!r}: choose {' or '.join(names(Runtime))}")
         cpu = {"target_cpu": plan.cpu.value, "cpu_kernel": plan.cpu.kernel, "cpu_features": features_line()}
-        if args.kernels == "simulated":  # ONNX Runtime's numerics, simulated exactly: the layer map's live figure
-            return {**evaluate(model, tokenizer, data, plan.on("onnxruntime"), "simulated", None, args.device),
-                    "runtime": "onnxruntime", **cpu}
+        if args.kernels == Kernels.SIMULATED:  # ONNX Runtime's numerics, simulated exactly: the layer map's figure
+            return {**evaluate(model, tokenizer, data, plan.on(Runtime.ONNXRUNTIME), Kernels.SIMULATED, None,
+                               args.device), "runtime": Runtime.ONNXRUNTIME, **cpu}
         return {**exported_evaluation(model, tokenizer, data, plan, args.device), **cpu}
     if name == "predict":
         from engine.analysis.predict import predict
@@ -89,7 +90,7 @@ def run(name: str, args):
         for text in args.texts:
             texts += _stdin_lines() if text == "-" else [clean_surrogates(text)]
         model, tokenizer = load(args)
-        return predict(model, tokenizer, texts, resolved_plan(args, model), args.kernels or "simulated")
+        return predict(model, tokenizer, texts, resolved_plan(args, model), args.kernels or Kernels.SIMULATED)
     from engine.analysis.perturb import perturb
     from engine.core.tokens import clean_surrogates
 

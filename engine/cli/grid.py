@@ -6,6 +6,7 @@ import contextlib
 import sys
 
 from engine.cli.common import UsageError, positive_int
+from engine.core.vocabulary import TIMING_TOKENS, Kernels, names
 
 
 def setup(name: str, parser) -> None:
@@ -18,8 +19,9 @@ def setup(name: str, parser) -> None:
                         help="comma-separated precisions (int8,int4): a row per layer of each model at each")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N examples of each set")
     parser.add_argument("--latency", action="store_true",
-                        help="also time each plan on real kernels (batch 1, 32 tokens) on the worker that ran it")
-    parser.add_argument("--kernels", default="simulated", choices=("simulated", "real"))
+                        help=f"also time each plan on real kernels (batch 1, {TIMING_TOKENS} tokens) on the worker "
+                             "that ran it")
+    parser.add_argument("--kernels", default=Kernels.SIMULATED, choices=names(Kernels))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", default="local", choices=("local", "ray"))
     parser.add_argument("--address", default=None,

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 
 from engine.cli.common import data_args, device_arg, evaluation_set, load, model_arg, positive_int, progress_printer
+from engine.core.vocabulary import ActScheme
 
-ACTS = {"static": "static", "dynamic": "token", "tensor": "dynamic"}
+# --act's words (the contract's `--act static|dynamic`): "dynamic" is SmoothQuant's per-token setting
+ACTS = {"static": ActScheme.STATIC, "dynamic": ActScheme.TOKEN, "tensor": ActScheme.DYNAMIC}
 
 
 def _alphas(text: str) -> list:

@@ -7,12 +7,13 @@ import json
 import sys
 
 from engine.cli.common import UsageError, data_args, device_arg, evaluation_set, load, model_arg, positive_int
+from engine.core.vocabulary import BudgetKind, WeightMethod, names
 
 
 def setup(name: str, parser) -> None:
     parser.add_argument("--methods", default=None,
-                        help="weight methods to sweep, comma-separated among rtn, gptq, awq, hqq (rtn always; a "
-                             "method only where it takes the precision, and on Linears)")
+                        help=f"weight methods to sweep, comma-separated among {', '.join(names(WeightMethod))} "
+                             f"({WeightMethod.RTN} always; a method only where it takes the precision, and on Linears)")
     if name == "sensitivity":
         parser.add_argument("--precisions", default="int8,int4", help="comma-separated, among int8,int4")
         parser.add_argument("--direction", choices=("one", "all-but-one"), default="one",
@@ -39,7 +40,6 @@ def _rows(model, tokenizer, evaluator, precisions: str, direction: str, methods:
     from cache import results
     from engine.analysis.sensitivity import check_precisions, sweep
     from engine.cli.methods import chosen_methods
-    from engine.core.vocabulary import WeightMethod
 
     chosen = check_precisions(precisions.split(","))
     others = tuple(m for m in chosen_methods(methods) if m != WeightMethod.RTN)
@@ -72,7 +72,6 @@ def _sweep_file(path: str):
 
 def run(name: str, args):
     from engine.cli.methods import chosen_methods
-    from engine.core.vocabulary import WeightMethod
     from engine.evaluation.evaluate import get_evaluator
 
     methods = chosen_methods(args.methods)  # before loading anything: a bad method is reported at once
@@ -88,10 +87,10 @@ def run(name: str, args):
         return [row.as_dict() for row in result.rows]
     from engine.analysis.search import Budget, search
 
-    budget = (Budget("max_drop", args.max_drop) if args.max_drop is not None
-              else Budget("target_bytes", args.target_bytes) if args.target_bytes is not None
-              else Budget("latency_ms", args.max_latency_ms) if args.max_latency_ms is not None
-              else Budget("not_worse"))
+    budget = (Budget(BudgetKind.MAX_DROP, args.max_drop) if args.max_drop is not None
+              else Budget(BudgetKind.TARGET_BYTES, args.target_bytes) if args.target_bytes is not None
+              else Budget(BudgetKind.LATENCY_MS, args.max_latency_ms) if args.max_latency_ms is not None
+              else Budget(BudgetKind.NOT_WORSE))
     rows = _sweep_file(args.sweep) if args.sweep else _rows(model, tokenizer, evaluator, "int8,int4", "one",
                                                              args.methods).rows
     result = search(evaluator, model, tokenizer, rows, budget, latency=not args.no_latency,

@@ -28,6 +28,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from torch.ao.quantization import float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig
 
 from engine.core.qmodules import Int4Linear, Int8Embedding, SimLinear
+from engine.core.vocabulary import ActScheme
 
 log = logging.getLogger(__name__)
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
@@ -110,7 +111,7 @@ def cuda_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: to
     out_features, in_features = weight.shape
     if in_features % 8 or out_features % 8:
         simulated = SimLinear(int8_linear_weight(weight.cpu()).to(device),
-                              None if bias is None else bias.float().to(device), "int8", "dynamic")
+                              None if bias is None else bias.float().to(device), "int8", ActScheme.DYNAMIC)
         return _note(simulated, f"int8 Linear {out_features}x{in_features}: cuBLAS int8 needs dimensions that are "
                                 "multiples of 8; computed in float with int8-rounded weights and activations")
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType, PerRow, PerTensor, quantize_

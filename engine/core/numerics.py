@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-ACT_SCHEMES = ("dynamic", "static", "token")  # per-tensor dynamic (torch's CPU kernel), calibrated, per-token
+from engine.core.vocabulary import ActScheme
 
 
 def int8_reduce_range() -> bool:
@@ -42,11 +42,11 @@ def quantize_activation(x: torch.Tensor, scheme: str, reduce_range: bool,
     """
     qmax = activation_qmax(reduce_range)
     x32 = x.float().contiguous()
-    if scheme == "dynamic":
+    if scheme == ActScheme.DYNAMIC:
         scale, zero = torch._choose_qparams_per_tensor(x32, reduce_range)
         q = torch.quantize_per_tensor(x32, scale, zero, torch.quint8).int_repr().float()
         return q - zero, torch.tensor(scale, dtype=torch.float32, device=x.device)
-    if scheme == "static":
+    if scheme == ActScheme.STATIC:
         scale, zero = static_scale
         q = torch.clamp(torch.round(x32 / scale) + zero, 0, qmax)
         return q - zero, torch.tensor(scale, dtype=torch.float32, device=x.device)

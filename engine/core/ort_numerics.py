@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.core.vocabulary import ActScheme
+
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -105,11 +107,11 @@ def ort_quantize_activation(x: torch.Tensor, scheme: str, _reduce_range: bool = 
     """(q - zero point as float integers, scale): DynamicQuantizeLinear, or QuantizeLinear with a calibrated
     (scale, zero point). ORT has no per-token dynamic int8 MatMul."""
     x32 = x.float()
-    if scheme == "static":
+    if scheme == ActScheme.STATIC:
         scale, zero = static_scale
         scale_t = torch.tensor(scale, dtype=torch.float32, device=x.device)
         return torch.clamp(torch.round(x32 / scale_t) + zero, 0, 255) - zero, scale_t
-    if scheme != "dynamic":
+    if scheme != ActScheme.DYNAMIC:
         raise ValueError(f"ONNX Runtime has no {scheme!r} int8 activation scheme")
     low, high = x32.min().clamp(max=0), x32.max().clamp(min=0)
     scale = torch.where(high == low, torch.ones_like(high), (high - low) / 255.0)

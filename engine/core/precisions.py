@@ -19,9 +19,9 @@ from engine.core.numerics import int4_round_trip, quantize_activation, static_qp
 from engine.core.ort_numerics import (ort_int4_table, ort_int4_weight, ort_int8_integers, ort_int8_weight,
                                       ort_quantize_activation, ort_static_qparams, ort_uint8_table)
 from engine.core.qmodules import FLOAT_DTYPES, CastEmbedding, CastLinear, Int4Embedding, Int4Linear
+from engine.core.vocabulary import Runtime
 
 Tensor = torch.Tensor
-RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def _float_table(table: Tensor, padding_idx: int | None, _group: int, device: to
 def _cast(name: str, unsupported: dict[str, str] | None = None) -> Precision:
     dtype = FLOAT_DTYPES[name]
     rounded = Numerics(lambda weight, _group: weight.to(dtype).float(), lambda table, _group: table.to(dtype).float())
-    numerics = {runtime: rounded for runtime in RUNTIMES if runtime not in (unsupported or {})}
+    numerics = {runtime: rounded for runtime in Runtime if runtime not in (unsupported or {})}
     return Precision(
         name, f"{name.upper()}: weights, inputs and matmul in {str(dtype).replace('torch.', '')}", False, numerics,
         lambda weight, bias, _group, device: CastLinear(weight.to(device), None if bias is None else bias.to(device),
@@ -114,24 +114,24 @@ def _int4_bytes(rows: int, cols: int, group: int) -> int:
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("fp32", "FP32, the reference", False,
-              {runtime: Numerics(_same, _same) for runtime in RUNTIMES}, _float_linear, _float_table,
+              {runtime: Numerics(_same, _same) for runtime in Runtime}, _float_linear, _float_table,
               lambda rows, cols, _group: 4 * rows * cols),
     _cast("fp16"),
-    _cast("bf16", {"onnxruntime": "ONNX Runtime's CPU provider has no bfloat16 MatMul kernel (use fp16, int8 or "
-                                  "int4)"}),
+    _cast("bf16", {Runtime.ONNXRUNTIME: "ONNX Runtime's CPU provider has no bfloat16 MatMul kernel (use fp16, int8 or "
+                                          "int4)"}),
     Precision("int8", "INT8 (W8A8): int8 weights per output channel, int8 activations per tensor at run time", True,
-              {"torch": Numerics(lambda weight, _group: kernels.int8_linear_weight(weight),
-                                 lambda table, _group: kernels.int8_embedding_table(table),
-                                 kernels.int8_linear_integers),
-               "onnxruntime": Numerics(ort_int8_weight, ort_uint8_table, ort_int8_integers, ort_quantize_activation,
-                                       ort_static_qparams, reduce_range=False)},
+              {Runtime.TORCH: Numerics(lambda weight, _group: kernels.int8_linear_weight(weight),
+                                       lambda table, _group: kernels.int8_embedding_table(table),
+                                       kernels.int8_linear_integers),
+               Runtime.ONNXRUNTIME: Numerics(ort_int8_weight, ort_uint8_table, ort_int8_integers,
+                                             ort_quantize_activation, ort_static_qparams, reduce_range=False)},
               _int8_linear, _int8_table, lambda rows, cols, _group: rows * cols + 8 * rows,
-              reduced={"onnxruntime": Numerics(lambda weight, _group: ort_int8_weight(weight, weight_bits=7),
-                                               ort_uint8_table, lambda weight: ort_int8_integers(weight, 7),
-                                               ort_quantize_activation, ort_static_qparams, reduce_range=False)}),
+              reduced={Runtime.ONNXRUNTIME: Numerics(lambda weight, _group: ort_int8_weight(weight, weight_bits=7),
+                                                     ort_uint8_table, lambda weight: ort_int8_integers(weight, 7),
+                                                     ort_quantize_activation, ort_static_qparams, reduce_range=False)}),
     Precision("int4", "INT4 weight-only, group-wise asymmetric", False,
-              {"torch": Numerics(int4_round_trip, int4_round_trip),
-               "onnxruntime": Numerics(ort_int4_weight, ort_int4_table)},
+              {Runtime.TORCH: Numerics(int4_round_trip, int4_round_trip),
+               Runtime.ONNXRUNTIME: Numerics(ort_int4_weight, ort_int4_table)},
               _int4_linear, lambda table, padding, group, device: Int4Embedding(table.to(device), padding, group),
               _int4_bytes),
 )}

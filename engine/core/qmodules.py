@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.core.numerics import int4_dequantize, int4_quantize, pack_nibbles, quantize_activation, unpack_nibbles
-from engine.core.vocabulary import Runtime
+from engine.core.vocabulary import ActScheme, Runtime
 
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _TOKENWISE_LEAVES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Dropout, nn.Identity)
@@ -51,7 +51,7 @@ class SimLinear(nn.Module):
     `in_scale`, when set, divides the input per channel first (SmoothQuant's explicit scale).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: str, act: str = "dynamic",
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: str, act: str = ActScheme.DYNAMIC,
                  static_scale: tuple[float, int] | None = None, in_scale: torch.Tensor | None = None,
                  reduce_range: bool = True, weight_scale: torch.Tensor | None = None, quantize=quantize_activation):
         super().__init__()
@@ -65,7 +65,7 @@ class SimLinear(nn.Module):
 
     @property
     def tokenwise(self) -> bool:
-        return not (self.precision == "int8" and self.act == "dynamic")
+        return not (self.precision == "int8" and self.act == ActScheme.DYNAMIC)
 
     def dequantized(self) -> torch.Tensor:
         """The float weight this layer computes with."""
@@ -117,7 +117,7 @@ class StaticInt8Linear(nn.Module):
             self.kernel_note = "static int8 sums computed in float (exact): no int8 GEMM for 8-bit activations here"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = quantize_activation(x, "static", self.reduce_range, self.static_scale)
+        q, scale = quantize_activation(x, ActScheme.STATIC, self.reduce_range, self.static_scale)
         rows = q.reshape(-1, self.in_features)
         if getattr(self, "kernel_note", None) is None:
             sums = torch._int_mm(rows.to(torch.int8), self.weight_t)

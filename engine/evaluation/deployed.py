@@ -11,6 +11,7 @@ import numpy as np
 
 from engine.core.plan import Plan
 from engine.core.stats import compare
+from engine.core.vocabulary import Runtime
 from engine.evaluation.evaluator import EvalResult, Evaluator
 from engine.runtime.onnx_session import OrtClassifier
 
@@ -24,5 +25,5 @@ def evaluate_exported(evaluator: Evaluator, folder: str | Path, threads: int | N
         logits[batch.rows] = classifier.logits(batch.inputs["input_ids"].cpu().numpy(),
                                                batch.inputs["attention_mask"].cpu().numpy())
     plan = Plan.from_json(json.loads((Path(folder) / "plan.json").read_text()))
-    return EvalResult(plan, "onnxruntime", evaluator.dataset.name, logits,
+    return EvalResult(plan, Runtime.ONNXRUNTIME, evaluator.dataset.name, logits,
                       compare(logits, evaluator.labels, evaluator.baseline_logits), time.perf_counter() - started)

@@ -9,6 +9,7 @@ from torch import nn
 from engine.core.data import EvalSet, load_dataset
 from engine.core.memo import memo
 from engine.core.plan import FP32, PlanLike, as_plan
+from engine.core.vocabulary import Kernels
 from engine.evaluation.evaluator import Evaluator, Progress
 from engine.model.inventory import list_layers
 from engine.model.loading import fingerprint
@@ -43,7 +44,7 @@ def figures(summary: dict, size_bytes: int, device: str) -> dict:
 
 
 def evaluate(model: nn.Module, tokenizer, dataset: str | EvalSet = "embedded", plan: PlanLike = FP32,
-             kernels: str = "simulated", limit: int | None = None, device: str | None = "cpu",
+             kernels: str = Kernels.SIMULATED, limit: int | None = None, device: str | None = "cpu",
              progress: Progress | None = None) -> dict:
     """Accuracy with its 95% CI, agreement and flips against FP32, KL, McNemar p and size of a plan."""
     plan = as_plan(plan)

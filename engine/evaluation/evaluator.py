@@ -23,7 +23,7 @@ from engine.core.plan import FP32, Plan
 from engine.core.settings import settings
 from engine.core.stats import Comparison, compare, wilson_interval
 from engine.core.tokens import encode, length_sorted, pad
-from engine.core.vocabulary import WeightMethod
+from engine.core.vocabulary import Kernels, WeightMethod
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint, input_limit, label_space
 from engine.model.stages import stages_of
@@ -229,14 +229,14 @@ class Evaluator:
         kept = source.states[0].keys() | {0}
         return max(c for c in kept if c <= cut)
 
-    def build(self, plan: Plan, kernels: str = "simulated") -> nn.Module:
+    def build(self, plan: Plan, kernels: str = Kernels.SIMULATED) -> nn.Module:
         """The plan's model, calibrated on this set's calibration pool when the plan needs it."""
-        if plan.key() == FP32.key() and kernels == "simulated":
+        if plan.key() == FP32.key() and kernels == Kernels.SIMULATED:
             return apply_plan(self.model, FP32)
         return build(self.model, self.tokenizer, plan, kernels, self.dataset.calibration,
                      self.dataset.calibration_source)
 
-    def run(self, plan: Plan = FP32, kernels: str = "simulated", source: Trace | None = None, keep: bool = False,
+    def run(self, plan: Plan = FP32, kernels: str = Kernels.SIMULATED, source: Trace | None = None, keep: bool = False,
             kept_cuts: frozenset[int] | None = None, progress: Progress | None = None,
             cancelled: Callable[[], bool] | None = None) -> tuple[EvalResult, Trace | None]:
         """Evaluate `plan`; with `source` (a trace of another plan), start where the plans first differ.

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from engine.core.vocabulary import TaskKind
 from engine.grid import work
 from engine.grid.tasks import Task, group_tasks
 
@@ -67,7 +68,7 @@ class LocalBackend:
         previous = torch.get_num_threads()
         try:
             for group, members in group_tasks(tasks).items():
-                keep = any(task.kind == "sensitivity" for task in members)
+                keep = any(task.kind == TaskKind.SENSITIVITY for task in members)
                 try:
                     state = work.open_state(*group, keep_states=keep, threads=self.threads)
                 except Exception as error:

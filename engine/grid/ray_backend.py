@@ -24,6 +24,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayError
 
+from engine.core.vocabulary import TaskKind
 from engine.grid import work
 from engine.grid.local import execute, one_line
 from engine.grid.tasks import GridError, Task, group_tasks
@@ -202,7 +203,7 @@ class RayBackend:
         load: dict[tuple, int] = {}
         slots = self._slots()
         for group, members in groups.items():
-            keep = any(task.kind == "sensitivity" for task in members)
+            keep = any(task.kind == TaskKind.SENSITIVITY for task in members)
             for index in range(min(self.replicas, len(members))):
                 slot = (group, index)
                 self._live[slot] = actor_class.options(

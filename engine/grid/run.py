@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from engine.core.vocabulary import TaskKind
 from engine.evaluation.evaluate import figures as evaluation_figures
 from engine.grid.tasks import Task
 
@@ -50,7 +51,7 @@ class GridRows(list):
 def identity(task: Task) -> dict:
     """What a row is, as the command line named it: model, set, limit, and the plan or the layer."""
     row: dict = {"kind": task.kind, "model": task.model, "data": task.data, "limit": task.limit}
-    if task.kind == "eval":
+    if task.kind == TaskKind.EVAL:
         row["plan_name"] = task.plan_name
     else:
         row.update({"layer": task.layer, "precision": task.precision})
@@ -70,7 +71,7 @@ def make_row(task: Task, result: dict, backend: str, cached: bool = False) -> di
     and its machine when asked, or a `sensitivity --json` row; or the task's one-line error."""
     figures: dict = {}
     if not result.get("error"):
-        if task.kind == "eval":
+        if task.kind == TaskKind.EVAL:
             figures = evaluation_figures(result["summary"], result["size_bytes"], task.device)
             figures.update(result.get("latency") or {})
         else:

@@ -16,11 +16,11 @@ from engine.analysis.presets import resolve_plan_item, split_plan_list
 from engine.analysis.sensitivity import SWEEP_PRECISIONS, check_precisions
 from engine.core.errors import EngineError
 from engine.core.plan import Plan
+from engine.core.vocabulary import Kernels, Runtime, TaskKind, names
 from engine.evaluation.evaluator import EVAL_BATCH
 from engine.grid import work
 from engine.runtime.device import resolve_device
 
-KINDS = ("eval", "sensitivity")
 DIRECTION = "one"  # a sensitivity task quantizes its layer alone, as `sensitivity --direction one`
 NAMES = ("model", "data", "plan_name")  # how the command line named it: not part of what is computed
 
@@ -42,18 +42,18 @@ class Task:
     layer: str | None = None  # sensitivity
     precision: str | None = None  # sensitivity
     latency: bool = False  # eval: also time the plan on real kernels, on the worker that runs the task
-    kernels: str = "simulated"
+    kernels: str = Kernels.SIMULATED
     device: str = "cpu"
     model_fp: str = ""  # fingerprint of the weights the driver loaded
     data_fp: str = ""  # fingerprint of the (limited) set the driver loaded
     batch: int = EVAL_BATCH
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise GridError(f"task kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
-        if self.kind == "eval" and self.plan is None:
+        if self.kind not in names(TaskKind):
+            raise GridError(f"task kind must be one of {', '.join(names(TaskKind))}, not {self.kind!r}")
+        if self.kind == TaskKind.EVAL and self.plan is None:
             raise GridError("an eval task needs a plan")
-        if self.kind == "sensitivity" and (not self.layer or self.precision not in SWEEP_PRECISIONS):
+        if self.kind == TaskKind.SENSITIVITY and (not self.layer or self.precision not in SWEEP_PRECISIONS):
             raise GridError(f"a sensitivity task needs a layer and a precision among {', '.join(SWEEP_PRECISIONS)}")
 
     @property
@@ -68,12 +68,12 @@ class Task:
     def key(self) -> str:
         """Tasks with equal keys compute the same row (the same weights, sentences and work under other names)."""
         what = {k: v for k, v in asdict(self).items() if k not in NAMES and k != "plan"}
-        if self.kind == "eval":
+        if self.kind == TaskKind.EVAL:
             what["plan"] = self.plan_object.key()
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
     def label(self) -> str:
-        what = self.plan_name if self.kind == "eval" else f"{self.layer}@{self.precision}"
+        what = self.plan_name if self.kind == TaskKind.EVAL else f"{self.layer}@{self.precision}"
         return f"{self.model} / {self.data}{'' if self.limit is None else f'[:{self.limit}]'} / {what}"
 
     def to_json(self) -> dict:
@@ -92,12 +92,12 @@ def split_items(text: str | None) -> list[str]:
 def _pinned(plan: Plan) -> Plan:
     """An ONNX Runtime plan written for the driver's CPU by name: a worker on another kind of CPU computes the
     same numerics as the key the driver stores its row under (engine.core.cpu)."""
-    return plan.for_cpu(plan.cpu.value) if plan.runtime == "onnxruntime" and plan.target_cpu is None else plan
+    return plan.for_cpu(plan.cpu.value) if plan.runtime == Runtime.ONNXRUNTIME and plan.target_cpu is None else plan
 
 
 def build_tasks(models: Sequence[str], datasets: Sequence[str], plans: Sequence[str | tuple[str, Plan]] = (),
                 sensitivity: Sequence[str] = (), limit: int | None = None, latency: bool = False,
-                kernels: str = "simulated", device: str = "cpu") -> list[Task]:
+                kernels: str = Kernels.SIMULATED, device: str = "cpu") -> list[Task]:
     """Every (model, set, plan) evaluation, then, per (model, set), a sensitivity row per layer x precision.
     A plan is a command-line item (preset, inline JSON, .json file) or a (name, Plan) pair.
 
@@ -113,8 +113,8 @@ def build_tasks(models: Sequence[str], datasets: Sequence[str], plans: Sequence[
                         "or sensitivity precision (--sensitivity)")
     if limit is not None and limit < 1:
         raise GridError(f"limit must be at least 1, not {limit}")
-    if kernels not in ("simulated", "real"):
-        raise GridError(f"kernels must be simulated or real, not {kernels!r}")
+    if kernels not in names(Kernels):
+        raise GridError(f"kernels must be {' or '.join(names(Kernels))}, not {kernels!r}")
     device = str(resolve_device(device))
     data_fps = {name: work.data_fingerprint(name, limit) for name in datasets}
     tasks: list[Task] = []
@@ -127,9 +127,9 @@ def build_tasks(models: Sequence[str], datasets: Sequence[str], plans: Sequence[
         for data in datasets:
             common = dict(model=name, data=data, limit=limit, device=device, model_fp=info.fingerprint,
                           data_fp=data_fps[data])
-            tasks += [Task("eval", plan=text, plan_name=item, latency=latency, kernels=kernels, **common)
+            tasks += [Task(TaskKind.EVAL, plan=text, plan_name=item, latency=latency, kernels=kernels, **common)
                       for item, text in resolved]
-            tasks += [Task("sensitivity", layer=layer, precision=p, **common)
+            tasks += [Task(TaskKind.SENSITIVITY, layer=layer, precision=p, **common)
                       for layer in info.layers for p in precisions]
     return tasks
 

@@ -19,13 +19,13 @@ from engine.analysis.benchmark import bench
 from engine.analysis.sensitivity import SWEEP_PRECISIONS, measure_row, proxy_texts, sqnr_proxy
 from engine.core.data import EvalSet, load_dataset
 from engine.core.memo import memo
+from engine.core.vocabulary import TIMING_TOKENS, TaskKind
 from engine.evaluation.evaluator import Evaluator
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint, load_model
 from engine.runtime.latency import machine
 from engine.runtime.size import model_size_bytes
 
-LATENCY_TOKENS = 32
 LATENCY_MIN_SECONDS = 0.5
 
 _loaded: dict[str, tuple[nn.Module, object]] = memo("grid.loaded_model", {})  # the last model loaded here, by name
@@ -101,7 +101,7 @@ def run_task(state: WorkerState, task) -> dict:
                          f"(fingerprint {state.model_fp}, expected {task.model_fp})")
     if task.data_fp and task.data_fp != state.data.fingerprint:
         raise ValueError(f"set {task.data} on this worker differs from the driver's")
-    if task.kind == "eval":
+    if task.kind == TaskKind.EVAL:
         return _evaluate(state, task)
     return {"row": _sensitivity_row(state, task).as_dict()}
 
@@ -112,10 +112,10 @@ def _evaluate(state: WorkerState, task) -> dict:
     result, _ = state.evaluator.run(plan, task.kernels)
     out = {"summary": result.summary(), "size_bytes": model_size_bytes(state.model, plan)}
     if task.latency:
-        timed = bench(state.model, state.tokenizer, plan, batch=1, tokens=LATENCY_TOKENS, device=task.device,
+        timed = bench(state.model, state.tokenizer, plan, batch=1, tokens=TIMING_TOKENS, device=task.device,
                       min_seconds=LATENCY_MIN_SECONDS, data=state.data)
         out["latency"] = {**{k: timed[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput_per_s")},
-                          "machine": {**machine(task.device), "host": socket.gethostname(), "tokens": LATENCY_TOKENS,
+                          "machine": {**machine(task.device), "host": socket.gethostname(), "tokens": TIMING_TOKENS,
                                       "batch": 1},
                           "measured_at": time.time()}
     return out

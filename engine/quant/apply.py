@@ -70,7 +70,8 @@ def memoized_weight(key: tuple, compute) -> torch.Tensor:
 
 
 def simulated_weight(model_key: str, name: str, precision: str, weight: torch.Tensor, group_size: int,
-                     embedding: bool = False, transform: str | None = None, runtime: str = "torch") -> torch.Tensor:
+                     embedding: bool = False, transform: str | None = None,
+                     runtime: str = Runtime.TORCH) -> torch.Tensor:
     """The values a layer computes with at `precision` on `runtime` (memoized per weights, layer, precision,
     runtime and transform)."""
     numerics = PRECISIONS[precision].numerics[runtime]

@@ -114,7 +114,7 @@ def _method_weights(model, plan: Plan, linear, calibrations, prepared: Prepared)
         weight, _ = _smoothed_weight(model, name, prepared)
         transform = prepared.transform_key(name)
         if spec.method == WeightMethod.HQQ:
-            key = (model_key, name, "hqq", plan.runtime, spec.group_size, transform)
+            key = (model_key, name, WeightMethod.HQQ, plan.runtime, spec.group_size, transform)
             prepared.weights[name] = memoized_weight(key, lambda: hqq(weight, spec.group_size, plan.runtime))
             continue
         calibration = calibrations[spec.calib]
@@ -123,8 +123,8 @@ def _method_weights(model, plan: Plan, linear, calibrations, prepared: Prepared)
         if factor is not None:  # the layer reads x / s: its Hessian is S^-1 H S^-1
             inverse = 1.0 / factor.double()
             hessian = hessian * inverse[:, None] * inverse[None, :]
-        key = (model_key, name, "gptq", plan.runtime, spec.group_size, spec.damp, spec.act_order, calibration.key,
-               calibration.n, transform)
+        key = (model_key, name, WeightMethod.GPTQ, plan.runtime, spec.group_size, spec.damp, spec.act_order,
+               calibration.key, calibration.n, transform)
         prepared.weights[name] = memoized_weight(
             key, lambda: gptq(weight, hessian, spec.group_size, plan.runtime, spec.damp, spec.act_order))
 

@@ -27,6 +27,7 @@ from engine.core.plan import FP32, Plan, PlanError, PlanLike, as_plan
 from engine.core.precisions import PRECISIONS
 from engine.core.rules import LayerSpec
 from engine.core.tokens import encode
+from engine.core.vocabulary import Runtime
 from engine.model.loading import input_limit
 from engine.quant.apply import apply_plan
 from engine.quant.prepared import Prepared
@@ -167,7 +168,7 @@ def export_onnx(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path
     """
     say = progress or (lambda message, fraction: None)
     try:
-        plan = as_plan(plan).on("onnxruntime")
+        plan = as_plan(plan).on(Runtime.ONNXRUNTIME)
         plan = plan.for_cpu(plan.cpu.value)  # the folder's plan.json names the CPU its int8 was written for
         layers = onnx_graph.quantizable_layers(model)
         specs = plan.specs(list(layers))

@@ -24,6 +24,7 @@ import onnxruntime as ort
 import torch
 
 from engine.core.cpu import cpu_features, features_line, this_cpu
+from engine.core.vocabulary import Runtime
 
 GROUPS = ("quantized matmul", "float matmul", "quantize/dequantize", "attention", "norm", "activation", "other")
 _ORT_GROUPS = {
@@ -105,7 +106,7 @@ def profile_ort(folder: str | Path, feeds: dict[str, np.ndarray], batch: int, ru
         node = event["name"][: -len("_kernel_time")]
         totals[_ort_group(event["args"].get("op_name", ""), weights.get(node, False))] += event["dur"] / 1000.0
     unfused = tuple(node.name for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast"))
-    return _profile("onnxruntime", batch, totals, runs, walls, unfused)
+    return _profile(Runtime.ONNXRUNTIME, batch, totals, runs, walls, unfused)
 
 
 def profile_torch(call: Callable[[], object], batch: int, runs: int = 20, warmup: int = 5) -> Profile:
@@ -125,7 +126,7 @@ def profile_torch(call: Callable[[], object], batch: int, runs: int = 20, warmup
     for event in prof.key_averages():
         group = next((g for fragment, g in _TORCH_GROUPS if fragment in event.key), "other")
         totals[group] += event.self_cpu_time_total / 1000.0
-    return _profile("torch", batch, totals, runs, walls, ())
+    return _profile(Runtime.TORCH, batch, totals, runs, walls, ())
 
 
 def _profile(runtime: str, batch: int, totals: dict[str, float], runs: int, walls: list[float],

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.core.memo import memoized
 from engine.core.plan import Plan
+from engine.core.vocabulary import Kernels
 from engine.model.loading import fingerprint
 from engine.quant.apply import apply_plan
 
@@ -40,4 +41,4 @@ def serialized_bytes(model: nn.Module) -> int:
 def model_size_bytes(model: nn.Module, plan: Plan) -> int:
     """Serialized bytes of `model` with `plan`'s precisions on real kernels. Smoothing and activation
     scales change no stored byte count, so only the precisions count."""
-    return serialized_bytes(apply_plan(model, plan.precisions_only(), "real"))
+    return serialized_bytes(apply_plan(model, plan.precisions_only(), Kernels.REAL))
