@@ -36,10 +36,9 @@ def run(tasks: list[Task], label: str) -> list[dict]:
 
     bar = st.progress(0.0, text=f"{label}: connecting to the cluster at {address()}…")
 
-    def work(job):
+    def work(progress):
         backend = RayBackend(address=address(), threads=1)
-        return list(run_grid(tasks, backend, cached.find, cached.keep,
-                             progress=lambda done, total, row: setattr(job, "progress", (done, total, row))))
+        return list(run_grid(tasks, backend, cached.find, cached.keep, progress=progress))
 
     def show(progress) -> None:
         done, total, row = progress

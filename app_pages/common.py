@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import streamlit as st
 
+from cache import lookup, put
 from service.scheduler import SCHEDULER
 from engine.analysis.toggle import fit_plan, fit_undo
 from engine.core.data import DataError, EvalSet, available_sets, load_csv, load_dataset
@@ -40,8 +41,13 @@ def shared_model(name: str):
 @st.cache_resource(show_spinner="Tokenizing the evaluation set and running FP32 once…", max_entries=6)
 def _shared_evaluator(model_name: str, data_fingerprint: str, _data: EvalSet) -> Evaluator:
     model, tokenizer, _ = shared_model(model_name)
-    # Built in the queue, on the worker's cores: a session's own thread keeps to one (dashboard.py).
-    job = SCHEDULER.submit("server", "evaluator", lambda job: get_evaluator(model, tokenizer, _data, keep_states=True))
+    return in_queue("evaluator", lambda: get_evaluator(model, tokenizer, _data, keep_states=True))
+
+
+def in_queue(kind: str, work: Callable[[], Any]) -> Any:
+    """`work()` run in the server's queue, for a result shared by every session (inside st.cache_*, which draws
+    nothing): torch work on the worker's cores, since a session's own thread keeps to one (dashboard.py)."""
+    job = SCHEDULER.submit("server", kind, lambda job: work())
     job.done_event.wait()
     if job.error is not None:
         raise job.error
@@ -233,13 +239,28 @@ def _label_readings(sets: dict) -> None:
 
 
 # ---- the job queue -------------------------------------------------------------------------------
-def run_job(kind: str, label: str, work: Callable[[Any], Any], box=None, tag: str | None = None,
+class Progress:
+    """What queued work is handed: call it with the work's progress (one value, or several taken as a tuple) for
+    the waiting session to show; ask `cancelled()` between steps."""
+
+    def __init__(self, job) -> None:
+        self._job = job
+
+    def __call__(self, *value) -> None:
+        self._job.progress = value[0] if len(value) == 1 else value
+
+    def cancelled(self) -> bool:
+        return self._job.cancelled()
+
+
+def run_job(kind: str, label: str, work: Callable[[Progress], Any], box=None, tag: str | None = None,
             show_progress: Callable[[Any], None] | None = None) -> Any:
-    """Run `work(job)` through the server's one queue, showing this session its place and an estimate while
-    it waits, and the work's own progress while it runs. A tagged job survives a rerun of this session (the
-    rerun finds it again); an untagged one left behind by a rerun is cancelled."""
+    """Run `work(progress)` through the server's one queue, showing this session its place and an estimate while
+    it waits, and what the work passes to `progress` (through `show_progress`) while it runs. A tagged job
+    survives a rerun of this session (the rerun finds it again); an untagged one left behind by a rerun is
+    cancelled."""
     box = box or st.empty()
-    job = SCHEDULER.submit(session_id(), kind, work, label, tag)
+    job = SCHEDULER.submit(session_id(), kind, lambda job: work(Progress(job)), label, tag)
     try:
         # A draw is where Streamlit can stop this run for a newer one, so something is drawn at least every
         # second (a click made meanwhile is answered within it); otherwise only what changed, because every
@@ -269,3 +290,21 @@ def run_job(kind: str, label: str, work: Callable[[Any], Any], box=None, tag: st
     if job.error is not None:
         raise job.error
     return job.result
+
+
+def cached_job(key: str, label: str, work: Callable[[Progress], Any], view: Callable[[Any], None] | None = None,
+               kind: str = "page", ask: Callable[[], bool] | None = None, box=None, tag: str | None = None,
+               show_progress: Callable[[Any], None] | None = None) -> Any:
+    """The answer stored under `key` (from `cache.keys`), else, once `ask()` says so (a button; always when
+    None), `work(progress)` run through the queue with its progress shown, stored under `key` for every session;
+    `view(answer)` draws it. Returns the answer, or None while not asked; a cancellation or an EngineError of the
+    work reaches the caller, and nothing is stored then."""
+    found = lookup(key)
+    if found is None:
+        if ask is not None and not ask():
+            return None
+        found = run_job(kind, label, work, box, tag, show_progress)
+        put(key, found)
+    if view is not None:
+        view(found)
+    return found

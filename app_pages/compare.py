@@ -8,7 +8,7 @@ import streamlit as st
 import torch
 
 from app_pages import cluster, common, deployment, methods_view, profile_view
-from cache import keys, lookup, put, results
+from cache import keys, results
 from engine.analysis.compare import disagreements, run_comparison
 from engine.analysis.findings import findings
 from engine.analysis.presets import PRESETS, display_name, resolve_plan_item
@@ -73,31 +73,29 @@ def run(model, tokenizer, plans, sets, device, runtimes) -> dict | None:
     """The comparison, from the cache or run through the server's queue when asked for."""
     key = keys.comparison(model, [d.fingerprint for d in sets], [(label, p.key()) for label, p in plans], device,
                           st.session_state.get("limit"), runtimes)
-    stored = lookup(key)
-    if stored is not None:
-        return stored
-    if not st.button("Run comparison", type="primary", disabled=not plans or not sets or not runtimes):
-        st.info("Choose plans and sets, then press **Run comparison**. Results are kept: the same choices answer "
-                "at once, in any session.")
-        return None
-    bar = st.progress(0.0, text="Starting…")
     quick = st.session_state.get("limit") is not None
 
-    def work(job):
+    def ask() -> bool:
+        if st.button("Run comparison", type="primary", disabled=not plans or not sets or not runtimes):
+            return True
+        st.info("Choose plans and sets, then press **Run comparison**. Results are kept: the same choices answer "
+                "at once, in any session.")
+        return False
+
+    def work(progress):
         report = run_comparison(model, tokenizer, plans, sets, device, bench_seconds=0.1 if quick else 1.0,
-                                progress=lambda fraction, text: setattr(job, "progress", (fraction, text)),
-                                runtimes=runtimes, exports=results.exports())
+                                progress=progress, runtimes=runtimes, exports=results.exports())
         return {"rows": report.rows, "disagreements": disagreements(report.outcomes), "machine": report.machine}
 
+    bar = st.empty()
     try:
-        stored = common.run_job("compare", "Comparing", work,
-                                show_progress=lambda p: bar.progress(p[0], text=p[1]))
+        return common.cached_job(key, "Comparing", work, kind="compare", ask=ask,
+                                 show_progress=lambda p: bar.progress(p[0], text=p[1]))
     except EngineError as error:
         st.error(f"The comparison cannot run: {error}")
         return None
-    bar.empty()
-    put(key, stored)
-    return stored
+    finally:
+        bar.empty()
 
 
 def table(rows: list[dict]) -> None:

@@ -27,9 +27,9 @@ def export_button(plan: Plan, label: str, key: str) -> None:
                       "accuracy (95% CI), agreement, size and latency measured here"):
         bar = st.progress(0.0, text="Exporting…")
 
-        def work(job):
+        def work(progress):
             return results.deployed(model, tokenizer, plan, data,
-                                    progress=lambda text, fraction: setattr(job, "progress", (fraction, text)))
+                                    progress=lambda text, fraction: progress(fraction, text))
 
         try:
             made[wanted] = str(common.run_job("export", f"Exporting {label}", work,

@@ -9,7 +9,7 @@ import streamlit as st
 from plotly.colors import sample_colorscale
 
 from app_pages import common
-from cache import keys, lookup, results
+from cache import keys, results
 from engine.analysis.diagnose import DEFAULT_SAMPLE
 from engine.core.plan import Plan
 
@@ -30,17 +30,13 @@ def diagnosis_for(plan: Plan, evaluator) -> dict | None:
     model, tokenizer = common.model_and_tokenizer()
     data = common.dataset()  # read here: session state is this thread's, not the worker's
     size = min(DEFAULT_SAMPLE, len(data))
-    found = lookup(keys.diagnosis(model, data.fingerprint, plan, size))
-    if found is not None:
-        return found
     estimate = 3 * evaluator.baseline.seconds * size / max(len(evaluator.labels), 1)  # two forwards and the copies
-    if not st.button(f"Measure where the error enters ({size} sentences, about {max(estimate, 1):.0f} s)",
-                     key="lm_diagnose"):
-        return None
-    return common.run_job("diagnose", "Measuring the error through the model",
-                          lambda job: results.diagnosis(model, tokenizer, data, plan, size,
-                                                        progress=lambda f: setattr(job, "progress", f)),
-                          tag=f"diagnose:{plan.key()}")
+    return common.cached_job(
+        keys.diagnosis(model, data.fingerprint, plan, size), "Measuring the error through the model",
+        lambda progress: results.diagnosis(model, tokenizer, data, plan, size, progress=progress), kind="diagnose",
+        ask=lambda: st.button(f"Measure where the error enters ({size} sentences, about {max(estimate, 1):.0f} s)",
+                              key="lm_diagnose"),
+        tag=f"diagnose:{plan.key()}")
 
 
 def shade(db: float | None) -> tuple[str, str]:

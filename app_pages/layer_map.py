@@ -7,8 +7,9 @@ import time
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit.errors import StreamlitAPIException
 
-from app_pages import common, deployment, error_map
+from app_pages import common, deployment, error_map, page_state
 from app_pages.layer_grid import layer_grid, new_clicks
 from app_pages.layer_rules import CYCLE, ClickChoice, change_words, click_tags, method_controls, method_tag
 from cache import results
@@ -38,29 +39,12 @@ def engine_session(evaluator) -> Session:
         if session is not None:
             session.close()
         session = state["lm_session"] = Session(evaluator)
-        state["plan_history"], state["layer_effects"] = [], {}
-        state["lm_pending"] = [{"plan": common.current_plan(), "layer": None}]
+        page_state.restart_history(common.current_plan())
     return session
 
 
-def change_plan(plan: Plan, layer: str | None = None) -> None:
-    """Make `plan` current and queue it for evaluation (every change is evaluated, in order); a plan its
-    runtime cannot run (BF16 on ONNX Runtime) is refused with the reason."""
-    current = common.current_plan()
-    if plan.key() == current.key():
-        return
-    try:
-        plan.resolve(common.layer_names())
-    except PlanError as error:
-        state["lm_refused"] = str(error)
-        return
-    state["plan_undo"].append(current)
-    common.set_current_plan(plan)
-    state["lm_pending"].append({"plan": plan, "layer": layer})
-
-
 def _pick_runtime() -> None:
-    change_plan(common.current_plan().on(state["lm_runtime"]))
+    page_state.change_plan(common.current_plan().on(state["lm_runtime"]))
 
 
 THIS_MACHINE = "this machine"  # a name, not None: a selectbox shows None as "no choice made"
@@ -68,7 +52,7 @@ THIS_MACHINE = "this machine"  # a name, not None: a selectbox shows None as "no
 
 def _pick_target_cpu() -> None:
     chosen = state["lm_target_cpu"]
-    change_plan(common.current_plan().for_cpu(None if chosen == THIS_MACHINE else chosen))
+    page_state.change_plan(common.current_plan().for_cpu(None if chosen == THIS_MACHINE else chosen))
 
 
 def runtime_selector() -> None:
@@ -135,7 +119,7 @@ def apply_rule(choice: ClickChoice, precision: str, targets: list[str], layer: s
     except PlanError as error:
         state["lm_refused"] = str(error)
         return
-    change_plan(set_layers(current, common.layer_names(), targets, rule), layer)
+    page_state.change_plan(set_layers(current, common.layer_names(), targets, rule), layer)
 
 
 def grid_section(layers, diagnosis: dict | None = None, overlay: str = "precision") -> ClickChoice:
@@ -145,7 +129,7 @@ def grid_section(layers, diagnosis: dict | None = None, overlay: str = "precisio
     plan = common.current_plan()
     choice = method_controls(action, plan)
     names = [layer.name for layer in layers]
-    rows, columns, cells = grid_cells(layers, plan, state["layer_effects"])
+    rows, columns, cells = grid_cells(layers, plan, page_state.layer_map_state().effects)
     if diagnosis is not None:
         error_map.annotate(cells, diagnosis, overlay)
     clicks = layer_grid("lm_grid", rows, columns, cells, common.PRECISION_COLORS, common.TEXT_ON, action,
@@ -158,21 +142,31 @@ def grid_section(layers, diagnosis: dict | None = None, overlay: str = "precisio
         precision = next_precision(current.resolve(names, strict=False)[name]) if action == CYCLE else action
         apply_rule(choice, precision, [name], name)
     if clicked:
-        st.rerun()  # redraw the grid from the server's plan, acknowledging the clicks
+        rerun_grid()  # redraw the grid from the server's plan, acknowledging the clicks
     return choice
+
+
+def rerun_grid() -> None:
+    """Rerun the grid and its results alone after a click in them; the whole page when the click arrived in a
+    full run (a fragment-scoped rerun is refused there)."""
+    try:
+        st.rerun(scope="fragment")
+    except StreamlitAPIException:
+        st.rerun()
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
 def evaluate_pending(evaluator) -> None:
     """Evaluate every queued change in order (each incremental from the last), from the cache when seen."""
     session = engine_session(evaluator)
+    lm = page_state.layer_map_state()
     box, bar = st.empty(), st.empty()
-    while state["lm_pending"]:
-        entry = state["lm_pending"][0]
+    while lm.pending:
+        entry = lm.pending[0]
         plan = entry["plan"]
         summary = results.cached_evaluation(evaluator, plan)
         if summary is None:
-            waiting = len(state["lm_pending"])
+            waiting = len(lm.pending)
 
             def show(partial, waiting=waiting) -> None:
                 bar.progress(partial.done / partial.total, text=f"Evaluated {partial.done} of {partial.total}"
@@ -181,9 +175,8 @@ def evaluate_pending(evaluator) -> None:
                          f"{common.fmt_ci(partial.accuracy, partial.ci95)}, agreement with FP32 "
                          f"{partial.agreement:.1%} ({partial.elapsed_s:.2f} s)")
 
-            def work(job, plan=plan, model=common.model_and_tokenizer()[0]):
-                result = session.update(plan, progress=lambda p: setattr(job, "progress", p),
-                                        cancelled=job.cancelled)
+            def work(progress, plan=plan, model=common.model_and_tokenizer()[0]):
+                result = session.update(plan, progress=progress, cancelled=progress.cancelled)
                 # The history's size, measured here in the queue: torch work on a script thread would run
                 # next to the following session's evaluation, and its OpenMP threads with it.
                 results.size(model, plan)
@@ -194,26 +187,27 @@ def evaluate_pending(evaluator) -> None:
                                          show_progress=show)
             except Cancelled:
                 box.warning("The update was cancelled; change a layer to start again.")
-                state["lm_pending"].clear()
+                lm.pending.clear()
                 return
             except EngineError as error:
                 # A plan the checks let through but the quantizer cannot build: back to the last plan evaluated.
                 box.error(f"Not applied: {error}")
                 bar.empty()
-                state["lm_pending"].clear()
-                if state["plan_history"]:
-                    common.set_current_plan(state["plan_history"][-1]["plan"])
+                lm.pending.clear()
+                if lm.history:
+                    common.set_current_plan(lm.history[-1]["plan"])
                 return
             results.store_evaluation(evaluator, plan, summary)
         record(plan, summary, entry["layer"])
-        state["lm_pending"].pop(0)
+        lm.pending.pop(0)
     box.empty()
     bar.empty()
 
 
 def record(plan: Plan, summary: dict, layer: str | None) -> None:
     """Add the plan to the history and note the effect of the clicked layer."""
-    history = state["plan_history"]
+    lm = page_state.layer_map_state()
+    history = lm.history
     previous = history[-1] if history else None
     if previous is None or previous["key"] != plan.key():
         model, _ = common.model_and_tokenizer()
@@ -223,7 +217,7 @@ def record(plan: Plan, summary: dict, layer: str | None) -> None:
                         "size_mb": results.size(model, plan) / 1e6, "flips": summary["flips"],
                         "kl": summary["kl"], "changed": changed})
     if layer and previous is not None:
-        state["layer_effects"][layer] = (f"{(summary['accuracy'] - previous['accuracy']) * 100:+.2f} pts accuracy, "
+        lm.effects[layer] = (f"{(summary['accuracy'] - previous['accuracy']) * 100:+.2f} pts accuracy, "
                                          f"KL {common.plain(summary['kl'])}")
 
 
@@ -234,7 +228,7 @@ def results_section(evaluator, plan: Plan) -> None:
         return
     model, _ = common.model_and_tokenizer()
     baseline = evaluator.baseline.comparison
-    history = state["plan_history"]
+    history = page_state.layer_map_state().history
     previous = history[-2] if len(history) > 1 and history[-1]["key"] == plan.key() else None
     size, fp32_size = results.size(model, plan), results.size(model, FP32)
     accuracy, low, high = summary["accuracy"], *summary["ci95"]
@@ -284,7 +278,7 @@ def latency_section(plan: Plan) -> None:
     st.markdown(f"**Latency on real kernels** ({where}, this CPU, {BENCH_TOKENS}-token inputs; the plan and torch "
                 "FP32 timed interleaved in one run)")
     # Each figure names its plan: after fast clicks the grid already shows later changes than the plan timed.
-    entry = next((h for h in state["plan_history"] if h["key"] == plan.key()), None)
+    entry = next((h for h in page_state.layer_map_state().history if h["key"] == plan.key()), None)
     plan_name = f"plan {entry['label']} ({entry['changed']})" if entry else "this plan"
     columns = st.columns(2)
     for column, batch in zip(columns, (1, 32)):
@@ -346,13 +340,11 @@ def bulk_controls(layers, choice: ClickChoice) -> None:
         if b3.button("Apply to everything", width="stretch"):
             apply_rule(choice, precision, names)
             st.rerun()
-        if b4.button("Undo", disabled=not state["plan_undo"], width="stretch"):
-            plan = state["plan_undo"].pop()
-            common.set_current_plan(plan)
-            state["lm_pending"].append({"plan": plan, "layer": None})
+        if b4.button("Undo", disabled=not page_state.layer_map_state().undo, width="stretch"):
+            page_state.undo()
             st.rerun()
         if b5.button("Reset to FP32", width="stretch"):
-            change_plan(FP32)
+            page_state.change_plan(FP32)
             st.rerun()
         d1, d2 = st.columns(2)
         d1.download_button("Download plan (JSON)", json.dumps(current.to_json(), indent=2), "plan.json",
@@ -363,14 +355,14 @@ def bulk_controls(layers, choice: ClickChoice) -> None:
             try:
                 uploaded = Plan.from_json(json.loads(upload.getvalue().decode("utf-8")))
                 uploaded.resolve(names)
-                change_plan(uploaded)
+                page_state.change_plan(uploaded)
                 st.rerun()
             except (PlanError, ValueError) as error:
                 st.error(f"That plan cannot be used: {error}")
 
 
 def history_section() -> None:
-    history = state["plan_history"]
+    history = page_state.layer_map_state().history
     if len(history) < 2:
         return
     st.subheader(f"{len(history)} plans tried in this session")
@@ -395,7 +387,7 @@ def history_section() -> None:
                                 "size_mb": st.column_config.NumberColumn("size (MB)", format="%.1f")})
     choice = st.selectbox("Restore a plan", [h["label"] for h in history], index=len(history) - 1)
     if st.button("Restore"):
-        change_plan(next(h["plan"] for h in history if h["label"] == choice))
+        page_state.change_plan(next(h["plan"] for h in history if h["label"] == choice))
         st.rerun()
 
 
@@ -406,23 +398,33 @@ st.caption("Each cell is one layer. Click a cell to change its precision; every 
 evaluator = common.safe_evaluator()
 if evaluator is None:
     st.stop()
-for name, default in (("plan_undo", []), ("plan_history", []), ("layer_effects", {}), ("lm_pending", []),
-                      ("lm_acked", (None, 0))):
-    state.setdefault(name, default)
+page_state.layer_map_state()
+state.setdefault("lm_acked", (None, 0))
 engine_session(evaluator)
 st.caption(f"Evaluated on {evaluator.dataset.name} ({len(evaluator.labels):,} sentences) with "
            f"{common.model_name()}.")
 runtime_selector()
-overlay = error_map.overlay_choice()
-diagnosis = error_map.diagnosis_for(common.current_plan(), evaluator) if overlay != "precision" else None
-choice = grid_section(evaluator.layers, diagnosis, overlay)
-evaluate_pending(evaluator)
+
+
+@st.fragment
+def grid_to_results(evaluator) -> ClickChoice:
+    """The grid, the evaluation of its clicks and their figures: a click reruns this part alone (the history,
+    latency and controls below follow on the page's next run)."""
+    overlay = error_map.overlay_choice()
+    diagnosis = error_map.diagnosis_for(common.current_plan(), evaluator) if overlay != "precision" else None
+    choice = grid_section(evaluator.layers, diagnosis, overlay)
+    evaluate_pending(evaluator)
+    plan = common.current_plan()
+    if diagnosis is not None:
+        st.plotly_chart(error_map.depth_chart(diagnosis), width="stretch", key="lm_depth")
+    with st.expander("Current plan (JSON)"):
+        st.code(json.dumps(plan.to_json(), indent=2) if plan.rules else '"fp32"', language="json")
+    results_section(evaluator, plan)
+    return choice
+
+
+choice = grid_to_results(evaluator)
 plan = common.current_plan()
-if diagnosis is not None:
-    st.plotly_chart(error_map.depth_chart(diagnosis), width="stretch", key="lm_depth")
-with st.expander("Current plan (JSON)"):
-    st.code(json.dumps(plan.to_json(), indent=2) if plan.rules else '"fp32"', language="json")
-results_section(evaluator, plan)
 history_section()
 latency_section(plan)
 st.markdown("**Deploy this plan**")

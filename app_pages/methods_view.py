@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import common
-from cache import lookup, make_key, put
+from cache import keys
 from engine.analysis import methods as mth
 from engine.analysis.sensitivity import rescued_by
 from engine.core.errors import EngineError
@@ -29,11 +29,6 @@ state = st.session_state
 
 def fmt_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def _key(evaluator, what: str, **parts) -> str:
-    model_fp, data_fp, device = evaluator.key
-    return make_key(f"methods-{what}", model=model_fp, data=data_fp, device=device, **parts)
 
 
 # ---- builders (plain functions of the stored rows) ------------------------------------------------------
@@ -112,22 +107,17 @@ def curve_plans(layers, calibrators, sizes) -> list[mth.MethodPlan]:
 def queued(key: str, button: str, label: str, estimate_s: float, compute, disabled: bool = False):
     """The stored result for `key`, or, when the person asks, `compute(progress)` run through the queue with a
     progress bar and stored; None until then. The estimate is said before anything runs."""
-    stored = lookup(key)
-    if stored is not None:
-        return stored
-    run = st.button(button, type="primary", disabled=disabled, key=f"mv_{key.split(':')[0]}")
-    if not run:
+    def ask() -> bool:
+        if st.button(button, type="primary", disabled=disabled, key=f"mv_{key.split(':')[0]}"):
+            return True
         st.caption(f"About {fmt_seconds(estimate_s)} on this server (estimated from this set's FP32 pass and "
                    "each method's own work); the result is kept for every session.")
-        return None
-    bar = st.progress(0.0, text="Starting…")
+        return False
 
-    def work(job):
-        return compute(lambda fraction, text: setattr(job, "progress", (fraction, text)))
-
+    bar = st.empty()
     try:
-        stored = common.run_job("methods", label, work, show_progress=lambda p: bar.progress(min(p[0], 1.0),
-                                                                                            text=p[1]))
+        return common.cached_job(key, label, compute, kind="methods", ask=ask,
+                                 show_progress=lambda p: bar.progress(min(p[0], 1.0), text=p[1]))
     except Cancelled:
         st.warning("The run was cancelled; press the button to start again.")
         return None
@@ -136,8 +126,6 @@ def queued(key: str, button: str, label: str, estimate_s: float, compute, disabl
         return None
     finally:
         bar.empty()
-    put(key, stored)
-    return stored
 
 
 def methods_section(evaluator) -> None:
@@ -152,7 +140,7 @@ def methods_section(evaluator) -> None:
                                  help="minmax is always run: the others are tested against it")
     plans = mth.method_plans(evaluator.layers, groups, methods, calibrators)
     estimate = mth.estimate_cost(plans, evaluator.layers, evaluator.baseline.seconds, len(evaluator.labels))
-    key = _key(evaluator, "compare", plans=[(p.label, p.plan.key()) for p in plans])
+    key = keys.methods_report(evaluator, [(p.label, p.plan.key()) for p in plans])
     report = queued(key, f"Compare {len(plans)} settings", "Comparing methods", estimate,
                     lambda progress: mth.compare_methods(evaluator, plans, progress).to_json())
     if report is None:
@@ -180,7 +168,7 @@ def curve_section(evaluator) -> None:
         st.caption(f"This set holds {pool} calibration texts: larger sizes give one point, with all of them.")
     estimate = mth.estimate_cost(curve_plans(evaluator.layers, calibrators, sizes), evaluator.layers,
                                  evaluator.baseline.seconds, len(evaluator.labels))
-    key = _key(evaluator, "curve", calibrators=[c.value for c in calibrators], sizes=sorted(sizes))
+    key = keys.methods_curve(evaluator, [c.value for c in calibrators], sizes)
 
     def compute(progress) -> list[dict]:
         points = []

@@ -49,7 +49,7 @@ def profile_section(plans: list[tuple[str, Plan]]) -> None:
         model, tokenizer = common.model_and_tokenizer()
         data = common.dataset()  # read here: session state is this thread's, not the worker's
 
-        def work(job):
+        def work(_progress):
             from cache import results
 
             folder = results.exports().folder(model, tokenizer, plan, data) if runtime == Runtime.ONNXRUNTIME else None

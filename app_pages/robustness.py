@@ -10,7 +10,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app_pages import common
-from cache import keys, remember
+from cache import keys
 from engine.analysis import attack, predict as pred
 from engine.analysis.perturb import KINDS, PerturbError, highlight_html, perturb, words
 from engine.core.errors import EngineError
@@ -42,13 +42,13 @@ def _names(plans: dict[str, Plan]) -> dict[str, str]:
 @st.cache_data(max_entries=512, show_spinner=False)
 def _predictions(model_name: str, text: str, plans: dict[str, Plan]) -> dict[str, dict]:
     model, tokenizer, _ = common.shared_model(model_name)
-    return pred.predict_all(model, tokenizer, text, plans)
+    return common.in_queue("predict", lambda: pred.predict_all(model, tokenizer, text, plans))
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def _occlusion(model_name: str, text: str, plan: Plan) -> list[dict]:
     model, tokenizer, _ = common.shared_model(model_name)
-    return pred.occlusion(model, tokenizer, text, plan)
+    return common.in_queue("occlusion", lambda: pred.occlusion(model, tokenizer, text, plan))
 
 
 def _probability_bar(prediction: dict) -> go.Figure:
@@ -134,14 +134,15 @@ def flip_section(text: str, plans: dict[str, Plan], names: dict[str, str]) -> No
         model, tokenizer = common.model_and_tokenizer()
         bar = st.progress(0.0, text="ranking words")
 
-        def work(job):
+        def work(progress):
             return attack.flip_search(model, tokenizer, text, target, plans, budget, kinds, int(seed), keep_ends,
-                                      progress=lambda f, m: setattr(job, "progress", (min(f, 1.0), m)))
+                                      progress=lambda f, m: progress(min(f, 1.0), m))
 
         key = keys.flip_search(model, text, target, budget, kinds, int(seed), keep_ends,
                                {k: p.key() for k, p in plans.items()})
-        st.session_state["flip_result"] = remember(key, lambda: common.run_job(
-            "flip-search", "Searching for a flip", work, show_progress=lambda p: bar.progress(p[0], text=p[1])))
+        st.session_state["flip_result"] = common.cached_job(
+            key, "Searching for a flip", work, kind="flip-search",
+            show_progress=lambda p: bar.progress(p[0], text=p[1]))
         bar.empty()
     result = st.session_state.get("flip_result")
     if result is None or result.perturbation.text != text or set(result.after) != set(plans):
@@ -227,22 +228,21 @@ def batch_section(plans: dict[str, Plan], names: dict[str, str]) -> None:
                         plans={k: p.key() for k, p in plans.items()})
         bar = st.progress(0.0, text="starting")
 
-        def queued(what: str, compute):
-            return common.run_job(what, f"Running the {what}", lambda job: compute(
-                lambda f, m: setattr(job, "progress", (min(f, 1.0), m))),
+        def queued(key: str, what: str, compute):
+            return common.cached_job(key, f"Running the {what}", lambda progress: compute(
+                lambda f, m: progress(min(f, 1.0), m)), kind=what,
                 show_progress=lambda p: bar.progress(p[0], text=p[1]))
 
-        sweep = remember(keys.robustness(model, data.fingerprint, "sweep", **settings), lambda: queued(
-            "robustness sweep", lambda progress: attack.sweep(model, tokenizer, data, kinds, rates, plans,
-                                                                int(seed), keep_ends, progress=progress)))
+        sweep = queued(keys.robustness(model, data.fingerprint, "sweep", **settings), "robustness sweep",
+                       lambda progress: attack.sweep(model, tokenizer, data, kinds, rates, plans, int(seed),
+                                                     keep_ends, progress=progress))
         attacked = None
         if attack_n:
             attack_data = attack.sample(data, int(attack_n), int(seed))
-            attacked = remember(
-                keys.robustness(model, attack_data.fingerprint, "attack", **settings, budget=budget),
-                lambda: queued("flip search", lambda progress: attack.attack_success(
-                    model, tokenizer, attack_data, plans, None, budget, KINDS, int(seed), keep_ends,
-                    progress=progress)))
+            attacked = queued(
+                keys.robustness(model, attack_data.fingerprint, "attack", **settings, budget=budget), "flip search",
+                lambda progress: attack.attack_success(model, tokenizer, attack_data, plans, None, budget, KINDS,
+                                                       int(seed), keep_ends, progress=progress))
         bar.empty()
         st.session_state["rob_sweep_result"] = (sweep, attacked, data_name)
     stored = st.session_state.get("rob_sweep_result")

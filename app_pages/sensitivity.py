@@ -10,8 +10,8 @@ import plotly.graph_objects as go
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from app_pages import cluster, common, deployment, methods_view
-from cache import keys, lookup, make_key, put, remember, results
+from app_pages import cluster, common, deployment, methods_view, page_state
+from cache import keys, results
 from engine.analysis import methods as mth
 from engine.analysis import search as amp
 from engine.analysis import sensitivity as sens
@@ -54,41 +54,6 @@ def estimated_seconds(evaluator, missing: list[tuple], direction: str) -> float:
     return rows + (full * len({key[1] for key in missing}) if direction == "all-but-one" else 0.0)
 
 
-# ---- rows by other methods than RTN, memoized one by one like RTN's -----------------------------------------
-def method_row_key(evaluator, layer: str, precision: str, method: WeightMethod) -> str:
-    """A non-RTN single-layer row: RTN's row key (keys.sweep_row) with the method added, so RTN's keys stay."""
-    model_fp, data_fp, device = evaluator.key
-    return make_key("sensitivity-row", model=model_fp, data=data_fp, device=device, batch=evaluator.batch_size,
-                    layer=layer, precision=precision, direction="one", method=method.value)
-
-
-def known_rows(evaluator, precisions, direction: str, methods=(WeightMethod.RTN,)) -> dict[tuple, sens.Row]:
-    """The stored rows of a sweep, keyed by `sens.row_key`: RTN's (any page, the CLI, the grid) and, one layer at
-    a time, those of the other methods where they apply."""
-    rows = dict(results.known_rows(evaluator, precisions, direction))
-    for method in (m for m in methods if m != WeightMethod.RTN and direction == "one"):
-        for layer in evaluator.layers:
-            for precision in precisions:
-                found = sens.applies(layer, precision, method) and lookup(
-                    method_row_key(evaluator, layer.name, precision, method))
-                if found:
-                    rows[sens.row_key(layer.name, precision, method)] = sens.Row.from_dict(found)
-    return rows
-
-
-def memoized_sweep(evaluator, precisions, direction: str, methods, sqnr, should_stop, progress) -> sens.SweepResult:
-    """results.sweep, with the rows of methods other than RTN stored one by one too."""
-    if tuple(methods) == (WeightMethod.RTN,):
-        return results.sweep(evaluator, precisions, direction, sqnr, should_stop=should_stop, progress=progress)
-
-    def store(row: sens.Row) -> None:
-        put(keys.sweep_row(evaluator, row.layer, row.precision, row.direction) if row.method == WeightMethod.RTN
-            else method_row_key(evaluator, row.layer, row.precision, row.method), row.as_dict())
-
-    return sens.sweep(evaluator, precisions, direction, sqnr, known_rows(evaluator, precisions, direction, methods),
-                      should_stop=should_stop, on_row=store, progress=progress, methods=methods)
-
-
 def _tasks(evaluator, precisions, methods) -> list[tuple]:
     """Every row key of a sweep: (layer, precision[, method]) where the method applies."""
     return [sens.row_key(layer.name, p, m) for layer in evaluator.layers for p in precisions for m in methods
@@ -97,7 +62,7 @@ def _tasks(evaluator, precisions, methods) -> list[tuple]:
 
 def _missing(evaluator, precisions, direction: str, methods, known: dict | None = None) -> list[tuple]:
     """The rows of a sweep not stored yet."""
-    known = known_rows(evaluator, precisions, direction, methods) if known is None else known
+    known = results.known_rows(evaluator, precisions, direction, methods) if known is None else known
     return [key for key in _tasks(evaluator, precisions, methods) if key not in known]
 
 
@@ -107,7 +72,7 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str, methods
     if not precisions:
         st.info("Choose at least one precision.")
         return
-    known = known_rows(evaluator, precisions, direction, methods)
+    known = results.known_rows(evaluator, precisions, direction, methods)
     total = len(_tasks(evaluator, precisions, methods))
     missing = _missing(evaluator, precisions, direction, methods, known)
     buttons = st.columns([1, 1, 4])
@@ -134,13 +99,12 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str, methods
     sqnr = results.sqnr_proxy(model, tokenizer, evaluator, sens.check_precisions(precisions))
     started, computed = time.perf_counter(), 0
     while len(known) < total and not state.get("sens_stop"):
-        def work(job):
+        def work(progress):
             began = time.perf_counter()
             def enough() -> bool:
-                return job.cancelled() or time.perf_counter() - began > CHUNK_S[direction]
+                return progress.cancelled() or time.perf_counter() - began > CHUNK_S[direction]
 
-            return memoized_sweep(evaluator, precisions, direction, methods, sqnr, enough,
-                                  lambda p: setattr(job, "progress", p))
+            return results.sweep(evaluator, precisions, direction, sqnr, enough, progress, methods=methods)
 
         def show(p) -> None:
             last = f" · last: {p.row.layer.split('.', 1)[-1]} {p.row.precision} {p.row.method}" if p.row else ""
@@ -149,7 +113,7 @@ def sweep_panel(evaluator, model, tokenizer, precisions, direction: str, methods
 
         result = common.run_job("sensitivity", "Sweeping", work, show_progress=show)
         computed += result.computed
-        known = known_rows(evaluator, precisions, direction, methods)
+        known = results.known_rows(evaluator, precisions, direction, methods)
     state["sens_last_run"] = (computed, time.perf_counter() - started, bool(state.get("sens_stop")))
     st.rerun()
 
@@ -299,25 +263,28 @@ def search_section(evaluator, model, tokenizer, single: dict) -> dict | None:
                                            help="real kernels, batch 1, 32 tokens, after warm-up")
     budget = amp.Budget(kind, value)
     key = keys.search(evaluator, [kind, value], measure_latency or kind == "latency_ms", amp.LADDER, amp.MAX_REFINE)
-    outcome = lookup(key)
+
+    def ask() -> bool:
+        if st.button("Search", type="primary", key="sens_search"):
+            return True
+        st.caption("Every candidate plan is evaluated for real (about 20 evaluations of the set, "
+                   f"~{fmt_seconds(20 * evaluator.baseline.seconds)}); the result is stored for every session.")
+        return False
+
+    def work(progress) -> dict:
+        try:
+            return amp.search(evaluator, model, tokenizer, list(single.values()), budget, latency=measure_latency,
+                              progress=progress).as_dict()
+        except amp.SearchError as error:
+            return {"error": str(error)}
+
+    bar = st.empty()
+    outcome = common.cached_job(
+        key, "Searching", work, kind="search", ask=ask,
+        show_progress=lambda p: bar.progress(min(p[1] / 30, 0.99), text=f"{p[1]} plans verified · {p[0]}"))
+    bar.empty()
     if outcome is None:
-        if not st.button("Search", type="primary", key="sens_search"):
-            st.caption("Every candidate plan is evaluated for real (about 20 evaluations of the set, "
-                       f"~{fmt_seconds(20 * evaluator.baseline.seconds)}); the result is stored for every session.")
-            return None
-        bar = st.progress(0.0, text="Verifying candidates…")
-
-        def work(job) -> dict:
-            try:
-                return amp.search(evaluator, model, tokenizer, list(single.values()), budget, latency=measure_latency,
-                                  progress=lambda text, count: setattr(job, "progress", (text, count))).as_dict()
-            except amp.SearchError as error:
-                return {"error": str(error)}
-
-        outcome = remember(key, lambda: common.run_job(
-            "search", "Searching", work,
-            show_progress=lambda p: bar.progress(min(p[1] / 30, 0.99), text=f"{p[1]} plans verified · {p[0]}")))
-        bar.empty()
+        return None
     if "error" in outcome:
         st.error(outcome["error"])
         return None
@@ -410,8 +377,8 @@ def front_plans(front: list[dict]) -> None:
                          f" · drop {candidate['drop']:+.2f} (sum of single drops {candidate['predicted_drop']:+.2f})"
                          f"{latency_text} · {counts}")
         if line[1].button("Open in layer map", key=f"sens_apply_{i}"):
-            common.set_current_plan(Plan.from_json(candidate["plan"]))
-            state.setdefault("lm_pending", []).append({"plan": common.current_plan(), "layer": None})
+            if not page_state.send_to_layer_map(Plan.from_json(candidate["plan"])):
+                continue
             try:
                 st.switch_page("app_pages/layer_map.py")
             except StreamlitAPIException:
@@ -455,7 +422,7 @@ if "sens_last_run" in state:
         st.caption(f"Last run: {computed} rows in {seconds:.0f} s ({seconds / computed:.1f} s a row)"
                    + (", stopped." if stopped else "."))
 rows_by_direction = {d: results.known_rows(evaluator, sens.SWEEP_PRECISIONS, d) for d in sens.DIRECTIONS}
-rows = [r for r in known_rows(evaluator, sens.SWEEP_PRECISIONS, direction, methods).values()
+rows = [r for r in results.known_rows(evaluator, sens.SWEEP_PRECISIONS, direction, methods).values()
         if r.precision in precisions]
 heatmaps_section(evaluator, rows_by_direction, precisions)
 if rows:

@@ -9,8 +9,8 @@ import plotly.graph_objects as go
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from app_pages import common
-from cache import keys, lookup, remember
+from app_pages import common, page_state
+from cache import keys, lookup, remember, results
 from engine.analysis import smoothquant as sq
 from engine.analysis.smoothquant_export import export
 from engine.core.plan import Plan
@@ -37,8 +37,12 @@ def evaluated(evaluator, plan: Plan, label: str):
     def compute():
         bar = st.progress(0.0, text=f"Evaluating {label}…")
 
-        def work(job):
-            return evaluator.run(plan, progress=lambda p: setattr(job, "progress", p), cancelled=job.cancelled)[0]
+        def work(progress):
+            result = evaluator.run(plan, progress=progress, cancelled=progress.cancelled)[0]
+            # The layer map keeps a plan's summary under its own key (cache.keys.evaluation): stored here too, a
+            # plan sent there from this page is not evaluated a second time.
+            results.store_evaluation(evaluator, plan, result.summary())
+            return result
 
         def show(p) -> None:
             bar.progress(p.done / p.total,
@@ -113,9 +117,8 @@ def actions(evaluator, model, calibration, act: str, alpha: float, calib: int) -
     columns = st.columns(2)
     if columns[0].button("Send this plan to the layer map", key="sq_send",
                          help="the layer map starts from uniform W8A8 with this smoothing; toggle layers from there"):
-        common.set_current_plan(plan)
-        state.setdefault("lm_pending", []).append({"plan": plan, "layer": None})
-        columns[0].success(f"Layer map plan: {plan.label()} (W8A8, {act}, α = {alpha:.2f})")
+        if page_state.send_to_layer_map(plan):
+            columns[0].success(f"Layer map plan: {plan.label()} (W8A8, {act}, α = {alpha:.2f})")
     columns[1].download_button(
         "Export smoothed W8A8 model (safetensors)", data=lambda: export(model, plan, calibration),
         file_name=f"smoothquant-a{alpha:.2f}-{act}.safetensors", mime="application/octet-stream", key="sq_export",
@@ -182,12 +185,12 @@ def auto_panel(evaluator, model, calibration, act: str, calib: int) -> None:
                f"0…1 (step 0.05) that minimizes the group's W8A8 output error on the calibration activations "
                f"({ACTS[act]}). Cheap: no evaluation of the set.")
     key = keys.smoothquant(evaluator, "auto", calibration=calibration.key, act=act, grid=sq.ALPHA_GRID)
-    alphas = lookup(key)
-    if alphas is None and st.button("Find α per layer", key="sq_auto"):
-        bar = st.progress(0.0, text="Searching α per layer…")
-        alphas = remember(key, lambda: sq.auto_alphas(model, calibration, act,
-                                                      progress=lambda done: bar.progress(done, text="Searching α…")))
-        bar.empty()
+    bar = st.empty()
+    alphas = common.cached_job(key, "Searching α per layer", lambda progress: sq.auto_alphas(
+        model, calibration, act, progress=progress), kind="smoothquant",
+        ask=lambda: st.button("Find α per layer", key="sq_auto"),
+        show_progress=lambda done: bar.progress(done, text="Searching α…"))
+    bar.empty()
     if alphas is None:
         return
     roles = {layer.name: layer.role for layer in evaluator.layers}
@@ -201,9 +204,8 @@ def auto_panel(evaluator, model, calibration, act: str, calib: int) -> None:
         metric(evaluator, st.columns(3)[0], "W8A8 + per-layer α", evaluated(evaluator, auto_plan, "per-layer α"),
                base=evaluated(evaluator, sq.smoothed_plan(None, act, calib), "W8A8 without smoothing"))
     if st.button("Send the per-layer plan to the layer map", key="sq_send_auto"):
-        common.set_current_plan(auto_plan)
-        state.setdefault("lm_pending", []).append({"plan": auto_plan, "layer": None})
-        st.success(f"Layer map plan: {auto_plan.label()}")
+        if page_state.send_to_layer_map(auto_plan):
+            st.success(f"Layer map plan: {auto_plan.label()}")
 
 
 def outliers_panel(model, calibration, alpha: float, act: str, calib: int) -> None:
@@ -232,8 +234,8 @@ def outliers_panel(model, calibration, alpha: float, act: str, calib: int) -> No
                  help="opens the layer map on this smoothed W8A8 plan, its cells coloured by the error each layer "
                       f"puts in: {chosen} among them"):
         plan = sq.smoothed_plan(alpha, act, calib)
-        common.set_current_plan(plan)
-        state.setdefault("lm_pending", []).append({"plan": plan, "layer": None})
+        if not page_state.send_to_layer_map(plan):
+            return
         state["lm_overlay"] = "local"
         try:
             st.switch_page("app_pages/layer_map.py")

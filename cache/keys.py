@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engine.core.cpu import this_cpu
 from engine.core.plan import Plan
-from engine.core.vocabulary import Kernels, Runtime
+from engine.core.vocabulary import Kernels, Runtime, WeightMethod
 from engine.model.loading import fingerprint
 
 from cache import make_key
@@ -31,9 +31,27 @@ def layer_row(model_fp: str, data_fp: str, device: str, batch: int, layer: str, 
                     precision=precision, direction=direction)
 
 
-def sweep_row(evaluator, layer: str, precision: str, direction: str) -> str:
+def sweep_row(evaluator, layer: str, precision: str, direction: str, method: WeightMethod = WeightMethod.RTN) -> str:
+    """A sweep's row on the evaluator's set. RTN's key has no method part (the rows stored before methods existed
+    stay found); another method's row is RTN's key with the method added."""
     model_fp, data_fp, device = evaluator.key
-    return layer_row(model_fp, data_fp, device, evaluator.batch_size, layer, precision, direction)
+    if WeightMethod(method) == WeightMethod.RTN:
+        return layer_row(model_fp, data_fp, device, evaluator.batch_size, layer, precision, direction)
+    return make_key("sensitivity-row", model=model_fp, data=data_fp, device=device, batch=evaluator.batch_size,
+                    layer=layer, precision=precision, direction=direction, method=WeightMethod(method).value)
+
+
+def methods_report(evaluator, plans: list[tuple[str, str]]) -> str:
+    """The methods view's table: each (label, plan key) of the settings compared, on the evaluator's set."""
+    model_fp, data_fp, device = evaluator.key
+    return make_key("methods-compare", model=model_fp, data=data_fp, device=device, plans=plans)
+
+
+def methods_curve(evaluator, calibrators: list[str], sizes: list[int]) -> str:
+    """W8A8-static accuracy against the number of calibration texts, per calibrator."""
+    model_fp, data_fp, device = evaluator.key
+    return make_key("methods-curve", model=model_fp, data=data_fp, device=device, calibrators=calibrators,
+                    sizes=sorted(sizes))
 
 
 def sqnr(model, data_fp: str, precisions: tuple[str, ...]) -> str:

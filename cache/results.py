@@ -14,7 +14,7 @@ from engine.analysis.benchmark import bench_against
 from engine.analysis.deploy import Exports
 from engine.analysis.diagnose import diagnose, exported_layer_sqnr, sample
 from engine.core.plan import Plan
-from engine.core.vocabulary import Kernels, Runtime
+from engine.core.vocabulary import Kernels, Runtime, WeightMethod
 from engine.evaluation.evaluator import Cancelled, Evaluator
 from engine.runtime.size import model_size_bytes
 
@@ -43,32 +43,41 @@ def sqnr_proxy(model, tokenizer, evaluator: Evaluator, precisions: tuple[str, ..
                     lambda: sensitivity.sqnr_proxy(model, tokenizer, sensitivity.proxy_texts(evaluator), precisions))
 
 
-def known_rows(evaluator: Evaluator, precisions, direction: str) -> dict[tuple[str, str], sensitivity.Row]:
-    """The rows of a sweep already stored (by any page, the CLI or the grid)."""
+def known_rows(evaluator: Evaluator, precisions, direction: str,
+               methods=(WeightMethod.RTN,)) -> dict[tuple, sensitivity.Row]:
+    """The rows of a sweep already stored (by any page, the CLI or the grid), keyed by `sensitivity.row_key`:
+    RTN's, and those of the other `methods` where they apply (one layer at a time)."""
     out = {}
-    for layer in evaluator.layers:
-        for precision in precisions:
-            found = lookup(keys.sweep_row(evaluator, layer.name, precision, direction))
-            if found is not None:
-                out[(layer.name, precision)] = sensitivity.Row.from_dict(found)
+    for method in methods:
+        if method != WeightMethod.RTN and direction != "one":
+            continue
+        for layer in evaluator.layers:
+            for precision in precisions:
+                if not sensitivity.applies(layer, precision, method):
+                    continue
+                found = lookup(keys.sweep_row(evaluator, layer.name, precision, direction, method))
+                if found is not None:
+                    out[sensitivity.row_key(layer.name, precision, method)] = sensitivity.Row.from_dict(found)
     return out
 
 
 def sweep(evaluator: Evaluator, precisions, direction: str, sqnr: dict | None = None,
           should_stop: Callable[[], bool] | None = None,
           progress: Callable[[sensitivity.SweepProgress], None] | None = None,
-          on_row: Callable[[sensitivity.Row], None] | None = None) -> sensitivity.SweepResult:
-    """A sensitivity sweep whose rows are memoized one by one: rows computed before (by any page, the
-    CLI or the grid) are reused, and a stopped sweep keeps every row it finished."""
+          on_row: Callable[[sensitivity.Row], None] | None = None,
+          methods=(WeightMethod.RTN,)) -> sensitivity.SweepResult:
+    """A sensitivity sweep whose rows (every method's) are memoized one by one: rows computed before (by any
+    page, the CLI or the grid) are reused, and a stopped sweep keeps every row it finished."""
     precisions = sensitivity.check_precisions(precisions)
-    done = known_rows(evaluator, precisions, direction)
+    done = known_rows(evaluator, precisions, direction, methods)
 
     def store(row: sensitivity.Row) -> None:
-        put(keys.sweep_row(evaluator, row.layer, row.precision, row.direction), row.as_dict())
+        put(keys.sweep_row(evaluator, row.layer, row.precision, row.direction, row.method), row.as_dict())
         if on_row is not None:
             on_row(row)
 
-    return sensitivity.sweep(evaluator, precisions, direction, sqnr, done, should_stop, store, progress)
+    return sensitivity.sweep(evaluator, precisions, direction, sqnr, done, should_stop, store, progress,
+                             methods=tuple(methods))
 
 
 def latency(model, tokenizer, plan: Plan, reference: Plan, batch: int, tokens: int, device: str = "cpu",

@@ -34,11 +34,10 @@ def setup(name: str, parser) -> None:
 
 
 def _rows(model, tokenizer, evaluator, precisions: str, direction: str, methods: str | None = None):
-    """The sweep's rows (RTN's memoized one by one), with a progress line on stderr about every tenth of the way.
-
-    Rows by other methods are computed here each time: the cache keys rows by (layer, precision, direction)."""
+    """The sweep's rows (every method's memoized one by one, shared with the pages), with a progress line on
+    stderr about every tenth of the way."""
     from cache import results
-    from engine.analysis.sensitivity import check_precisions, sweep
+    from engine.analysis.sensitivity import check_precisions
     from engine.cli.methods import chosen_methods
 
     chosen = check_precisions(precisions.split(","))
@@ -52,12 +51,7 @@ def _rows(model, tokenizer, evaluator, precisions: str, direction: str, methods:
                   f"about {p.eta_s:.0f} s left", file=sys.stderr, flush=True)
 
     sqnr = results.sqnr_proxy(model, tokenizer, evaluator, chosen)
-    plain = results.sweep(evaluator, chosen, direction, sqnr, progress=progress)
-    if not others:
-        return plain
-    shown[0] = -1
-    done = {row.key: row for row in plain.rows}
-    return sweep(evaluator, chosen, direction, sqnr, done, progress=progress, methods=(WeightMethod.RTN, *others))
+    return results.sweep(evaluator, chosen, direction, sqnr, progress=progress, methods=(WeightMethod.RTN, *others))
 
 
 def _sweep_file(path: str):
