@@ -8,8 +8,8 @@ import streamlit as st
 import torch
 
 from app_pages import cluster, common, deployment, methods_view, profile_view
-from cache import keys, results
-from engine.analysis.compare import disagreements, run_comparison
+from cache import keys, lookup, put, results
+from engine.analysis.compare import ComparisonRow, disagreements, run_comparison, variant
 from engine.analysis.findings import findings
 from engine.analysis.presets import PRESETS, display_name, resolve_plan_item
 from engine.analysis.report import to_csv, to_markdown
@@ -85,8 +85,12 @@ def run(model, tokenizer, plans, sets, device, runtimes) -> dict | None:
     def work(progress):
         report = run_comparison(model, tokenizer, plans, sets, device, bench_seconds=0.1 if quick else 1.0,
                                 progress=progress, runtimes=runtimes, exports=results.exports())
-        return {"rows": report.rows, "disagreements": disagreements(report.outcomes), "machine": report.machine}
+        return {"rows": [row.to_json() for row in report.rows], "disagreements": disagreements(report.outcomes),
+                "machine": report.machine}
 
+    found = lookup(key)
+    if found is not None and typed_rows(found["rows"]) is None:
+        put(key, None)  # stored by a version whose rows lack a field this one needs: measured again when asked
     bar = st.empty()
     try:
         return common.cached_job(key, "Comparing", work, kind="compare", ask=ask,
@@ -98,47 +102,58 @@ def run(model, tokenizer, plans, sets, device, runtimes) -> dict | None:
         bar.empty()
 
 
-def table(rows: list[dict]) -> None:
-    st.caption(f"Latency at batch 1 and {rows[0]['tokens']} tokens, throughput at batch {rows[0]['throughput_batch']}, "
+def typed_rows(stored: list[dict]) -> list[ComparisonRow] | None:
+    """The stored rows as ComparisonRows, or None when one of them cannot be read as one."""
+    try:
+        return [ComparisonRow.from_json(row) for row in stored]
+    except (ValueError, TypeError):
+        return None
+
+
+def name(row: ComparisonRow) -> str:
+    return variant(display_name(row.plan), row.runtime)
+
+
+def table(rows: list[ComparisonRow]) -> None:
+    st.caption(f"Latency at batch 1 and {rows[0].tokens} tokens, throughput at batch {rows[0].throughput_batch}, "
                "all plans timed interleaved round by round in one run; speedup is the median of the per-round "
                "ratios to torch FP32, with its 95% interval."
                + (" ORT rows are the exported graphs themselves, timed with ORT's spinning threads off so that they "
-                  "do not take the cores from the next variant in the round." if any(r.get("runtime") ==
-                                                                                     "onnxruntime" for r in rows)
-                  else ""))
+                  "do not take the cores from the next variant in the round."
+                  if any(r.runtime == Runtime.ONNXRUNTIME for r in rows) else ""))
     frame = pd.DataFrame([{
-        "plan": variant(r), "set": r["data"], "n": r["n"],
-        "accuracy": common.fmt_ci(r["accuracy"], r["ci95"]),
-        "Δ vs FP32 (points)": f"{100 * r['accuracy_delta']:+.1f} [{100 * r['accuracy_delta_ci95'][0]:+.1f}, "
-                              f"{100 * r['accuracy_delta_ci95'][1]:+.1f}]",
-        "agreement": f"{r['agreement']:.1%}", "flips": r["flips"], "McNemar p": r["mcnemar_p"], "KL": r["kl"],
-        "size (MB)": r["size_bytes"] / 1e6, "size ratio": r["size_ratio"], "p50 (ms)": r["latency_ms_p50"],
-        "speedup": f"{r['speedup']:.2f}x [{r['speedup_ci95'][0]:.2f}, {r['speedup_ci95'][1]:.2f}]",
-        "throughput (/s)": r["throughput_per_s"],
+        "plan": name(r), "set": r.data, "n": r.n,
+        "accuracy": common.fmt_ci(r.accuracy, r.ci95),
+        "Δ vs FP32 (points)": f"{100 * r.accuracy_delta:+.1f} [{100 * r.accuracy_delta_ci95[0]:+.1f}, "
+                              f"{100 * r.accuracy_delta_ci95[1]:+.1f}]",
+        "agreement": f"{r.agreement:.1%}", "flips": r.flips, "McNemar p": r.mcnemar_p, "KL": r.kl,
+        "size (MB)": r.size_bytes / 1e6, "size ratio": r.size_ratio, "p50 (ms)": r.latency_ms_p50,
+        "speedup": f"{r.speedup:.2f}x [{r.speedup_ci95[0]:.2f}, {r.speedup_ci95[1]:.2f}]",
+        "throughput (/s)": r.throughput_per_s,
     } for r in rows])
     st.dataframe(frame, hide_index=True, width="stretch",
                  column_config={"McNemar p": st.column_config.NumberColumn(format="%.3g"),
                                 "KL": st.column_config.NumberColumn(format="%.2e"),
                                 **{c: st.column_config.NumberColumn(format="%.2f")
                                    for c in ("size (MB)", "size ratio", "p50 (ms)", "throughput (/s)")}})
-    for note in sorted({note for r in rows for note in r.get("kernel_notes", [])}):
+    for note in sorted({note for r in rows for note in r.kernel_notes}):
         st.caption(f"Kernel note: {note}")
-    for kernel in sorted({r["cpu_kernel"] for r in rows if r.get("cpu_kernel")}):
+    for kernel in sorted({r.cpu_kernel for r in rows if r.cpu_kernel}):
         st.caption(f"ORT rows' int8 written for {kernel}.")
 
 
-def charts(rows: list[dict]) -> None:
+def charts(rows: list[ComparisonRow]) -> None:
     frame = pd.DataFrame([{
-        "plan": variant(r), "set": r["data"], "accuracy (%)": 100 * r["accuracy"],
-        "ci_plus": 100 * (r["ci95"][1] - r["accuracy"]), "ci_minus": 100 * (r["accuracy"] - r["ci95"][0]),
-        "delta (points)": 100 * r["accuracy_delta"],
-        "delta_plus": 100 * (r["accuracy_delta_ci95"][1] - r["accuracy_delta"]),
-        "delta_minus": 100 * (r["accuracy_delta"] - r["accuracy_delta_ci95"][0]),
-        "latency p50 (ms)": r["latency_ms_p50"], "size (MB)": r["size_bytes"] / 1e6,
-        "fp32": r["plan_json"] == {} and r.get("runtime", "torch") == "torch",
+        "plan": name(r), "set": r.data, "accuracy (%)": 100 * r.accuracy,
+        "ci_plus": 100 * (r.ci95[1] - r.accuracy), "ci_minus": 100 * (r.accuracy - r.ci95[0]),
+        "delta (points)": 100 * r.accuracy_delta,
+        "delta_plus": 100 * (r.accuracy_delta_ci95[1] - r.accuracy_delta),
+        "delta_minus": 100 * (r.accuracy_delta - r.accuracy_delta_ci95[0]),
+        "latency p50 (ms)": r.latency_ms_p50, "size (MB)": r.size_bytes / 1e6,
+        "fp32": r.plan_json == {} and r.runtime == Runtime.TORCH,
     } for r in rows])
-    low = min(100 * r["ci95"][0] for r in rows)
-    high = max(100 * r["ci95"][1] for r in rows)
+    low = min(100 * r.ci95[0] for r in rows)
+    high = max(100 * r.ci95[1] for r in rows)
     span = [max(0.0, low - 2), min(100.0, high + 2)]  # the axis spans the data, not 0-100%
     columns = st.columns(2)
     accuracy = px.scatter(frame, x="plan", y="accuracy (%)", color="set", error_y="ci_plus",
@@ -192,12 +207,6 @@ def cluster_section(plans) -> None:
         for r in rows]), hide_index=True, width="stretch")
 
 
-def variant(row: dict) -> str:
-    """A row's plan, with its runtime where the comparison has more than torch."""
-    name = display_name(row["plan"])
-    return name if row.get("runtime", "torch") == "torch" else f"{name} · ORT"
-
-
 def deploy_section(plans) -> None:
     st.subheader("Deploy a plan")
     labels = [label for label, _ in plans]
@@ -206,13 +215,13 @@ def deploy_section(plans) -> None:
 
 
 def report(stored: dict) -> None:
-    rows = stored["rows"]
+    rows = typed_rows(stored["rows"])
     st.subheader("Results")
-    st.caption(f"Measured on {stored['machine']} ({rows[0]['device']}).")
+    st.caption(f"Measured on {stored['machine']} ({rows[0].device}).")
     table(rows)
     charts(rows)
     st.subheader("Findings")
-    sentences = findings(rows)
+    sentences = findings(stored["rows"])  # findings and the downloads read the rows as stored (JSON)
     st.markdown("\n".join(f"- {s}" for s in sentences) if sentences else "Add a plan other than FP32 to compare.")
     st.subheader("Examples on which the plans disagree")
     disputed = stored["disagreements"]
@@ -223,8 +232,8 @@ def report(stored: dict) -> None:
     else:
         st.caption("Every plan predicts the same class as FP32 on every example.")
     downloads = st.columns(2)
-    downloads[0].download_button("Download CSV", to_csv(rows), "comparison.csv", "text/csv")
-    downloads[1].download_button("Download Markdown report", to_markdown(rows, sentences, stored["machine"]),
+    downloads[0].download_button("Download CSV", to_csv(stored["rows"]), "comparison.csv", "text/csv")
+    downloads[1].download_button("Download Markdown report", to_markdown(stored["rows"], sentences, stored["machine"]),
                                  "comparison.md", "text/markdown")
 
 

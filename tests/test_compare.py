@@ -15,14 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from engine.analysis.compare import CONTRACT_FIELDS, SetOutcome, disagreements, run_comparison
+from engine.analysis.compare import (CONTRACT_FIELDS, ComparisonRow, SetOutcome, disagreements, run_comparison,
+                                     variant)
 from engine.analysis.findings import accuracy_finding, domain_finding, findings, size_finding, speed_finding
 from engine.analysis.presets import preset_plan, resolve_plan_item, split_plan_list
 from engine.analysis.report import to_csv, to_markdown
 from engine.core.data import EvalSet
 from engine.core.plan import FP32, Plan, PlanError
 from engine.core.stats import compare, median_interval
-from engine.evaluation.evaluate import evaluate
+from engine.evaluation.evaluate import EvalSummary, evaluate, summarize
 from engine.evaluation.evaluator import EvalResult
 from engine.model.inventory import list_layers
 from engine.runtime.device import DeviceError
@@ -42,41 +43,86 @@ def tiny_report(tiny_bert, tokenizer):
 
 def test_rows_have_every_field_per_plan_and_set(tiny_report):
     rows = tiny_report.rows
-    assert [(r["plan"], r["data"]) for r in rows] == [
+    assert [(r.plan, r.data) for r in rows] == [
         (p, d) for p in ("fp32", "int8", "int8-linear", "int4") for d in ("embedded[:40]", "amazon[:40]")]
     for row in rows:
-        assert set(CONTRACT_FIELDS) | set(EXTRAS) <= set(row)
-        low, high = row["ci95"]
-        assert low <= row["accuracy"] <= high and row["n"] == 40 and row["device"] == "cpu"
-        assert row["latency_ms_p50"] <= row["latency_ms_p95"] and row["throughput_per_s"] > 0
-        low, high = row["speedup_ci95"]
-        assert low <= row["speedup"] <= high
-        assert row["lost"] + row["gained"] <= row["flips"] and row["timing_repeats"] >= 20
-        assert row["accuracy_delta"] == pytest.approx((row["gained"] - row["lost"]) / row["n"])
-        json.dumps(row)  # plain JSON values only
+        assert set(CONTRACT_FIELDS) | set(EXTRAS) <= set(row.to_json())
+        low, high = row.ci95
+        assert low <= row.accuracy <= high and row.n == 40 and row.device == "cpu"
+        assert row.latency_ms_p50 <= row.latency_ms_p95 and row.throughput_per_s > 0
+        low, high = row.speedup_ci95
+        assert low <= row.speedup <= high
+        assert row.lost + row.gained <= row.flips and row.timing_repeats >= 20
+        assert row.accuracy_delta == pytest.approx((row.gained - row.lost) / row.n)
+        json.dumps(row.to_json())  # plain JSON values only
     fp32 = rows[0]
-    assert fp32["agreement"] == 1.0 and fp32["flips"] == 0 and fp32["speedup"] == 1.0 and fp32["size_ratio"] == 1.0
-    by_plan = {r["plan"]: r for r in rows}
-    assert by_plan["int4"]["size_bytes"] < by_plan["int8"]["size_bytes"] < by_plan["int8-linear"]["size_bytes"] \
-        < fp32["size_bytes"]
+    assert fp32.agreement == 1.0 and fp32.flips == 0 and fp32.speedup == 1.0 and fp32.size_ratio == 1.0
+    by_plan = {r.plan: r for r in rows}
+    assert by_plan["int4"].size_bytes < by_plan["int8"].size_bytes < by_plan["int8-linear"].size_bytes \
+        < fp32.size_bytes
+
+
+# What `compare --json` printed before its rows were typed: the same keys, in the same order.
+CLI_KEYS = ["plan", "data", "accuracy", "ci95", "agreement", "flips", "mcnemar_p", "kl", "size_bytes", "latency_ms_p50",
+            "throughput_per_s", "device", "runtime", "protocol", "n", "lost", "gained", "accuracy_delta",
+            "accuracy_delta_ci95", "fp32_accuracy", "latency_ms_p95", "fp32_latency_ms_p50", "fp32_latency_ms_p95",
+            "speedup", "speedup_ci95", "fp32_size_bytes", "size_ratio", "peak_memory_bytes", "threads", "load_average",
+            "tokens", "throughput_batch", "timing_repeats", "machine", "kernel_notes", "plan_json", "cpu_kernel"]
+
+
+def test_rows_are_typed_and_their_json_round_trips(tiny_report):
+    for row in tiny_report.rows:
+        assert isinstance(row, ComparisonRow)
+        stored = json.loads(json.dumps(row.to_json()))  # as the cache and the CLI see it
+        assert list(stored) == CLI_KEYS and isinstance(stored["ci95"], list)
+        assert ComparisonRow.from_json(stored) == row and ComparisonRow.from_json(stored).to_json() == stored
+    with pytest.raises(AttributeError):
+        tiny_report.rows[0].accuracy = 1.0  # frozen: a row is a measured value
+
+
+def test_a_row_stored_by_an_older_version_loads_or_is_refused(tiny_report):
+    stored = tiny_report.rows[2].to_json() | {"retired_field": 1}  # a key no longer written: ignored
+    for optional in ("runtime", "protocol", "peak_memory_bytes", "kernel_notes", "cpu_kernel"):
+        stored.pop(optional, None)
+    row = ComparisonRow.from_json(stored)
+    assert row.runtime == "torch" and row.kernel_notes == () and row.cpu_kernel is None and row.plan == "int8"
+    assert row.ci95 == tuple(stored["ci95"])
+    del stored["speedup_ci95"]
+    with pytest.raises(ValueError, match="without speedup_ci95"):
+        ComparisonRow.from_json(stored)
+
+
+def test_one_name_per_variant():
+    assert variant("int8", "torch") == "int8" and variant("INT8", "onnxruntime") == "INT8 · ORT"
 
 
 def test_fp32_is_timed_as_the_reference_even_when_not_listed(tiny_distilbert, tokenizer):
     rows = run_comparison(tiny_distilbert, tokenizer, [resolve_plan_item("int8", tiny_distilbert)], ["nyt"],
                           limit=8, bench_seconds=0.01).rows
-    assert [(r["plan"], r["data"]) for r in rows] == [("int8", "nyt[:8]")]
-    assert rows[0]["speedup_ci95"][0] <= rows[0]["speedup"] <= rows[0]["speedup_ci95"][1]
-    assert rows[0]["fp32_latency_ms_p50"] > 0
-    assert rows[0]["size_ratio"] < 0.5
+    assert [(r.plan, r.data) for r in rows] == [("int8", "nyt[:8]")]
+    assert rows[0].speedup_ci95[0] <= rows[0].speedup <= rows[0].speedup_ci95[1]
+    assert rows[0].fp32_latency_ms_p50 > 0
+    assert rows[0].size_ratio < 0.5
 
 
 def test_rows_match_the_one_evaluation_path(tiny_report, tiny_bert, tokenizer):
     for row in tiny_report.rows[2:4]:  # int8 on both sets
-        data = "embedded" if row["data"].startswith("embedded") else "amazon"
+        data = "embedded" if row.data.startswith("embedded") else "amazon"
         direct = evaluate(tiny_bert, tokenizer, data, "int8", limit=40)
         for key in ("accuracy", "ci95", "agreement", "flips", "kl", "mcnemar_p", "size_bytes"):
-            assert row[key] == pytest.approx(direct[key]), key
-        assert row["accuracy_delta"] == pytest.approx(row["accuracy"] - row["fp32_accuracy"])
+            assert getattr(row, key) == pytest.approx(direct[key]), key
+        assert row.accuracy_delta == pytest.approx(row.accuracy - row.fp32_accuracy)
+
+
+def test_the_evaluation_summary_is_typed_and_evaluate_keeps_its_dict(tiny_bert, tokenizer):
+    summary = summarize(tiny_bert, tokenizer, "embedded", "int8", limit=16)
+    assert isinstance(summary, EvalSummary) and summary.n == 16 and summary.ci95[0] <= summary.accuracy
+    stored = json.loads(json.dumps(summary.to_json()))
+    assert list(stored) == ["accuracy", "ci95", "n", "agreement", "flips", "kl", "mcnemar_p", "plan", "kernels", "data",
+                            "seconds", "size_bytes", "device", "classes"]  # eval --json's keys, no calibration
+    assert EvalSummary.from_json(stored) == summary
+    direct = evaluate(tiny_bert, tokenizer, "embedded", "int8", limit=16)
+    assert direct == {**stored, "seconds": direct["seconds"]}
 
 
 def test_int8_linear_keeps_the_embedding_in_fp32(tiny_distilbert):
@@ -204,7 +250,7 @@ def test_findings_cover_each_quantized_plan_and_skip_fp32():
 
 # ---- export -----------------------------------------------------------------------------------
 def test_csv_and_markdown_export(tiny_report):
-    rows = tiny_report.rows
+    rows = [row.to_json() for row in tiny_report.rows]  # the page's stored rows
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))
     assert len(parsed) == len(rows)
     assert float(parsed[3]["ci95_low"]) == pytest.approx(rows[3]["ci95"][0])
@@ -276,8 +322,8 @@ def test_cuda_real_kernels_track_the_simulated_model(tiny_bert, tokenizer):
 def test_compare_on_cuda(tiny_bert, tokenizer):
     plans = [resolve_plan_item(name, tiny_bert) for name in ("fp32", "fp16", "int8", "int4")]
     rows = run_comparison(tiny_bert, tokenizer, plans, ["embedded"], device="cuda", limit=32, bench_seconds=0.05).rows
-    assert len(rows) == 4 and all(r["device"] == "cuda" for r in rows)
-    assert all(r["peak_memory_bytes"] and r["latency_ms_p50"] > 0 for r in rows)
+    assert len(rows) == 4 and all(r.device == "cuda" for r in rows)
+    assert all(r.peak_memory_bytes and r.latency_ms_p50 > 0 for r in rows)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
@@ -292,7 +338,7 @@ def test_cli_compare_on_the_embedded_model(tmp_path):
                 env_dir=tmp_path)
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
-    assert len(rows) == 8
+    assert len(rows) == 8 and all(list(row) == CLI_KEYS for row in rows)
     for row in rows:
         assert all(row[key] is not None for key in CONTRACT_FIELDS), row
     assert {r["plan"] for r in rows} == {"fp32", "fp16", "int8", "int4"}

@@ -9,8 +9,8 @@ slows every plan alike and FP32 stays a fair reference; size is the serialized r
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from torch import nn
@@ -34,6 +34,7 @@ from engine.runtime.latency import describe, machine
 CONTRACT_FIELDS = ("plan", "data", "accuracy", "ci95", "agreement", "flips", "mcnemar_p", "kl", "size_bytes",
                    "latency_ms_p50", "throughput_per_s", "device", "runtime")
 THROUGHPUT_BATCH = 32
+SHORT_RUNTIME_NAMES = {Runtime.ONNXRUNTIME: "ORT"}  # a variant's name must fit a chart's legend
 
 Progress = Callable[[float, str], None]
 
@@ -49,11 +50,83 @@ class SetOutcome:
     results: dict[str, EvalResult] = field(default_factory=dict)
 
 
+Pair = tuple[float, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComparisonRow:
+    """One plan on one set and runtime: the contract's fields first, in the CLI's order, then the intervals,
+    FP32's figures, the timing's circumstances and the plan itself. `to_json()` is what `compare --json` prints
+    and what the page's cache keeps."""
+
+    plan: str
+    data: str
+    accuracy: float
+    ci95: Pair
+    agreement: float
+    flips: int
+    mcnemar_p: float
+    kl: float
+    size_bytes: int
+    latency_ms_p50: float
+    throughput_per_s: float
+    device: str
+    runtime: str = Runtime.TORCH  # rows stored before ORT variants existed were torch's
+    protocol: str | None = None
+    n: int
+    lost: int
+    gained: int
+    accuracy_delta: float
+    accuracy_delta_ci95: Pair
+    fp32_accuracy: float
+    latency_ms_p95: float
+    fp32_latency_ms_p50: float
+    fp32_latency_ms_p95: float
+    speedup: float
+    speedup_ci95: Pair
+    fp32_size_bytes: int
+    size_ratio: float
+    peak_memory_bytes: int | None = None
+    threads: int
+    load_average: tuple[float, ...] | None
+    tokens: int
+    throughput_batch: int
+    timing_repeats: int
+    machine: str
+    kernel_notes: tuple[str, ...] = ()
+    plan_json: dict
+    cpu_kernel: str | None = None
+
+    def __post_init__(self) -> None:
+        # Intervals and lists arrive as lists (from JSON, from the timings): kept as tuples, so a row is a value.
+        for name in _TUPLES:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as JSON values (intervals as lists), keys in the contract's order."""
+        return {f.name: list(value) if isinstance(value := getattr(self, f.name), tuple) else value
+                for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ComparisonRow:
+        """A row from `to_json()`'s dict, or from one stored by an older version (its missing optional fields take
+        their defaults, keys it no longer has are ignored); ValueError when a required field is missing."""
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
+        if missing:
+            raise ValueError(f"a comparison row without {', '.join(missing)}")
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+_TUPLES = ("ci95", "accuracy_delta_ci95", "speedup_ci95", "load_average", "kernel_notes")
+
+
 @dataclass
 class Report:
     """A comparison: its rows (one per plan and set), the raw outcomes and the machine it ran on."""
 
-    rows: list[dict]
+    rows: list[ComparisonRow]
     outcomes: list[SetOutcome]
     machine: str
 
@@ -68,8 +141,9 @@ def _unique_labels(plans: Sequence[tuple[str, Plan]]) -> list[tuple[str, Plan]]:
 
 
 def variant(label: str, runtime: str) -> str:
-    """The name of a plan on a runtime in a comparison's results (the plan's label on torch)."""
-    return label if runtime == Runtime.TORCH else f"{label} · {runtime}"
+    """The name of a plan on a runtime, in a comparison's results and on its page (the plan's label alone on
+    torch): `variant(display_name(row.plan), row.runtime)` names a row."""
+    return label if runtime == Runtime.TORCH else f"{label} · {SHORT_RUNTIME_NAMES.get(runtime, runtime)}"
 
 
 def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]],
@@ -158,37 +232,37 @@ def run_comparison(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]
 
 
 def _row(label: str, runtime: str, plan: Plan, outcome: SetOutcome, single: dict, fp32_single: dict, batched: dict,
-         device: str, machine_text: str, notes: list[str]) -> dict:
+         device: str, machine_text: str, notes: list[str]) -> ComparisonRow:
     result, fp32 = outcome.results[variant(label, runtime)], outcome.fp32
     truth = outcome.labels
     correct, fp32_correct = result.predictions == truth, fp32.predictions == truth
     comparison = result.comparison
-    return {
-        "plan": label, "data": outcome.data.name, "accuracy": comparison.accuracy, "ci95": list(comparison.ci95),
-        "agreement": comparison.agreement, "flips": comparison.flips, "mcnemar_p": comparison.mcnemar_p,
-        "kl": comparison.kl, "size_bytes": single["size_bytes"], "latency_ms_p50": single["latency_ms_p50"],
-        "throughput_per_s": batched["throughput_per_s"], "device": device, "runtime": runtime,
-        "protocol": single["protocol"],
-        "n": comparison.n,
-        "lost": int(np.sum(fp32_correct & ~correct)), "gained": int(np.sum(~fp32_correct & correct)),
-        "accuracy_delta": comparison.accuracy - fp32.comparison.accuracy,
-        "accuracy_delta_ci95": list(bootstrap_diff_interval(fp32_correct, correct)),
-        "fp32_accuracy": fp32.comparison.accuracy,
-        "latency_ms_p95": single["latency_ms_p95"],
-        "fp32_latency_ms_p50": fp32_single["latency_ms_p50"], "fp32_latency_ms_p95": fp32_single["latency_ms_p95"],
-        "speedup": single["speedup"], "speedup_ci95": single["speedup_ci95"],
-        "fp32_size_bytes": fp32_single["size_bytes"], "size_ratio": single["size_bytes"] / fp32_single["size_bytes"],
-        "peak_memory_bytes": None, "threads": single["threads"], "load_average": single["load_average"],
-        "tokens": TIMING_TOKENS, "throughput_batch": THROUGHPUT_BATCH, "timing_repeats": single["repeats"],
-        "machine": machine_text, "kernel_notes": notes, "plan_json": plan.to_json(),
-        "cpu_kernel": plan.cpu.kernel if runtime == Runtime.ONNXRUNTIME else None,
-    }
+    return ComparisonRow(
+        plan=label, data=outcome.data.name, accuracy=comparison.accuracy, ci95=comparison.ci95,
+        agreement=comparison.agreement, flips=comparison.flips, mcnemar_p=comparison.mcnemar_p,
+        kl=comparison.kl, size_bytes=single["size_bytes"], latency_ms_p50=single["latency_ms_p50"],
+        throughput_per_s=batched["throughput_per_s"], device=device, runtime=runtime,
+        protocol=single["protocol"],
+        n=comparison.n,
+        lost=int(np.sum(fp32_correct & ~correct)), gained=int(np.sum(~fp32_correct & correct)),
+        accuracy_delta=comparison.accuracy - fp32.comparison.accuracy,
+        accuracy_delta_ci95=bootstrap_diff_interval(fp32_correct, correct),
+        fp32_accuracy=fp32.comparison.accuracy,
+        latency_ms_p95=single["latency_ms_p95"],
+        fp32_latency_ms_p50=fp32_single["latency_ms_p50"], fp32_latency_ms_p95=fp32_single["latency_ms_p95"],
+        speedup=single["speedup"], speedup_ci95=single["speedup_ci95"],
+        fp32_size_bytes=fp32_single["size_bytes"], size_ratio=single["size_bytes"] / fp32_single["size_bytes"],
+        peak_memory_bytes=None, threads=single["threads"], load_average=single["load_average"],
+        tokens=TIMING_TOKENS, throughput_batch=THROUGHPUT_BATCH, timing_repeats=single["repeats"],
+        machine=machine_text, kernel_notes=notes, plan_json=plan.to_json(),
+        cpu_kernel=plan.cpu.kernel if runtime == Runtime.ONNXRUNTIME else None,
+    )
 
 
 def compare_plans(model: nn.Module, tokenizer, plans: Sequence[tuple[str, Plan]], datasets: Sequence[str | EvalSet],
                   device: str = "cpu", progress: Progress | None = None, limit: int | None = None,
                   bench_seconds: float = 1.0, runtimes: Sequence[str] = (Runtime.TORCH,),
-                  exports: Exports | None = None) -> list[dict]:
+                  exports: Exports | None = None) -> list[ComparisonRow]:
     """One row per (plan, set, runtime): the contract's fields plus intervals, p95, speedup, size ratio."""
     return run_comparison(model, tokenizer, plans, datasets, device, limit, progress, bench_seconds, runtimes,
                           exports).rows

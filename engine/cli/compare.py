@@ -37,8 +37,9 @@ def run(_name: str, args):
     from cache import results
 
     chosen = runtimes(args.runtime)
-    return compare_plans(model, tokenizer, plans, sets, args.device, progress=progress_printer(), limit=args.limit,
+    rows = compare_plans(model, tokenizer, plans, sets, args.device, progress=progress_printer(), limit=args.limit,
                          runtimes=chosen, exports=results.exports() if Runtime.ONNXRUNTIME in chosen else None)
+    return [row.to_json() for row in rows]
 
 
 def _methods(args, sets: list[str]):

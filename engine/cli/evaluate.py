@@ -66,19 +66,20 @@ def exported_evaluation(model, tokenizer, data, plan, device: str) -> dict:
 def run(name: str, args):
     if name == "eval":
         from engine.core.cpu import features_line
-        from engine.evaluation.evaluate import evaluate
+        from engine.evaluation.evaluate import summarize
 
         data = evaluation_set(args)
         model, tokenizer = load(args)
         plan = resolved_plan(args, model)
         if args.runtime == Runtime.TORCH:
-            return evaluate(model, tokenizer, data, plan, args.kernels or Kernels.SIMULATED, None, args.device)
+            return summarize(model, tokenizer, data, plan, args.kernels or Kernels.SIMULATED, None,
+                             args.device).to_json()
         if args.runtime != Runtime.ONNXRUNTIME:
             raise UsageError(f"runtime {args.runtime!r}: choose {' or '.join(names(Runtime))}")
         cpu = {"target_cpu": plan.cpu.value, "cpu_kernel": plan.cpu.kernel, "cpu_features": features_line()}
         if args.kernels == Kernels.SIMULATED:  # ONNX Runtime's numerics, simulated exactly: the layer map's figure
-            return {**evaluate(model, tokenizer, data, plan.on(Runtime.ONNXRUNTIME), Kernels.SIMULATED, None,
-                               args.device), "runtime": Runtime.ONNXRUNTIME, **cpu}
+            return {**summarize(model, tokenizer, data, plan.on(Runtime.ONNXRUNTIME), Kernels.SIMULATED, None,
+                                args.device).to_json(), "runtime": Runtime.ONNXRUNTIME, **cpu}
         return {**exported_evaluation(model, tokenizer, data, plan, args.device), **cpu}
     if name == "predict":
         from engine.analysis.predict import predict

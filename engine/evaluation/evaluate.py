@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
 
 from cachetools import LRUCache
 from torch import nn
@@ -43,9 +45,48 @@ def figures(summary: dict, size_bytes: int, device: str) -> dict:
     return out
 
 
-def evaluate(model: nn.Module, tokenizer, dataset: str | EvalSet = "embedded", plan: PlanLike = FP32,
-             kernels: str = Kernels.SIMULATED, limit: int | None = None, device: str | None = "cpu",
-             progress: Progress | None = None) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class EvalSummary:
+    """What `evaluate` reports of a plan on a set, in `eval --json`'s order; `to_json()` is that document."""
+
+    accuracy: float
+    ci95: tuple[float, float]
+    n: int
+    agreement: float
+    flips: int
+    kl: float
+    mcnemar_p: float
+    plan: dict
+    kernels: str
+    data: str
+    seconds: float
+    size_bytes: int
+    device: str
+    classes: tuple[str, ...]
+    calibration: str | None = None  # the calibration texts' source, for a plan that calibrates
+
+    def __post_init__(self) -> None:
+        # JSON and the figures give lists: kept as tuples, so a summary is a value.
+        object.__setattr__(self, "ci95", tuple(self.ci95))
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's dict (no "calibration" key for a plan that does not calibrate)."""
+        out = {f.name: list(value) if isinstance(value := getattr(self, f.name), tuple) else value
+               for f in fields(self)}
+        if self.calibration is None:
+            del out["calibration"]
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EvalSummary:
+        """From `to_json()`'s dict; keys it does not know are ignored, a missing field is a TypeError."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def summarize(model: nn.Module, tokenizer, dataset: str | EvalSet = "embedded", plan: PlanLike = FP32,
+              kernels: str = Kernels.SIMULATED, limit: int | None = None, device: str | None = "cpu",
+              progress: Progress | None = None) -> EvalSummary:
     """Accuracy with its 95% CI, agreement and flips against FP32, KL, McNemar p and size of a plan."""
     plan = as_plan(plan)
     plan.resolve(list_layers(model))  # a bad pattern is reported before any work
@@ -53,7 +94,12 @@ def evaluate(model: nn.Module, tokenizer, dataset: str | EvalSet = "embedded", p
     evaluator = get_evaluator(model, tokenizer, data, device)
     result, _ = evaluator.run(plan, kernels, progress=progress)
     out = figures(result.summary(), model_size_bytes(model, plan), str(evaluator.device))
-    out["classes"] = list(evaluator.classes.names)
-    if plan.needs_calibration:
-        out["calibration"] = data.calibration_source
-    return out
+    return EvalSummary(**out, classes=evaluator.classes.names,
+                       calibration=data.calibration_source if plan.needs_calibration else None)
+
+
+def evaluate(model: nn.Module, tokenizer, dataset: str | EvalSet = "embedded", plan: PlanLike = FP32,
+             kernels: str = Kernels.SIMULATED, limit: int | None = None, device: str | None = "cpu",
+             progress: Progress | None = None) -> dict:
+    """The contract's call: `summarize`'s figures as the dict that `eval --json` prints."""
+    return summarize(model, tokenizer, dataset, plan, kernels, limit, device, progress).to_json()
