@@ -4,6 +4,8 @@ The page opens on what is cheap or known: calibration statistics, the outlier vi
 per-layer search is cached, the best alpha found; evaluations run when asked for, with their cost
 estimated from this set's measured FP32 pass, on a quick sample first if the person wants.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
@@ -14,7 +16,7 @@ from cache import keys, lookup, remember, results
 from engine.analysis import smoothquant as sq
 from engine.analysis.smoothquant_export import export
 from engine.core.plan import Plan
-from engine.core.stats import paired_gain
+from engine.core.stats import Comparison, paired_gain
 from engine.quant.smoothing import EPS
 
 ACTS = {"static": "static · per-tensor scale calibrated on held-out rows",
@@ -32,26 +34,36 @@ def known_best(evaluator, calib: int, act: str) -> float | None:
     return None
 
 
-def evaluated(evaluator, plan: Plan, label: str):
-    """The plan's result on the evaluator's set: from the cache, or one queued evaluation with a live estimate."""
-    def compute():
-        bar = st.progress(0.0, text=f"Evaluating {label}…")
+@dataclass(frozen=True)
+class Evaluated:
+    """What this page and `sq.alpha_rows` read of an evaluation, rebuilt from its stored summary."""
 
-        def work(progress):
-            result = evaluator.run(plan, progress=progress, cancelled=progress.cancelled)[0]
-            # The layer map keeps a plan's summary under its own key (cache.keys.evaluation): stored here too, a
-            # plan sent there from this page is not evaluated a second time.
-            results.store_evaluation(evaluator, plan, result.summary())
-            return result
+    comparison: Comparison
+    predictions: np.ndarray
 
-        def show(p) -> None:
-            bar.progress(p.done / p.total,
-                         text=f"{label}: {p.done}/{p.total} · running accuracy {common.fmt_ci(p.accuracy, p.ci95)}")
+    @classmethod
+    def of(cls, summary: dict) -> "Evaluated":
+        return cls(Comparison(summary["accuracy"], tuple(summary["ci95"]), summary["n"], summary["agreement"],
+                              summary["flips"], tuple(summary["flipped"]), summary["kl"], summary["mcnemar_p"]),
+                   np.asarray(summary["predicted"]))
 
-        result = common.run_job("smoothquant", f"Evaluating {label}", work, show_progress=show)
-        bar.empty()
-        return result
-    return remember(keys.smoothquant(evaluator, "eval", plan=plan.key(), batch=evaluator.batch_size), compute)
+
+def evaluated(evaluator, plan: Plan, label: str) -> Evaluated:
+    """The plan's figures on the evaluator's set, kept under the layer map's key (cache.keys.evaluation) so a plan
+    sent from either page to the other is evaluated once: from the cache, or one queued evaluation with a live
+    estimate."""
+    bar = st.empty()
+
+    def show(p) -> None:
+        bar.progress(p.done / p.total,
+                     text=f"{label}: {p.done}/{p.total} · running accuracy {common.fmt_ci(p.accuracy, p.ci95)}")
+
+    summary = common.cached_job(
+        keys.evaluator_evaluation(evaluator, plan), f"Evaluating {label}",
+        lambda progress: evaluator.run(plan, progress=progress, cancelled=progress.cancelled)[0].summary(),
+        kind="smoothquant", show_progress=show)
+    bar.empty()
+    return Evaluated.of(summary)
 
 
 def metric(evaluator, column, title: str, result, base=None) -> None:
@@ -92,8 +104,7 @@ def controls(evaluator) -> tuple[str, float, int, bool]:
 def evaluation_panel(evaluator, act: str, alpha: float, calib: int) -> None:
     plan = sq.smoothed_plan(alpha, act, calib)
     estimate = 2 * evaluator.baseline.seconds
-    known = all(lookup(keys.smoothquant(evaluator, "eval", plan=p.key(), batch=evaluator.batch_size)) is not None
-                for p in (plan, sq.smoothed_plan(None, act, calib)))
+    known = all(results.cached_evaluation(evaluator, p) is not None for p in (plan, sq.smoothed_plan(None, act, calib)))
     if not known and not st.button(f"Evaluate W8A8 with and without smoothing at α = {alpha:.2f} "
                                    f"(about {estimate:.0f} s)", type="primary", key="sq_evaluate"):
         return
@@ -105,8 +116,11 @@ def evaluation_panel(evaluator, act: str, alpha: float, calib: int) -> None:
     metric(evaluator, columns[2], f"W8A8 + SmoothQuant α = {alpha:.2f}", smoothed, base=w8a8)
     with st.expander("Check the invariant: smoothing alone leaves FP32's logits unchanged"):
         if st.button("Check at this α", key="sq_invariant"):
-            difference = sq.max_logit_diff(evaluator, alpha, calib,
-                                           run=lambda p: evaluated(evaluator, p, "smoothing alone"))
+            # The logits themselves are not kept (a summary holds each row's class): the one figure is.
+            difference = common.cached_job(
+                keys.smoothquant(evaluator, "invariant", alpha=alpha, calib=calib, batch=evaluator.batch_size),
+                "Checking the invariant", lambda _progress: sq.max_logit_diff(evaluator, alpha, calib),
+                kind="smoothquant")
             (st.success if difference < 1e-4 else st.error)(
                 f"max |logit(smoothed, FP32 weights) − logit(FP32)| = {difference:.2e} over "
                 f"{len(evaluator.labels):,} examples (float error; the bound is 1e-4)")

@@ -43,13 +43,32 @@ def _send(folder: Path, plan) -> AppTest:
     return at.run()
 
 
+def _found_for_the_layer_map(folder: Path, plan) -> bool:
+    """Whether the layer map would answer `plan` from the cache, without evaluating it."""
+    def script():
+        import streamlit as st
+
+        from app_pages import common
+        from cache import results
+
+        st.session_state["found"] = results.cached_evaluation(common.evaluator(), st.session_state["ask"]) is not None
+
+    at = AppTest.from_function(script, default_timeout=300)
+    at.session_state["model_name"] = str(folder)
+    at.session_state["limit"] = LIMIT
+    at.session_state["ask"] = plan
+    return at.run().session_state["found"]
+
+
 def test_a_plan_sent_from_smoothquant_lands_in_the_layer_map_and_is_undoable(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
     smoothquant = _page("smoothquant", folder, tmp_path).run()
     assert not smoothquant.exception
+    smoothquant.button(key="sq_evaluate").click().run()
     smoothquant.button(key="sq_send").click().run()
     assert not smoothquant.exception and not smoothquant.error
     sent = smoothquant.session_state["plan"]
+    assert _found_for_the_layer_map(folder, sent)  # evaluated on the SmoothQuant page: not again on the layer map
     assert sent.key() != FP32.key()
     assert [entry["plan"].key() for entry in smoothquant.session_state["lm_pending"]] == [sent.key()]
     assert [plan.key() for plan in smoothquant.session_state["plan_undo"]] == [FP32.key()]
@@ -104,3 +123,29 @@ def test_cached_job_answers_a_second_session_from_the_cache_without_queuing(tmp_
     second = AppTest.from_function(script, default_timeout=60).run()
     assert not second.exception and second.markdown[0].value == "answer 42"
     assert (tmp_path / "runs.txt").read_text() == "ran\n"  # the work ran once, for the first session only
+
+
+def test_method_rows_are_memoized_by_results_sweep_and_rtn_keys_stay(tiny_model, tokenizer, tmp_path, monkeypatch):
+    """A sweep with GPTQ stores its GPTQ rows too (pages and CLI share them); RTN's row key has no method part,
+    exactly as before methods existed, so rows stored then are still found."""
+    from cache import keys, make_key, results
+    from engine.core.data import load_dataset
+    from engine.core.vocabulary import WeightMethod
+    from engine.evaluation.evaluate import get_evaluator
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    evaluator = get_evaluator(tiny_model, tokenizer, load_dataset("embedded").head(16), keep_states=True)
+    methods = (WeightMethod.RTN, WeightMethod.GPTQ)
+    first = results.sweep(evaluator, ["int4"], "one", methods=methods)
+    assert first.computed == len(first.rows) and any(row.method == WeightMethod.GPTQ for row in first.rows)
+    again = results.sweep(evaluator, ["int4"], "one", methods=methods)
+    assert again.computed == 0 and [row.as_dict() for row in again.rows] == [row.as_dict() for row in first.rows]
+    assert set(results.known_rows(evaluator, ["int4"], "one", methods)) == {row.key for row in first.rows}
+    layer = evaluator.layers[0].name
+    model_fp, data_fp, device = evaluator.key
+    assert keys.sweep_row(evaluator, layer, "int4", "one") == make_key(
+        "sensitivity-row", model=model_fp, data=data_fp, device=device, batch=evaluator.batch_size, layer=layer,
+        precision="int4", direction="one")
+    assert keys.sweep_row(evaluator, layer, "int4", "one", WeightMethod.GPTQ) == make_key(
+        "sensitivity-row", model=model_fp, data=data_fp, device=device, batch=evaluator.batch_size, layer=layer,
+        precision="int4", direction="one", method=WeightMethod.GPTQ.value)
