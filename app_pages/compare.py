@@ -63,7 +63,7 @@ def choices(model):
     except (EngineError, UnicodeDecodeError) as error:
         st.error(f"Cannot use that choice: {error}")
         st.stop()
-    if "onnxruntime" in runtimes and device != "cpu":
+    if Runtime.ONNXRUNTIME in runtimes and device != "cpu":
         st.error("ONNX Runtime variants run on its CPU provider here: choose the cpu device to compare them.")
         st.stop()
     return plans, chosen_sets, device, runtimes

@@ -24,9 +24,8 @@ from engine.evaluation.evaluator import Cancelled
 from engine.evaluation.session import Session
 from engine.model.families import ALL_ROLES
 from engine.runtime.latency import describe
-from engine.core.vocabulary import Runtime, runtime_label
+from engine.core.vocabulary import TIMING_TOKENS, Runtime, runtime_label
 
-BENCH_TOKENS = 32
 CLICK_ACTIONS = {"cycle FP32 → INT8 → INT4": CYCLE, **{f"set {p.upper()}": p for p in PRECISIONS}}
 state = st.session_state
 
@@ -274,25 +273,25 @@ def latency_section(plan: Plan) -> None:
     and under what load it was taken."""
     model, tokenizer = common.model_and_tokenizer()
     data = common.dataset()  # read here: session state is this thread's, not the worker's
-    where = "the exported graph on ONNX Runtime" if plan.runtime == Runtime.ONNXRUNTIME else "torch"
-    st.markdown(f"**Latency on real kernels** ({where}, this CPU, {BENCH_TOKENS}-token inputs; the plan and torch "
+    where = "the exported graph on ONNX Runtime" if plan.runtime == Runtime.ONNXRUNTIME else Runtime.TORCH.label
+    st.markdown(f"**Latency on real kernels** ({where}, this CPU, {TIMING_TOKENS}-token inputs; the plan and torch "
                 "FP32 timed interleaved in one run)")
     # Each figure names its plan: after fast clicks the grid already shows later changes than the plan timed.
     entry = next((h for h in page_state.layer_map_state().history if h["key"] == plan.key()), None)
     plan_name = f"plan {entry['label']} ({entry['changed']})" if entry else "this plan"
     columns = st.columns(2)
     for column, batch in zip(columns, (1, 32)):
-        measured = results.cached_latency(model, plan, FP32, batch, BENCH_TOKENS)
+        measured = results.cached_latency(model, plan, FP32, batch, TIMING_TOKENS)
         fresh = column.button(f"Measure batch {batch} {'again' if measured else 'now'}", key=f"lm_measure_{batch}")
         # On torch batch 1 is timed after every change, when nothing else runs: a timing taken next to other
         # sessions' evaluations would mislead, and would hold their clicks back. An ONNX Runtime timing exports
         # the plan first, so it waits to be asked for.
         busy = SCHEDULER.load()
         quiet = not (busy["running"] or busy["queued"])
-        if (measured is None and batch == 1 and plan.runtime == "torch" and quiet) or fresh:
+        if (measured is None and batch == 1 and plan.runtime == Runtime.TORCH and quiet) or fresh:
             try:
                 measured = common.run_job("latency", f"Timing batch {batch}", lambda job, batch=batch: results.latency(
-                    model, tokenizer, plan, FP32, batch, BENCH_TOKENS, fresh=True, data=data,
+                    model, tokenizer, plan, FP32, batch, TIMING_TOKENS, fresh=True, data=data,
                     cancelled=job.cancelled), column.empty())
             except Cancelled:
                 column.caption(f"Batch {batch}: the timing gave way to another session's evaluation; measure it "

@@ -20,12 +20,13 @@ from engine.core.plan import FP32, Plan
 from engine.core.rules import DEFAULT_CALIB
 from engine.grid.tasks import build_tasks
 from engine.core.stats import SIGNIFICANCE
-from engine.core.vocabulary import WeightMethod
+from engine.core.vocabulary import TIMING_TOKENS, BudgetKind, WeightMethod
 from engine.model.families import ALL_ROLES
 
 DIRECTION_TEXT = {"one": "only this layer quantized", "all-but-one": "every layer quantized but this one"}
-BUDGET_TEXT = {"max_drop": "maximum accuracy drop (points)", "not_worse": "not significantly worse than FP32",
-               "target_bytes": "target size (MB)", "latency_ms": "latency target (ms, batch 1)"}
+BUDGET_TEXT = {BudgetKind.MAX_DROP: "maximum accuracy drop (points)",
+               BudgetKind.NOT_WORSE: "not significantly worse than FP32",
+               BudgetKind.TARGET_BYTES: "target size (MB)", BudgetKind.LATENCY_MS: "latency target (ms, batch 1)"}
 OUTSIDE = "outside blocks"
 CHUNK_S = {"one": 3.0, "all-but-one": 30.0}  # work per queued job, so other sessions' clicks get their turn
 state = st.session_state
@@ -250,19 +251,20 @@ def search_section(evaluator, model, tokenizer, single: dict) -> dict | None:
         return None
     fp32_bytes = results.size(model, FP32)
     controls = st.columns([2, 2, 1])
-    kind = controls[0].radio("Budget", amp.BUDGETS, format_func=BUDGET_TEXT.get, key="sens_budget")
+    kind = controls[0].radio("Budget", list(BudgetKind), format_func=BUDGET_TEXT.get, key="sens_budget")
     value: float | None = None
-    if kind == "max_drop":
+    if kind == BudgetKind.MAX_DROP:
         value = controls[1].number_input("Points", 0.0, 100.0, 1.0, 0.1, key="sens_drop")
-    elif kind == "target_bytes":
+    elif kind == BudgetKind.TARGET_BYTES:
         value = controls[1].number_input("MB", 0.1, fp32_bytes / 1e6, round(fp32_bytes / 4e6, 1), 0.5,
                                          key="sens_mb") * 1e6
-    elif kind == "latency_ms":
+    elif kind == BudgetKind.LATENCY_MS:
         value = controls[1].number_input("ms", 0.1, 10000.0, 20.0, 1.0, key="sens_ms")
     measure_latency = controls[2].checkbox("Time the front", value=True, key="sens_latency",
-                                           help="real kernels, batch 1, 32 tokens, after warm-up")
+                                           help=f"real kernels, batch 1, {TIMING_TOKENS} tokens, after warm-up")
     budget = amp.Budget(kind, value)
-    key = keys.search(evaluator, [kind, value], measure_latency or kind == "latency_ms", amp.LADDER, amp.MAX_REFINE)
+    key = keys.search(evaluator, [kind, value], measure_latency or kind == BudgetKind.LATENCY_MS, amp.LADDER,
+                      amp.MAX_REFINE)
 
     def ask() -> bool:
         if st.button("Search", type="primary", key="sens_search"):

@@ -17,12 +17,13 @@ from engine.analysis import smoothquant as sq
 from engine.analysis.smoothquant_export import export
 from engine.core.plan import Plan
 from engine.core.stats import Comparison, paired_gain
+from engine.core.vocabulary import ActScheme
 from engine.quant.smoothing import EPS
 
-ACTS = {"static": "static · per-tensor scale calibrated on held-out rows",
-        "token": "dynamic · per-token scales at run time",
-        "dynamic": "dynamic · per-tensor (torch's CPU kernel)"}
-SWEEP_ACTS = ("static", "token")
+ACTS = {ActScheme.STATIC: "static · per-tensor scale calibrated on held-out rows",
+        ActScheme.TOKEN: "dynamic · per-token scales at run time",
+        ActScheme.DYNAMIC: "dynamic · per-tensor (torch's CPU kernel)"}
+SWEEP_ACTS = (ActScheme.STATIC, ActScheme.TOKEN)
 state = st.session_state
 
 
@@ -164,7 +165,7 @@ def sweep_panel(evaluator, calib: int) -> None:
         sweep = remember(key, compute)
         bar.empty()
     figure = go.Figure()
-    colors = {"static": "#e6550d", "token": "#3182bd"}
+    colors = {ActScheme.STATIC: "#e6550d", ActScheme.TOKEN: "#3182bd"}
     for scheme, rows in sweep.items():
         alphas = [row["alpha"] for row in rows]
         low, high = [row["ci95"][0] for row in rows], [row["ci95"][1] for row in rows]

@@ -29,7 +29,6 @@ from engine.core.vocabulary import BudgetKind, WeightMethod, names
 from engine.evaluation.evaluator import Evaluator, Trace
 from engine.runtime.size import model_size_bytes
 
-BUDGETS = tuple(BudgetKind)  # the budgets a page offers, in this order
 LADDER = 6  # candidates spread evenly over the size range, for the front
 MAX_REFINE = 12  # single-step additions tried after the bisection, each verified
 KL_POINTS = 1.0  # accuracy points charged per nat of KL: breaks the many ties among whole-sentence drops
