@@ -75,8 +75,6 @@ def runtime_selector() -> None:
         if plan.cpu.saturates != this_cpu().saturates:
             st.caption(f"This machine is {here}: the exported model's latency here runs another integer path than "
                        f"the target's, while accuracy and agreement are the target's (simulated exactly).")
-    if state.get("lm_refused"):
-        st.error(f"Not applied: {state.pop('lm_refused')}")
 
 
 # ---- the grid -----------------------------------------------------------------------------------
@@ -406,9 +404,12 @@ runtime_selector()
 
 
 @st.fragment
-def grid_to_results(evaluator) -> ClickChoice:
-    """The grid, the evaluation of its clicks and their figures: a click reruns this part alone (the history,
-    latency and controls below follow on the page's next run)."""
+def grid_to_results(evaluator) -> None:
+    """The grid, the evaluation of its clicks, their figures, the history and the bulk controls (undo among
+    them): a click reruns this part alone. The latency and the export below follow on the page's next full run
+    (a button of theirs is one): the latency names the plan it was timed for."""
+    if state.get("lm_refused"):  # a change refused here or by the runtime choice above
+        st.error(f"Not applied: {state.pop('lm_refused')}")
     overlay = error_map.overlay_choice()
     diagnosis = error_map.diagnosis_for(common.current_plan(), evaluator) if overlay != "precision" else None
     choice = grid_section(evaluator.layers, diagnosis, overlay)
@@ -419,13 +420,12 @@ def grid_to_results(evaluator) -> ClickChoice:
     with st.expander("Current plan (JSON)"):
         st.code(json.dumps(plan.to_json(), indent=2) if plan.rules else '"fp32"', language="json")
     results_section(evaluator, plan)
-    return choice
+    history_section()
+    bulk_controls(evaluator.layers, choice)
 
 
-choice = grid_to_results(evaluator)
+grid_to_results(evaluator)
 plan = common.current_plan()
-history_section()
 latency_section(plan)
 st.markdown("**Deploy this plan**")
 deployment.export_button(plan, "layer-map plan", "layer_map")
-bulk_controls(evaluator.layers, choice)
