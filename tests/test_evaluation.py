@@ -10,7 +10,7 @@ import torch
 from engine.core.data import EvalSet, load_dataset
 from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
 from engine.core.stats import compare
-from engine.evaluation.evaluate import evaluate
+from engine.evaluation.evaluate import evaluate, get_evaluator
 from engine.evaluation.evaluator import EvalError, Evaluator
 from engine.evaluation.session import Session, StateBudget
 from engine.model.inventory import list_layers
@@ -146,6 +146,18 @@ def test_evaluate_returns_the_contract_fields(tokenizer, small_set):
     fp32 = evaluate(model, tokenizer, small_set, "fp32", limit=64)
     assert (fp32["agreement"], fp32["flips"], fp32["kl"], fp32["mcnemar_p"]) == (1.0, 0, 0.0, 1.0)
     assert fp32["size_bytes"] > out["size_bytes"]
+
+
+def test_a_model_edited_after_its_evaluator_was_built_never_serves_its_old_weights(tokenizer, small_set):
+    edited, fresh = _tiny("bert"), _tiny("bert")  # the same weights: the same key at first
+    get_evaluator(edited, tokenizer, small_set)
+    with torch.no_grad():
+        edited.classifier.bias += 5.0  # its evaluator now holds other weights than its key says
+    served = get_evaluator(fresh, tokenizer, small_set)
+    assert served.model is fresh
+    built = Evaluator(_tiny("bert"), tokenizer, small_set)  # outside the memo
+    assert np.array_equal(served.baseline_logits, built.baseline_logits)
+    assert np.array_equal(served.run(Plan.uniform("int8"))[0].logits, built.run(Plan.uniform("int8"))[0].logits)
 
 
 def test_evaluate_rejects_bad_input(tokenizer, small_set):

@@ -122,7 +122,7 @@ def test_smoothing_alone_leaves_fp32_unchanged(family):
         plan = Plan(smooth_alpha=alpha)
         result, _ = evaluator.run(plan)
         assert np.abs(result.logits - evaluator.baseline_logits).max() < 1e-4, (name, alpha)
-    _, smoothing = prepare(model, tokenizer, Plan(smooth_alpha=0.5), evaluator.dataset.calibration)
+    smoothing = prepare(model, tokenizer, Plan(smooth_alpha=0.5), evaluator.dataset.calibration).smoothing
     forms = {row["form"].split(" into ")[0] for row in smoothing.forms(model) if row["alpha"] is not None}
     if name in ("gpt2", "llama", "qwen2"):  # pre-LN: the norms before q/k/v and the MLP take the 1/s
         blocks = model_graph(model).n_blocks

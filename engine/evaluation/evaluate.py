@@ -25,13 +25,15 @@ _EVALUATORS: LRUCache = memo("evaluation.evaluators", LRUCache(maxsize=8), _LOCK
 def get_evaluator(model: nn.Module, tokenizer, dataset: EvalSet, device: str | None = "cpu",
                   keep_states: bool = False) -> Evaluator:
     """One Evaluator per (weights, data set, device) in this process, built on first use; one that
-    keeps states serves callers that do not need them too."""
+    keeps states serves callers that do not need them too. An evaluator whose model was edited in place
+    since (its weights no longer those of the key) is dropped, never served for the weights it had."""
     key = (fingerprint(model), dataset.fingerprint, str(device or "cpu"))
     with _LOCK:
         for wanted in ((True,) if keep_states else (False, True)):
             found = _EVALUATORS.get(key + (wanted,))
-            if found is not None:
+            if found is not None and fingerprint(found.model) == key[0]:
                 return found
+            _EVALUATORS.pop(key + (wanted,), None)
     evaluator = Evaluator(model, tokenizer, dataset, device=device, keep_states=keep_states)
     with _LOCK:
         return _EVALUATORS.setdefault(key + (keep_states,), evaluator)
