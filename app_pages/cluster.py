@@ -9,7 +9,7 @@ import streamlit as st
 
 from app_pages import common
 from cache import grid as cached
-from engine.core.data import VENDORED
+from engine.data.sets import VENDORED
 from engine.grid.run import run_grid
 from engine.grid.tasks import Task
 

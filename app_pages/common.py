@@ -16,7 +16,7 @@ import streamlit as st
 from cache import lookup, put
 from service.scheduler import SCHEDULER
 from engine.analysis.toggle import fit_plan, fit_undo
-from engine.core.data import DataError, EvalSet, available_sets, load_csv, load_dataset
+from engine.data.sets import DataError, EvalSet, available_sets, load_csv, load_dataset
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, Plan
 from engine.evaluation.evaluate import get_evaluator

@@ -13,9 +13,9 @@ from engine.analysis.compare import ComparisonRow, disagreements, run_comparison
 from engine.analysis.findings import findings
 from engine.analysis.presets import PRESETS, display_name, resolve_plan_item
 from engine.analysis.report import to_csv, to_markdown
-from engine.core.data import VENDORED
+from engine.data.sets import VENDORED
 from engine.core.errors import EngineError
-from engine.core.hub import hub_reachable
+from engine.data.hub import hub_reachable
 from engine.core.plan import FP32, parse_plan
 from engine.grid.tasks import build_tasks
 from engine.core.vocabulary import Runtime, runtime_label

@@ -15,7 +15,7 @@ from engine.analysis import attack, predict as pred
 from engine.analysis.perturb import KINDS, PerturbError, highlight_html, perturb, words
 from engine.core.errors import EngineError
 from engine.core.plan import Plan, PlanError
-from engine.core.data import available_sets
+from engine.data.sets import available_sets
 
 EXAMPLES = {
     "Mixed feelings": "A warm, funny film whose clumsy last act almost undoes all the good will it earns.",

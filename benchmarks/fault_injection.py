@@ -132,7 +132,7 @@ def admission(base: Path) -> tuple[Path, Path]:
     import torch
     import zoo
 
-    from engine.core.data import DataError, load_csv
+    from engine.data.sets import DataError, load_csv
     from engine.model import loading
     from engine.model.errors import ModelError
 

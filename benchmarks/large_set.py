@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import load_dataset, load_model  # noqa: E402
-from engine.core.data import load_csv  # noqa: E402
+from engine.data.sets import load_csv  # noqa: E402
 from engine.core.plan import Plan  # noqa: E402
 from engine.evaluation.evaluate import get_evaluator  # noqa: E402
 from engine.evaluation.session import Session  # noqa: E402

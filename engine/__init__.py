@@ -19,7 +19,7 @@ _PUBLIC = {
     "evaluate": "engine.evaluation.evaluate",
     "Plan": "engine.core.plan",
     "parse_plan": "engine.core.plan",
-    "load_dataset": "engine.core.data",
+    "load_dataset": "engine.data.sets",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -51,7 +51,7 @@ def test_a_missing_folder_says_so_and_the_app_keeps_running(app, embedded, tmp_p
 
 def test_the_dropdown_wins_over_a_stale_upload(app, embedded):
     """An upload selects itself once; choosing another set in the dropdown afterwards is what counts."""
-    from engine.core.data import load_csv
+    from engine.data.sets import load_csv
 
     app.run()
     upload = load_csv("mine.csv", b"text,label\ngood film,positive\nbad film,negative\n")

@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.analysis.perturb import KINDS, Edit, Perturbation, apply_edits, candidate_edits, perturb
 from engine.analysis.predict import BATCH, RobustnessError, class_probs, occlusion, predict_all, reference_plans
-from engine.core.data import EvalSet
+from engine.data.sets import EvalSet
 from engine.core.plan import Plan
 from engine.core.stats import wilson_interval
 from engine.core.tokens import encode

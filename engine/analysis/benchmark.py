@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from engine.core.data import EvalSet, load_dataset
+from engine.data.sets import EvalSet, load_dataset
 from engine.core.plan import FP32, Plan
 from engine.core.vocabulary import TIMING_TOKENS, Kernels, Runtime
 from engine.quant.prepare import build

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from engine.core.data import EvalSet, load_dataset
+from engine.data.sets import EvalSet, load_dataset
 from engine.core.plan import Plan, PlanLike, as_plan
 from engine.core.vocabulary import TIMING_TOKENS, Runtime
 from engine.evaluation.deployed import evaluate_exported

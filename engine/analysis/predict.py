@@ -17,7 +17,7 @@ import torch
 from cachetools import LRUCache
 from torch import nn
 
-from engine.core.data import EvalSet, load_dataset
+from engine.data.sets import EvalSet, load_dataset
 from engine.core.errors import EngineError
 from engine.core.memo import memoized
 from engine.core.plan import FP32, Plan, PlanLike, as_plan

@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from engine.core.data import load_dataset
+from engine.data.sets import load_dataset
 from engine.core.plan import FP32, Plan, Rule
 from engine.core.vocabulary import Runtime
 from engine.evaluation.evaluate import get_evaluator

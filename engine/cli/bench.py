@@ -24,7 +24,7 @@ def setup(_name: str, parser) -> None:
 
 
 def run(_name: str, args):
-    from engine.core.data import load_dataset
+    from engine.data.sets import load_dataset
 
     model, tokenizer = load(args)
     if args.what == "toggle":

@@ -114,7 +114,7 @@ def resolved_plan(args: argparse.Namespace, model):
 
 
 def evaluation_set(args: argparse.Namespace):
-    from engine.core.data import load_dataset
+    from engine.data.sets import load_dataset
 
     return load_dataset(args.data).head(args.limit)
 

@@ -44,7 +44,7 @@ def run(_name: str, args):
 
 def _methods(args, sets: list[str]):
     from engine.cli import methods
-    from engine.core.data import load_dataset
+    from engine.data.sets import load_dataset
 
     chosen = runtimes(args.runtime)
     if len(sets) != 1 or len(chosen) != 1:

@@ -22,7 +22,7 @@ def setup(_name: str, parser) -> None:
 def run(_name: str, args):
     from cache import results
     from engine.analysis.diagnose import DEFAULT_SAMPLE
-    from engine.core.data import load_dataset
+    from engine.data.sets import load_dataset
 
     data = load_dataset(args.data)
     model, tokenizer = load(args)

@@ -1,2 +1,3 @@
 """The bottom layer: errors, the plan type, numerics, quantized modules and the precision registry,
-statistics, labels, data sets and the one tokenization. Nothing here knows a model family."""
+statistics, labels and the one tokenization (the data sets sit just above, in engine.data).
+Nothing here knows a model family."""

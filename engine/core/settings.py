@@ -47,7 +47,7 @@ class Settings:
     allowed_models: tuple[str, ...] | None = None  # None: the default for the address the server listens on
     max_model_bytes: int | None = None  # None: what this machine's memory allows
     allow_pickle: bool = False
-    max_csv_bytes: int | None = None  # None: engine.core.data's default
+    max_csv_bytes: int | None = None  # None: engine.data.sets's default
     max_csv_rows: int | None = None
     cache_dir: Path | None = None  # None: a folder under the user's cache directory
     weight_cache_mb: float = 256.0

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from cachetools import LRUCache
 from torch import nn
 
-from engine.core.data import EvalSet, load_dataset
+from engine.data.sets import EvalSet, load_dataset
 from engine.core.memo import memo
 from engine.core.plan import FP32, PlanLike, as_plan
 from engine.core.vocabulary import Kernels

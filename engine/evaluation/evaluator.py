@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.core.data import EvalSet
+from engine.data.sets import EvalSet
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, Plan
 from engine.core.settings import settings

@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.analysis.benchmark import bench
 from engine.analysis.sensitivity import SWEEP_PRECISIONS, measure_row, proxy_texts, sqnr_proxy
-from engine.core.data import EvalSet, load_dataset
+from engine.data.sets import EvalSet, load_dataset
 from engine.core.memo import memo
 from engine.core.vocabulary import TIMING_TOKENS, TaskKind
 from engine.evaluation.evaluator import Evaluator

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from engine.core.hub import hub_reachable
+from engine.data.hub import hub_reachable
 from engine.core.labels import LabelSpace
 from engine.core.tokens import max_length
 from engine.model import admission, footprint

@@ -20,7 +20,7 @@ from engine.analysis.compare import (CONTRACT_FIELDS, ComparisonRow, SetOutcome,
 from engine.analysis.findings import accuracy_finding, domain_finding, findings, size_finding, speed_finding
 from engine.analysis.presets import preset_plan, resolve_plan_item, split_plan_list
 from engine.analysis.report import to_csv, to_markdown
-from engine.core.data import EvalSet
+from engine.data.sets import EvalSet
 from engine.core.plan import FP32, Plan, PlanError
 from engine.core.stats import compare, median_interval
 from engine.evaluation.evaluate import EvalSummary, evaluate, summarize
@@ -28,7 +28,7 @@ from engine.evaluation.evaluator import EvalResult
 from engine.model.inventory import list_layers
 from engine.runtime.device import DeviceError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 EXTRAS = ("n", "lost", "gained", "latency_ms_p95", "speedup", "speedup_ci95", "size_ratio", "load_average",
           "threads", "accuracy_delta", "accuracy_delta_ci95", "fp32_accuracy", "machine", "kernel_notes", "plan_json")

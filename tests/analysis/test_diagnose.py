@@ -8,7 +8,7 @@ import pytest
 import zoo
 from engine.analysis.deploy import deploy
 from engine.analysis.diagnose import diagnose, exported_layer_sqnr, sample
-from engine.core.data import load_dataset
+from engine.data.sets import load_dataset
 from engine.core.plan import FP32, Plan
 from engine.model.inventory import list_layers
 

@@ -14,7 +14,7 @@ from engine.analysis.methods import (CurvePoint, MethodsReport, calibration_curv
                                      machine_flops, method_flops, method_plans, per_channel_group, static_plan)
 from engine.analysis.search import Budget, greedy_steps, search, step_rule
 from engine.analysis.sensitivity import (Row, SweepError, applies, layer_plan, rescued_by, row_key, sweep)
-from engine.core.data import load_dataset
+from engine.data.sets import load_dataset
 from engine.core.rules import Rule
 from engine.core.stats import mcnemar_exact, wilson_interval
 from engine.core.vocabulary import Calibrator, WeightMethod

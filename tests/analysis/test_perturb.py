@@ -27,7 +27,7 @@ from engine.analysis.perturb import (
     words,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # Plain space-separated words, long enough that two seeds practically never pick the same edits.
 LONG = " ".join(
     "the film is a wonderful mess of clever ideas and poor pacing yet the cast keeps it alive "

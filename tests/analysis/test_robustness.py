@@ -17,12 +17,12 @@ from engine.analysis.perturb import apply_edits, words
 from engine.analysis.predict import (MAX_OCCLUDED, RobustnessError, disagreement, importance_html, occlusion, predict,
                                      reference_plans)
 from engine.cli import main
-from engine.core.data import load_dataset
+from engine.data.sets import load_dataset
 from engine.core.plan import Plan
 from engine.evaluation.evaluate import evaluate
 from engine.model.loading import input_limit
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BAD_INPUTS = {
     "empty": "",
     "whitespace": " \t\n  \r\n ",

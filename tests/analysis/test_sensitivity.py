@@ -10,14 +10,14 @@ import pytest
 from engine.analysis.search import Budget, Candidate, SearchError, dominated, greedy_steps, pareto_front, search
 from engine.analysis.sensitivity import (DIRECTIONS, Row, SweepError, block_summary, layer_plan, proxy_agreement,
                                          proxy_texts, sqnr_proxy, sweep)
-from engine.core.data import load_dataset
+from engine.data.sets import load_dataset
 from engine.core.plan import Plan
 from engine.evaluation.evaluate import evaluate, get_evaluator
 from engine.model.inventory import inventory
 from engine.runtime.size import model_size_bytes
 
 LIMIT = 48
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 from engine.analysis import smoothquant as sq
 from engine.analysis.smoothquant_export import export, export_metadata, load_export
-from engine.core.data import load_dataset, rt_split
+from engine.data.sets import load_dataset, rt_split
 from engine.core.kernels import int8_linear_weight
 from engine.core.numerics import int8_reduce_range, static_qparams
 from engine.core.plan import Plan
@@ -305,7 +305,7 @@ def test_page_renders_and_slider_changes_figures(embedded, tmp_path, monkeypatch
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
-    page = Path(__file__).resolve().parent.parent / "app_pages" / "smoothquant.py"
+    page = Path(__file__).resolve().parents[2] / "app_pages" / "smoothquant.py"
     app = AppTest.from_file(str(page), default_timeout=600)
     app.session_state["limit"] = 64
     app.run()

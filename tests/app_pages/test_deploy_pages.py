@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 import zoo
 from engine.core.cpu import this_cpu
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

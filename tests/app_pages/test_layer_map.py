@@ -9,7 +9,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 import cache
-from engine.core.data import load_dataset
+from engine.data.sets import load_dataset
 from engine.evaluation.evaluator import Evaluator
 from engine.evaluation.session import Session, StateBudget
 from engine.model.inventory import inventory
@@ -19,7 +19,7 @@ from engine.analysis.toggle import next_precision, set_layers
 from engine.quant.apply import shallow_copy
 
 LIMIT = 64
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

@@ -129,7 +129,7 @@ def test_method_rows_are_memoized_by_results_sweep_and_rtn_keys_stay(tiny_model,
     """A sweep with GPTQ stores its GPTQ rows too (pages and CLI share them); RTN's row key has no method part,
     exactly as before methods existed, so rows stored then are still found."""
     from cache import keys, make_key, results
-    from engine.core.data import load_dataset
+    from engine.data.sets import load_dataset
     from engine.core.vocabulary import WeightMethod
     from engine.evaluation.evaluate import get_evaluator
 

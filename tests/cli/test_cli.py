@@ -12,7 +12,7 @@ import pytest
 import zoo
 from conftest import _tiny
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EVAL_FIELDS = ("accuracy", "ci95", "n", "agreement", "flips", "kl", "mcnemar_p", "size_bytes")
 BENCH_FIELDS = ("latency_ms_p50", "latency_ms_p95", "throughput_per_s", "size_bytes", "threads", "batch", "tokens")
 
@@ -133,7 +133,7 @@ def test_embedded_real_and_simulated_int8_agree(env, embedded):
     """
     import torch
 
-    from engine.core.data import load_dataset
+    from engine.data.sets import load_dataset
     from engine.evaluation.evaluate import evaluate
 
     model, tokenizer = embedded

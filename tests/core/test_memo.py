@@ -15,7 +15,7 @@ FILLED = ("core.settings", "core.cpu_features", "core.registered_sets", "core.ve
 def test_clear_all_empties_every_memo_it_was_given(tiny_bert, tokenizer):
     from engine.analysis.predict import planned_model
     from engine.core.cpu import cpu_features
-    from engine.core.data import load_csv, load_dataset
+    from engine.data.sets import load_csv, load_dataset
     from engine.core.plan import as_plan
     from engine.evaluation.evaluate import get_evaluator
     from engine.quant.calibration import calibrate

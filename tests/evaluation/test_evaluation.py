@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.core.data import EvalSet, load_dataset
+from engine.data.sets import EvalSet, load_dataset
 from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
 from engine.core.stats import compare
 from engine.evaluation.evaluate import evaluate, get_evaluator

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import _tiny
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 24
 BAD_PLAN = '{"bert.encoder.*": "int8"}'  # fits the BERT model, matches no layer of the DistilBERT one
 VOLATILE = {"seconds", "task_s", "worker", "backend", "cached"}  # who ran a row and how long it took

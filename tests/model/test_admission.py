@@ -14,11 +14,11 @@ import pytest
 import torch
 import zoo
 
-from engine.core.data import DataError, load_csv
+from engine.data.sets import DataError, load_csv
 from engine.model import admission, footprint, loading
 from engine.model.loading import NotAllowed, load_model, load_model_or_fallback
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OPENED: list[str] | None = None
 
 

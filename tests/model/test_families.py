@@ -11,7 +11,7 @@ import torch
 
 from engine.analysis.predict import predict
 from engine.analysis.sensitivity import sweep
-from engine.core.data import EvalSet, load_csv, load_dataset
+from engine.data.sets import EvalSet, load_csv, load_dataset
 from engine.core.labels import LabelError
 from engine.core.plan import FP32, Plan
 from engine.evaluation.evaluator import Evaluator

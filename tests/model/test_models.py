@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from engine.core import hub
+from engine.data import hub
 from engine.model import loading as models
-from engine.core.hub import HUB_TIMEOUT_S
+from engine.data.hub import HUB_TIMEOUT_S
 from engine.model.loading import (HubUnavailable, ModelError, fingerprint, label_space, load_model,
                                   load_model_or_fallback)
 

@@ -8,7 +8,7 @@ import torch
 
 import zoo
 from engine.analysis.deploy import deploy
-from engine.core.data import load_dataset, rt_split
+from engine.data.sets import load_dataset, rt_split
 from engine.core.plan import FP32, Plan, PlanError
 from engine.core.rules import LayerSpec
 from engine.core.vocabulary import Runtime, WeightMethod

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zoo
-from engine.core.data import load_dataset
+from engine.data.sets import load_dataset
 from engine.core.plan import Plan, PlanError
 from engine.core.qmodules import Int4Linear, SimLinear
 from engine.evaluation.deployed import evaluate_exported

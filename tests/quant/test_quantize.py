@@ -264,7 +264,7 @@ def test_simulated_and_real_agree_on_tiny_models(family, precision, atol):
 
 
 def test_embedded_int8_simulated_and_real_agree(embedded):
-    from engine.core.data import load_dataset
+    from engine.data.sets import load_dataset
     from engine.evaluation.evaluator import Evaluator
 
     model, tokenizer = embedded

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Blocks of a few MB freed between small live ones, as a run's activations are freed between its results:
 # glibc's defaults keep them resident once its threshold has followed a larger freed block.

@@ -22,7 +22,7 @@ import zoo  # noqa: E402
 from engine.analysis.compare import run_comparison  # noqa: E402
 from engine.analysis.deploy import Exports, deploy  # noqa: E402
 from engine.core import ort_numerics as N  # noqa: E402
-from engine.core.data import load_dataset  # noqa: E402
+from engine.data.sets import load_dataset  # noqa: E402
 from engine.core.labels import LabelError  # noqa: E402
 from engine.core.plan import Plan  # noqa: E402
 from engine.evaluation.deployed import evaluate_exported  # noqa: E402
@@ -33,7 +33,7 @@ from engine.runtime.latency import bench_inputs  # noqa: E402
 from engine.runtime.onnx_export import ExportError, export_onnx  # noqa: E402
 from engine.runtime.onnx_session import OrtClassifier, benchmark, ort_call  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EDGE = ["", "   ", "great 😀 movie", "ok", "a " * 200]  # the last is longer than the zoo models take
 DATA = load_dataset("embedded").head(40)
 

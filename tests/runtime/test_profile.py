@@ -8,7 +8,7 @@ import pytest
 import zoo
 from engine.analysis.benchmark import profile_against_fp32
 from engine.core.cpu import FEATURES
-from engine.core.data import load_dataset
+from engine.data.sets import load_dataset
 from engine.core.plan import Plan
 from engine.runtime.onnx_export import export_onnx
 from engine.runtime.profile import GROUPS, cpu_report

@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from engine.core.errors import EngineError
-from engine.core.hub import hub_reachable
+from engine.data.hub import hub_reachable
 from engine.core.memo import memo
 from engine.core.settings import settings, where
 

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from engine.core import data
-from engine.core.data import DataError, load_csv, load_dataset, rt_split
+from engine.data import sets as data
+from engine.data.sets import DataError, load_csv, load_dataset, rt_split
 
 SPLITS = ("train", "validation", "test")
 

@@ -1,0 +1,1 @@
+"""Evaluation sets (the vendored and user data, their calibration holdout) and whether the HuggingFace Hub answers."""
