@@ -222,9 +222,9 @@ def sidebar() -> None:
         if state.get("upload_error"):
             st.error(f"{state['upload_error']}. The set in use stays {data_name()}.")
         load = SCHEDULER.load()
-        if load["running"] or load["queued"]:
-            st.caption(f"Server: {load['running']} evaluation(s) running, {load['queued']} queued "
-                       f"({load['workers']} worker x {load['threads']} threads).")
+        if not load.idle:
+            st.caption(f"Server: {load.running} evaluation(s) running, {load.queued} queued "
+                       f"({load.workers} worker x {load.threads} threads).")
 
 
 def _label_readings(sets: dict) -> None:

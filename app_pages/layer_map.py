@@ -285,7 +285,7 @@ def latency_section(plan: Plan) -> None:
         # sessions' evaluations would mislead, and would hold their clicks back. An ONNX Runtime timing exports
         # the plan first, so it waits to be asked for.
         busy = SCHEDULER.load()
-        quiet = not (busy["running"] or busy["queued"])
+        quiet = busy.idle
         if (measured is None and batch == 1 and plan.runtime == Runtime.TORCH and quiet) or fresh:
             try:
                 measured = common.run_job("latency", f"Timing batch {batch}", lambda job, batch=batch: results.latency(

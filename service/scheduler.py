@@ -88,6 +88,20 @@ class Job:
         return self.cancel_requested
 
 
+@dataclass(frozen=True)
+class Load:
+    """How busy the server's queue is at one moment."""
+
+    running: int
+    queued: int
+    workers: int
+    threads: int
+
+    @property
+    def idle(self) -> bool:
+        return not (self.running or self.queued)
+
+
 class Scheduler:
     """A FIFO queue served by `workers` threads, each running torch with `threads` intra-op threads."""
 
@@ -259,10 +273,10 @@ class Scheduler:
                     self.durations.setdefault(job.kind, deque(maxlen=HISTORY)).append(time.monotonic() - job.started)
                 self._finish(job, result, error)
 
-    def load(self) -> dict:
+    def load(self) -> Load:
         with self.condition:
-            return {"running": len(self.running), "queued": len(self.queue), "workers": self.workers,
-                    "threads": self.threads}
+            return Load(running=len(self.running), queued=len(self.queue), workers=self.workers,
+                        threads=self.threads)
 
 
 SCHEDULER = Scheduler()

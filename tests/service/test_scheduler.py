@@ -29,3 +29,21 @@ def test_a_timing_alone_starts_once_the_queue_has_been_quiet():
     scheduler = Scheduler(workers=1, threads=1)
     timing = scheduler.submit("a", "latency", lambda job: "timed")
     assert timing.done_event.wait(10) and timing.result == "timed"
+
+
+def test_load_counts_running_and_queued_work():
+    scheduler, started, gate = Scheduler(workers=1, threads=1), threading.Event(), threading.Event()
+
+    def hold(job):
+        started.set()
+        gate.wait(10)
+
+    assert scheduler.load().idle
+    first = scheduler.submit("a", "layer-map", hold)
+    second = scheduler.submit("b", "layer-map", lambda job: None)
+    assert started.wait(10)
+    load = scheduler.load()
+    assert (load.running, load.queued, load.workers, load.threads, load.idle) == (1, 1, 1, 1, False)
+    gate.set()
+    assert first.done_event.wait(10) and second.done_event.wait(10)
+    assert scheduler.load().idle
