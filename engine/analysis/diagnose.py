@@ -24,9 +24,9 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -55,9 +55,9 @@ _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OpRow:
-    """One op output's error under the plan (the CLI's `diagnose` row)."""
+    """One op output's error under the plan; `to_json()` is the CLI's `diagnose` row, keys in its order."""
 
     op: str
     layer: str | None  # the quantizable layer this op is, or the module it ran in
@@ -69,18 +69,30 @@ class OpRow:
     weight_sqnr_db: float | None
     activation_sqnr_db: float | None
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OpRow:
+        """From `to_json()`'s dict; keys it does not know (the CLI's exported figure) are ignored."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Diagnosis:
+    """A plan's rows in forward order on a sample of `sentences`; `to_json()` is what the cache keeps."""
+
     plan: Plan
     sentences: int
     rows: tuple[OpRow, ...]
 
-    def as_dict(self) -> dict:
-        return {"plan": self.plan.to_json(), "sentences": self.sentences, "rows": [r.as_dict() for r in self.rows]}
+    def to_json(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_json(), "sentences": self.sentences, "rows": [r.to_json() for r in self.rows]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Diagnosis:
+        return cls(plan=Plan.from_json(data["plan"]), sentences=data["sentences"],
+                   rows=tuple(OpRow.from_json(row) for row in data["rows"]))
 
 
 class _Power:
@@ -270,11 +282,12 @@ def diagnose(model: nn.Module, tokenizer, texts: Sequence[str], plan: PlanLike, 
         layer = layers.get(module)
         block = layer.block if layer is not None else _block_of(module, layers)
         precision = resolved[module] if kind in ("linear", "embedding") else "fp32"
-        rows.append(OpRow(op, module or None, kind, block, precision,
-                          local[op].db() if op in local else None, accumulated[op].db(),
-                          weight_only[op].db() if op in weight_only else None,
-                          activation_only[op].db() if op in activation_only else None))
-    return Diagnosis(plan, len(texts), tuple(rows))
+        rows.append(OpRow(op=op, layer=module or None, kind=kind, block=block, precision=precision,
+                          local_sqnr_db=local[op].db() if op in local else None,
+                          accumulated_sqnr_db=accumulated[op].db(),
+                          weight_sqnr_db=weight_only[op].db() if op in weight_only else None,
+                          activation_sqnr_db=activation_only[op].db() if op in activation_only else None))
+    return Diagnosis(plan=plan, sentences=len(texts), rows=tuple(rows))
 
 
 def _block_of(module: str, layers: dict) -> int | None:

@@ -33,10 +33,10 @@ def run(_name: str, args):
     show = progress_printer("diagnose: ")
     size = args.limit or DEFAULT_SAMPLE
     rows = results.diagnosis(model, tokenizer, data, plan, size,
-                             progress=lambda fraction: show(fraction, "comparing every op with FP32"))["rows"]
-    if args.exported:
-        show(1.0, "exporting the plan and running its graph")
-        measured = results.exported_diagnosis(model, tokenizer, data, plan, size)
-        rows = [{**row, "exported_accumulated_sqnr_db": measured.get(row["op"])} if row["kind"] in
-                ("linear", "embedding") else row for row in rows]
-    return rows
+                             progress=lambda fraction: show(fraction, "comparing every op with FP32")).rows
+    if not args.exported:
+        return [row.to_json() for row in rows]
+    show(1.0, "exporting the plan and running its graph")
+    measured = results.exported_diagnosis(model, tokenizer, data, plan, size)
+    return [{**row.to_json(), "exported_accumulated_sqnr_db": measured.get(row.op)} if row.kind in
+            ("linear", "embedding") else row.to_json() for row in rows]

@@ -7,7 +7,7 @@ import pytest
 
 import zoo
 from engine.analysis.deploy import deploy
-from engine.analysis.diagnose import diagnose, exported_layer_sqnr, sample
+from engine.analysis.diagnose import Diagnosis, diagnose, exported_layer_sqnr, sample
 from engine.data.sets import load_dataset
 from engine.core.plan import FP32, Plan
 from engine.model.inventory import list_layers
@@ -53,6 +53,16 @@ def test_w8a8_splits_weight_and_activation_error_and_int4_has_weight_error_only(
     assert rows[names[1]].precision == "int4" and rows[names[1]].weight_sqnr_db is None
     # every downstream op carries error; the logits carry the least SQNR of the model's output side
     assert all(row.accumulated_sqnr_db is not None for row in rows.values())
+
+
+def test_a_diagnosis_round_trips_through_the_json_the_cache_keeps():
+    model, tokenizer = zoo.build("bert")
+    plan = Plan.from_json({"*": "int8", "options": {"act": "static", "calib": 16}})
+    found = diagnose(model, tokenizer, TEXTS[:4], plan, DATA.calibration)
+    stored = json.loads(json.dumps(found.to_json()))
+    assert Diagnosis.from_json(stored) == found
+    assert list(stored["rows"][0]) == ["op", "layer", "kind", "block", "precision", "local_sqnr_db",
+                                       "accumulated_sqnr_db", "weight_sqnr_db", "activation_sqnr_db"]
 
 
 def test_the_cli_gives_one_row_per_op(tmp_path, capsys, monkeypatch):

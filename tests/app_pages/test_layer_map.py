@@ -15,6 +15,7 @@ from engine.evaluation.session import Session, StateBudget
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint
 from engine.core.plan import FP32, Plan
+from engine.analysis.diagnose import Diagnosis, OpRow
 from engine.analysis.toggle import next_precision, set_layers
 from engine.quant.apply import shallow_copy
 
@@ -179,11 +180,11 @@ def test_the_error_overlay_shades_each_cell_and_draws_the_depth_chart(cache_dir,
     at.run()  # the diagnosis is memoized: no button to press again
     assert not at.exception and not any(b.key == "lm_diagnose" for b in at.button)
     # each cell: shaded by its SQNR, its figure under the precision, both SQNRs in the hover
-    diagnosis = {"sentences": 2, "rows": [
-        {"op": "a", "kind": "linear", "block": 0, "precision": "int8", "local_sqnr_db": 35.0,
-         "accumulated_sqnr_db": 12.0, "weight_sqnr_db": 45.0, "activation_sqnr_db": 36.0},
-        {"op": "b", "kind": "linear", "block": 1, "precision": "fp32", "local_sqnr_db": None,
-         "accumulated_sqnr_db": None, "weight_sqnr_db": None, "activation_sqnr_db": None}]}
+    diagnosis = Diagnosis(plan=FP32, sentences=2, rows=(
+        OpRow(op="a", layer="a", kind="linear", block=0, precision="int8", local_sqnr_db=35.0,
+              accumulated_sqnr_db=12.0, weight_sqnr_db=45.0, activation_sqnr_db=36.0),
+        OpRow(op="b", layer="b", kind="linear", block=1, precision="fp32", local_sqnr_db=None,
+              accumulated_sqnr_db=None, weight_sqnr_db=None, activation_sqnr_db=None)))
     cells = [{"layer": "a", "tip": "a"}, {"layer": "b", "tip": "b"}]
     error_map.annotate(cells, diagnosis, "accumulated")
     assert cells[0]["note"] == "12 dB" and "local SQNR 35.0 dB" in cells[0]["tip"] and "weights 45.0" in cells[0]["tip"]
