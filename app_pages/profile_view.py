@@ -7,24 +7,23 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import common
-from engine.analysis.benchmark import profile_against_fp32
+from engine.analysis.benchmark import ProfileComparison, profile_against_fp32
 from engine.core.errors import EngineError
 from engine.core.plan import Plan
 from engine.runtime.profile import GROUPS
 from engine.core.vocabulary import Runtime, runtime_label
 
-def chart(profile: dict) -> go.Figure:
+def chart(profile: ProfileComparison) -> go.Figure:
     """Stacked bars: one per (batch, variant), one colour per op group, the time outside any op on top."""
     bars, names = [], []
-    for row in profile["profiles"]:
-        plan_label = f"plan ({runtime_label(row['plan']['runtime'])})"
-        for variant, label in (("fp32_torch", "torch FP32"), ("plan", plan_label)):
-            bars.append(row[variant])
-            names.append(f"batch {row['batch']}<br>{label}")
+    for row in profile.profiles:
+        for bar, label in ((row.fp32_torch, "torch FP32"), (row.plan, f"plan ({runtime_label(row.plan.runtime)})")):
+            bars.append(bar)
+            names.append(f"batch {row.batch}<br>{label}")
     figure = go.Figure()
     for group in GROUPS:
-        figure.add_trace(go.Bar(name=group, x=names, y=[bar["groups"][group] for bar in bars]))
-    figure.add_trace(go.Bar(name="outside any op", x=names, y=[bar["outside_ops_ms"] for bar in bars],
+        figure.add_trace(go.Bar(name=group, x=names, y=[bar.groups[group] for bar in bars]))
+    figure.add_trace(go.Bar(name="outside any op", x=names, y=[bar.outside_ops_ms for bar in bars],
                             marker_pattern_shape="/"))
     figure.update_layout(barmode="stack", height=360, yaxis_title="ms per forward", yaxis_type="log",
                          margin={"l": 10, "r": 10, "t": 10, "b": 10})
@@ -64,9 +63,8 @@ def profile_section(plans: list[tuple[str, Plan]]) -> None:
     if profile is None:
         return
     st.plotly_chart(chart(profile), width="stretch", key="profile_chart")
-    lines = [f"batch {row['batch']}: {row['speedup']:.2f}x torch FP32 in this run; the plan's ops take "
-             f"{row['plan']['profiled_ms']:.2f} of its {row['plan']['wall_ms']:.2f} ms" for row in profile["profiles"]]
-    unfused = profile["profiles"][0]["plan"]["unfused"]
+    lines = [f"batch {row.batch}: {row.speedup:.2f}x torch FP32 in this run; the plan's ops take "
+             f"{row.plan.profiled_ms:.2f} of its {row.plan.wall_ms:.2f} ms" for row in profile.profiles]
+    unfused = profile.profiles[0].plan.unfused
     st.caption("; ".join(lines) + (f". Left unfused by ORT: {', '.join(unfused)}." if unfused else "."))
-    cpu = profile["cpu"]
-    st.caption(f"This CPU ({cpu['features']}): " + " ".join(f"{line}." for line in cpu["meaning"]))
+    st.caption(f"This CPU ({profile.cpu.features}): " + " ".join(f"{line}." for line in profile.cpu.meaning))

@@ -2,8 +2,9 @@
 reference, interleaved in one run so that the ratio shown compares like with like."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from engine.quant.prepare import build
 from engine.runtime.device import model_on, resolve_device
 from engine.runtime.latency import bench_inputs, interleaved, machine, paired_speedup, peak_memory, summary, time_call
 from engine.runtime.onnx_session import benchmark, ort_call
-from engine.runtime.profile import cpu_report, profile_ort, profile_torch
+from engine.runtime.profile import Profile, cpu_report, profile_ort, profile_torch
 from engine.runtime.size import model_size_bytes
 
 
@@ -89,9 +90,59 @@ def bench_exported(folder: Path, tokenizer, batch: int = 1, tokens: int = TIMING
             "machine": machine("cpu")}
 
 
+@dataclass(frozen=True, kw_only=True)
+class CpuReport:
+    """This CPU's instruction sets that decide int8 and int4 speed (`cpu_report()`), each with what it means."""
+
+    features: str
+    target_cpu: str
+    meaning: tuple[str, ...]
+    cuda_compute_capability: str | None = None  # only where a CUDA device is present
+
+    def to_json(self) -> dict[str, Any]:
+        """`cpu_report()`'s dict, keys in its order (no CUDA key without a CUDA device)."""
+        out = {"features": self.features, "target_cpu": self.target_cpu, "meaning": list(self.meaning)}
+        if self.cuda_compute_capability is not None:
+            out["cuda_compute_capability"] = self.cuda_compute_capability
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CpuReport:
+        return cls(features=data["features"], target_cpu=data["target_cpu"], meaning=tuple(data["meaning"]),
+                   cuda_compute_capability=data.get("cuda_compute_capability"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchProfile:
+    """At one batch size: the plan's forward and torch FP32's by op group, and FP32's wall time over the plan's."""
+
+    batch: int
+    tokens: int
+    plan: Profile
+    fp32_torch: Profile
+    speedup: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batch": self.batch, "tokens": self.tokens, "plan": self.plan.as_dict(),
+                "fp32_torch": self.fp32_torch.as_dict(), "speedup": self.speedup}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileComparison:
+    """What `profile_against_fp32` found; `to_json()` is `bench --profile --json`'s "profile"."""
+
+    profiles: tuple[BatchProfile, ...]
+    cpu: CpuReport
+    machine: dict  # latency.machine()'s description of where it ran
+
+    def to_json(self) -> dict[str, Any]:
+        return {"profiles": [row.to_json() for row in self.profiles], "cpu": self.cpu.to_json(),
+                "machine": self.machine}
+
+
 def profile_against_fp32(model: nn.Module, tokenizer, plan: Plan, tokens: int = TIMING_TOKENS, device: str = "cpu",
                          data: EvalSet | None = None, exported: Path | None = None,
-                         batches: tuple[int, ...] = (1, 32)) -> dict:
+                         batches: tuple[int, ...] = (1, 32)) -> ProfileComparison:
     """Why the plan is (not) faster than torch FP32 here: both forwards' time by op group at each batch size
     (the plan on torch's real kernels, or the exported graph on ONNX Runtime when `exported` is its folder),
     with the latency measured around the profiled calls, and what this CPU's instruction sets mean."""
@@ -107,6 +158,6 @@ def profile_against_fp32(model: nn.Module, tokenizer, plan: Plan, tokens: int = 
             mine = profile_ort(exported, feeds, batch)
         else:
             mine = profile_torch(lambda: real(**inputs), batch)
-        rows.append({"batch": batch, "tokens": tokens, "plan": mine.as_dict(), "fp32_torch": fp32.as_dict(),
-                     "speedup": round(fp32.wall_ms / mine.wall_ms, 3)})
-    return {"profiles": rows, "cpu": cpu_report(), "machine": machine(target)}
+        rows.append(BatchProfile(batch=batch, tokens=tokens, plan=mine, fp32_torch=fp32,
+                                 speedup=round(fp32.wall_ms / mine.wall_ms, 3)))
+    return ProfileComparison(profiles=tuple(rows), cpu=CpuReport.from_json(cpu_report()), machine=machine(target))

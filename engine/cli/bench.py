@@ -45,5 +45,5 @@ def run(_name: str, args):
         folder = results.exports().folder(model, tokenizer, plan, data)
         out = bench_exported(folder, tokenizer, args.batch, args.tokens)
     if args.profile:
-        out["profile"] = profile_against_fp32(model, tokenizer, plan, args.tokens, args.device, data, folder)
+        out["profile"] = profile_against_fp32(model, tokenizer, plan, args.tokens, args.device, data, folder).to_json()
     return out
