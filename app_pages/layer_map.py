@@ -20,7 +20,7 @@ from engine.core.cpu import TARGET_NAMES, this_cpu
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
 from engine.core.stats import SIGNIFICANCE
-from engine.evaluation.evaluator import Cancelled
+from engine.evaluation.evaluator import Cancelled, RunSummary
 from engine.evaluation.session import Session
 from engine.model.families import ALL_ROLES
 from engine.runtime.latency import describe
@@ -201,7 +201,7 @@ def evaluate_pending(evaluator) -> None:
     bar.empty()
 
 
-def record(plan: Plan, summary: dict, layer: str | None) -> None:
+def record(plan: Plan, summary: RunSummary, layer: str | None) -> None:
     """Add the plan to the history and note the effect of the clicked layer."""
     lm = page_state.layer_map_state()
     history = lm.history
@@ -210,12 +210,12 @@ def record(plan: Plan, summary: dict, layer: str | None) -> None:
         model, _ = common.model_and_tokenizer()
         changed = change_words(previous["plan"] if previous else None, plan, common.layer_names())
         history.append({"key": plan.key(), "plan": plan, "label": f"#{len(history) + 1}",
-                        "accuracy": summary["accuracy"], "low": summary["ci95"][0], "high": summary["ci95"][1],
-                        "size_mb": results.size(model, plan) / 1e6, "flips": summary["flips"],
-                        "kl": summary["kl"], "changed": changed})
+                        "accuracy": summary.accuracy, "low": summary.ci95[0], "high": summary.ci95[1],
+                        "size_mb": results.size(model, plan) / 1e6, "flips": summary.flips,
+                        "kl": summary.kl, "changed": changed})
     if layer and previous is not None:
-        lm.effects[layer] = (f"{(summary['accuracy'] - previous['accuracy']) * 100:+.2f} pts accuracy, "
-                                         f"KL {common.plain(summary['kl'])}")
+        lm.effects[layer] = (f"{(summary.accuracy - previous['accuracy']) * 100:+.2f} pts accuracy, "
+                                         f"KL {common.plain(summary.kl)}")
 
 
 # ---- figures ------------------------------------------------------------------------------------
@@ -228,41 +228,41 @@ def results_section(evaluator, plan: Plan) -> None:
     history = page_state.layer_map_state().history
     previous = history[-2] if len(history) > 1 and history[-1]["key"] == plan.key() else None
     size, fp32_size = results.size(model, plan), results.size(model, FP32)
-    accuracy, low, high = summary["accuracy"], *summary["ci95"]
+    accuracy, low, high = summary.accuracy, *summary.ci95
     columns = st.columns(4)
     # FP32's accuracy inside the plan's interval: no change this set can show, so no colour and no arrow.
     within = low <= baseline.accuracy <= high
-    columns[0].metric(f"Accuracy (n = {summary['n']:,})", f"{accuracy:.1%}",
+    columns[0].metric(f"Accuracy (n = {summary.n:,})", f"{accuracy:.1%}",
                       f"{(accuracy - baseline.accuracy) * 100:+.2f} pts vs FP32",
                       delta_color="off" if within else "normal", delta_arrow="off" if within else "auto",
                       help="95% Wilson interval below")
     columns[0].caption(f"95% CI [{low:.1%}, {high:.1%}]"
                        + (f" · {(accuracy - previous['accuracy']) * 100:+.2f} pts vs {previous['label']}"
                           if previous else ""))
-    columns[1].metric("Agreement with FP32", f"{summary['agreement']:.1%}", f"{summary['flips']} flips",
-                      delta_color="off", help=f"McNemar p = {summary['mcnemar_p']:.3g} against FP32")
-    columns[2].metric("Mean KL from FP32", common.plain(summary["kl"]),
-                      f"{common.plain(summary['kl'] - previous['kl'], sign=True)} vs {previous['label']}"
+    columns[1].metric("Agreement with FP32", f"{summary.agreement:.1%}", f"{summary.flips} flips",
+                      delta_color="off", help=f"McNemar p = {summary.mcnemar_p:.3g} against FP32")
+    columns[2].metric("Mean KL from FP32", common.plain(summary.kl),
+                      f"{common.plain(summary.kl - previous['kl'], sign=True)} vs {previous['label']}"
                       if previous else None,
                       delta_color="inverse")
     columns[3].metric("Size (real format)", f"{size / 1e6:.1f} MB", f"{size / fp32_size:.0%} of FP32",
                       delta_color="off")
-    if summary["mcnemar_p"] >= SIGNIFICANCE:
-        st.caption(f"The accuracy change against FP32 is not significant (McNemar p = {summary['mcnemar_p']:.2f}).")
+    if summary.mcnemar_p >= SIGNIFICANCE:
+        st.caption(f"The accuracy change against FP32 is not significant (McNemar p = {summary.mcnemar_p:.2f}).")
     flips_view(evaluator, summary)
 
 
 def flips_view(evaluator, summary: dict) -> None:
-    if not summary["flipped"]:
+    if not summary.flipped:
         return
     data = evaluator.dataset
     classes = evaluator.classes
     fp32 = evaluator.baseline.probs
-    with st.expander(f"The {summary['flips']} sentences whose prediction flipped against FP32"):
+    with st.expander(f"The {summary.flips} sentences whose prediction flipped against FP32"):
         rows = [{"text": data.texts[i], "label": classes.display(int(evaluator.labels[i])),
                  "FP32": f"{classes.display(int(fp32[i].argmax()))} ({fp32[i].max():.2f})",
-                 "plan": f"{classes.display(summary['predicted'][i])} ({summary['confidence'][i]:.2f})"}
-                for i in summary["flipped"]]
+                 "plan": f"{classes.display(summary.predicted[i])} ({summary.confidence[i]:.2f})"}
+                for i in summary.flipped]
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 

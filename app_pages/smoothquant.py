@@ -4,7 +4,6 @@ The page opens on what is cheap or known: calibration statistics, the outlier vi
 per-layer search is cached, the best alpha found; evaluations run when asked for, with their cost
 estimated from this set's measured FP32 pass, on a quick sample first if the person wants.
 """
-from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
@@ -16,8 +15,9 @@ from cache import keys, lookup, remember, results
 from engine.analysis import smoothquant as sq
 from engine.analysis.smoothquant_export import export
 from engine.core.plan import Plan
-from engine.core.stats import Comparison, paired_gain
+from engine.core.stats import paired_gain
 from engine.core.vocabulary import ActScheme
+from engine.evaluation.evaluator import RunSummary
 from engine.quant.smoothing import EPS
 
 ACTS = {ActScheme.STATIC: "static · per-tensor scale calibrated on held-out rows",
@@ -35,21 +35,7 @@ def known_best(evaluator, calib: int, act: str) -> float | None:
     return None
 
 
-@dataclass(frozen=True)
-class Evaluated:
-    """What this page and `sq.alpha_rows` read of an evaluation, rebuilt from its stored summary."""
-
-    comparison: Comparison
-    predictions: np.ndarray
-
-    @classmethod
-    def of(cls, summary: dict) -> "Evaluated":
-        return cls(Comparison(summary["accuracy"], tuple(summary["ci95"]), summary["n"], summary["agreement"],
-                              summary["flips"], tuple(summary["flipped"]), summary["kl"], summary["mcnemar_p"]),
-                   np.asarray(summary["predicted"]))
-
-
-def evaluated(evaluator, plan: Plan, label: str) -> Evaluated:
+def evaluated(evaluator, plan: Plan, label: str) -> RunSummary:
     """The plan's figures on the evaluator's set, kept under the layer map's key (cache.keys.evaluation) so a plan
     sent from either page to the other is evaluated once: from the cache, or one queued evaluation with a live
     estimate."""
@@ -61,10 +47,10 @@ def evaluated(evaluator, plan: Plan, label: str) -> Evaluated:
 
     summary = common.cached_job(
         keys.evaluator_evaluation(evaluator, plan), f"Evaluating {label}",
-        lambda progress: evaluator.run(plan, progress=progress, cancelled=progress.cancelled)[0].summary(),
+        lambda progress: evaluator.run(plan, progress=progress, cancelled=progress.cancelled)[0].summary().to_json(),
         kind="smoothquant", show_progress=show)
     bar.empty()
-    return Evaluated.of(summary)
+    return RunSummary.from_json(summary)
 
 
 def metric(evaluator, column, title: str, result, base=None) -> None:

@@ -15,22 +15,24 @@ from engine.analysis.deploy import Exports
 from engine.analysis.diagnose import Diagnosis, diagnose, exported_layer_sqnr, sample
 from engine.core.plan import Plan
 from engine.core.vocabulary import Kernels, Runtime, WeightMethod
-from engine.evaluation.evaluator import Cancelled, Evaluator
+from engine.evaluation.evaluator import Cancelled, Evaluator, RunSummary
 from engine.runtime.size import model_size_bytes
 
 from cache import cache_dir, keys, lookup, put, remember
 
 
-def evaluation(evaluator: Evaluator, plan: Plan, kernels: str = Kernels.SIMULATED,
-               compute: Callable[[], dict] | None = None) -> dict:
-    """The plan's EvalResult.summary() on the evaluator's set: from the cache, else `compute()` (default:
-    a full run), stored for every later caller."""
-    return remember(keys.evaluator_evaluation(evaluator, plan, kernels),
-                    compute or (lambda: evaluator.run(plan, kernels)[0].summary()))
+def evaluation(evaluator: Evaluator, plan: Plan, kernels: str = Kernels.SIMULATED) -> RunSummary:
+    """The plan's summary on the evaluator's set: from the cache, else a full run, stored for every later caller."""
+    found = cached_evaluation(evaluator, plan, kernels)
+    if found is None:
+        found = evaluator.run(plan, kernels)[0].summary()
+        store_evaluation(evaluator, plan, found, kernels)
+    return found
 
 
-def cached_evaluation(evaluator: Evaluator, plan: Plan, kernels: str = Kernels.SIMULATED) -> dict | None:
-    return lookup(keys.evaluator_evaluation(evaluator, plan, kernels))
+def cached_evaluation(evaluator: Evaluator, plan: Plan, kernels: str = Kernels.SIMULATED) -> RunSummary | None:
+    stored = lookup(keys.evaluator_evaluation(evaluator, plan, kernels))
+    return None if stored is None else RunSummary.from_json(stored)
 
 
 def size(model, plan: Plan) -> int:
@@ -132,8 +134,10 @@ def stop_when(cancelled: Callable[[], bool] | None) -> Callable[[float], None] |
     return check
 
 
-def store_evaluation(evaluator: Evaluator, plan: Plan, summary: dict, kernels: str = Kernels.SIMULATED) -> None:
-    put(keys.evaluator_evaluation(evaluator, plan, kernels), summary)
+def store_evaluation(evaluator: Evaluator, plan: Plan, summary: RunSummary,
+                     kernels: str = Kernels.SIMULATED) -> None:
+    """Kept as its JSON form, which the grid's workers also write under this key."""
+    put(keys.evaluator_evaluation(evaluator, plan, kernels), summary.to_json())
 
 
 def cached_latency(model, plan: Plan, reference: Plan, batch: int, tokens: int, device: str = "cpu") -> dict | None:

@@ -95,7 +95,7 @@ def summarize(model: nn.Module, tokenizer, dataset: str | EvalSet = "embedded", 
     data = (load_dataset(dataset) if isinstance(dataset, str) else dataset).head(limit)
     evaluator = get_evaluator(model, tokenizer, data, device)
     result, _ = evaluator.run(plan, kernels, progress=progress)
-    out = figures(result.summary(), model_size_bytes(model, plan), str(evaluator.device))
+    out = figures(result.summary().to_json(), model_size_bytes(model, plan), str(evaluator.device))
     return EvalSummary(**out, classes=evaluator.classes.names,
                        calibration=data.calibration_source if plan.needs_calibration else None)
 

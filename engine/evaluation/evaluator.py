@@ -112,15 +112,60 @@ class EvalResult:
     def as_dict(self) -> dict:
         return self.comparison.as_dict()
 
-    def summary(self) -> dict:
+    def summary(self) -> "RunSummary":
         """What the pages keep of a result (and the cache stores): the figures, flips, each row's
         predicted class and its probability."""
         probs = self.probs
         predicted = probs.argmax(-1)
-        return {**self.as_dict(), "flipped": list(self.comparison.flipped), "predicted": predicted.tolist(),
-                "confidence": probs[np.arange(len(probs)), predicted].astype(np.float32).tolist(),
-                "plan": self.plan.to_json(), "kernels": self.kernels, "data": self.dataset, "seconds": self.seconds,
-                "start_cut": self.start_cut}
+        c = self.comparison
+        return RunSummary(accuracy=c.accuracy, ci95=tuple(c.ci95), n=c.n, agreement=c.agreement, flips=c.flips,
+                          kl=c.kl, mcnemar_p=c.mcnemar_p, flipped=c.flipped,
+                          predicted=tuple(predicted.tolist()),
+                          confidence=tuple(probs[np.arange(len(probs)), predicted].astype(np.float32).tolist()),
+                          plan=self.plan.to_json(), kernels=self.kernels, data=self.dataset, seconds=self.seconds,
+                          start_cut=self.start_cut)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """A plan's figures on a set against FP32, which rows flipped, each row's predicted class index and its
+    probability: what a page shows of an evaluation and the cache keeps (as `to_json()`) for every session."""
+
+    accuracy: float
+    ci95: tuple[float, float]
+    n: int
+    agreement: float
+    flips: int
+    kl: float
+    mcnemar_p: float
+    flipped: tuple[int, ...]  # rows whose prediction differs from FP32's, in data set order
+    predicted: tuple[int, ...]
+    confidence: tuple[float, ...]
+    plan: dict
+    kernels: str
+    data: str
+    seconds: float
+    start_cut: int = 0
+
+    @property
+    def comparison(self) -> Comparison:
+        return Comparison(accuracy=self.accuracy, ci95=self.ci95, n=self.n, agreement=self.agreement,
+                          flips=self.flips, flipped=self.flipped, kl=self.kl, mcnemar_p=self.mcnemar_p)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return np.asarray(self.predicted)
+
+    def to_json(self) -> dict:
+        return {"accuracy": self.accuracy, "ci95": list(self.ci95), "n": self.n, "agreement": self.agreement,
+                "flips": self.flips, "kl": self.kl, "mcnemar_p": self.mcnemar_p, "flipped": list(self.flipped),
+                "predicted": list(self.predicted), "confidence": list(self.confidence), "plan": self.plan,
+                "kernels": self.kernels, "data": self.data, "seconds": self.seconds, "start_cut": self.start_cut}
+
+    @classmethod
+    def from_json(cls, stored: dict) -> "RunSummary":
+        tuples = {"ci95", "flipped", "predicted", "confidence"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in stored.items()})
 
 
 class Evaluator:

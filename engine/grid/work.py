@@ -110,7 +110,7 @@ def _evaluate(state: WorkerState, task) -> dict:
     plan = task.plan_object
     plan.resolve([layer.name for layer in state.evaluator.layers])  # a pattern matching no layer: this task's error
     result, _ = state.evaluator.run(plan, task.kernels)
-    out = {"summary": result.summary(), "size_bytes": model_size_bytes(state.model, plan)}
+    out = {"summary": result.summary().to_json(), "size_bytes": model_size_bytes(state.model, plan)}
     if task.latency:
         timed = bench(state.model, state.tokenizer, plan, batch=1, tokens=TIMING_TOKENS, device=task.device,
                       min_seconds=LATENCY_MIN_SECONDS, data=state.data)

@@ -1,6 +1,7 @@
 """The one evaluation path: staged forward = the model's forward, incremental runs = full runs, evaluate()'s fields."""
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -11,7 +12,7 @@ from engine.data.sets import EvalSet, load_dataset
 from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
 from engine.core.stats import compare
 from engine.evaluation.evaluate import evaluate, get_evaluator
-from engine.evaluation.evaluator import EvalError, Evaluator
+from engine.evaluation.evaluator import EvalError, Evaluator, RunSummary
 from engine.evaluation.session import Session, StateBudget
 from engine.model.inventory import list_layers
 from engine.quant.apply import apply_plan
@@ -132,6 +133,16 @@ def test_run_result_matches_compare(tiny_evaluator):
     expected = compare(result.logits, evaluator.labels, evaluator.baseline_logits)
     assert result.comparison == expected
     assert result.kernels == "simulated" and result.plan == Plan.uniform("int4")
+
+
+def test_a_summary_is_the_results_figures_and_survives_its_stored_form(tiny_evaluator):
+    result, _ = tiny_evaluator.run(Plan.uniform("int4"))
+    summary = result.summary()
+    assert summary.comparison == result.comparison
+    assert np.array_equal(summary.predictions, result.predictions) and len(summary.confidence) == summary.n
+    stored = json.loads(json.dumps(summary.to_json()))  # what the cache and the grid's workers keep
+    assert RunSummary.from_json(stored) == summary
+    assert list(stored)[:7] == ["accuracy", "ci95", "n", "agreement", "flips", "kl", "mcnemar_p"]
 
 
 def test_evaluate_returns_the_contract_fields(tokenizer, small_set):

@@ -186,9 +186,9 @@ def test_rows_land_under_the_pages_cache_keys(folders, monkeypatch, tmp_path):
     assert page_rows[(layer_task.layer, "int4")].as_dict() == {k: rows[1][k] for k in page_rows[(layer_task.layer,
                                                                                                    "int4")].as_dict()}
     summary = results.cached_evaluation(evaluator, eval_task.plan_object)
-    assert {k: summary[k] for k in ("accuracy", "ci95", "n", "flips", "kl")} == \
+    assert {k: summary.to_json()[k] for k in ("accuracy", "ci95", "n", "flips", "kl")} == \
         {k: rows[0][k] for k in ("accuracy", "ci95", "n", "flips", "kl")}
-    assert len(summary["predicted"]) == LIMIT and results.size(model, eval_task.plan_object) == rows[0]["size_bytes"]
+    assert len(summary.predicted) == LIMIT and results.size(model, eval_task.plan_object) == rows[0]["size_bytes"]
 
     # The layer map's own entries answer a grid task the grid never stored itself.
     cache.store().clear()
