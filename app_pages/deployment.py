@@ -2,7 +2,6 @@
 its card measured on the chosen set, a progress bar while it is made, and a download once it is."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import streamlit as st
@@ -12,6 +11,7 @@ from cache import results
 from engine.analysis.deploy import archive, export_name
 from engine.core.errors import EngineError
 from engine.core.plan import Plan
+from engine.runtime.onnx_card import ModelCard
 
 state = st.session_state
 
@@ -38,17 +38,17 @@ def export_button(plan: Plan, label: str, key: str) -> None:
             st.error(f"Cannot export {label}: {error}")
         bar.empty()
     if wanted in made and Path(made[wanted], "model.onnx").is_file():
-        card = json.loads(Path(made[wanted], "card.json").read_text())
-        measured, size = card["measured"], card["size_bytes"]
-        st.caption(f"Exported {label}: {size / 1e6:.1f} MB ({size / card['fp32_size_bytes']:.0%} of FP32); on "
+        card = ModelCard.read(made[wanted])
+        measured, size = card.measured, card.size_bytes
+        st.caption(f"Exported {label}: {size / 1e6:.1f} MB ({size / card.fp32_size_bytes:.0%} of FP32); on "
                    f"ONNX Runtime accuracy {common.fmt_ci(measured['accuracy'], measured['ci95'])} on "
                    f"{measured['data']}, agreement with FP32 {measured['agreement']:.1%}, batch 1 p50 "
                    f"{measured['latency']['latency_ms_p50']:.1f} ms.")
-        cpu = card["cpu"]
-        st.caption(f"Written for {cpu['kernel']}; measured on {cpu['measured_on']['target_cpu']} "
-                   f"({cpu['measured_on']['features']}).")
-        if cpu["warning"]:
-            st.warning(f"This export: {cpu['warning']}.")
+        cpu = card.cpu
+        st.caption(f"Written for {cpu.kernel}; measured on {cpu.measured_on['target_cpu']} "
+                   f"({cpu.measured_on['features']}).")
+        if cpu.warning:
+            st.warning(f"This export: {cpu.warning}.")
         named = export_name(common.model_name(), label, plan)
         st.download_button("Download the ONNX folder (.zip)", lambda: archive(made[wanted], named),
                            file_name=f"{named}.zip", mime="application/zip",

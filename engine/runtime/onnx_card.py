@@ -5,7 +5,9 @@ import datetime
 import json
 import os
 import platform
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Mapping
 
 import onnx
 import onnxruntime as ort
@@ -44,6 +46,56 @@ def cpu_path(target: TargetCpu, int8_layers: bool) -> dict:
             warning = f"this machine ({here.value}) is such a CPU, so the figures below are not the target's: {warning}"
     return {"target_cpu": target.value, "kernel": target.kernel, "int8_weight_bits": target.int8_weight_bits,
             "measured_on": {"target_cpu": here.value, "features": features_line()}, "warning": warning}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuPath:
+    """`cpu_path()`'s figures: the CPU the int8 weights were written for, where they were measured, any warning."""
+
+    target_cpu: str
+    kernel: str
+    int8_weight_bits: int
+    measured_on: dict[str, str]  # {"target_cpu", "features"} of the machine that measured the card
+    warning: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CpuPath:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelCard:
+    """An export's card as card.json holds it (`build()`'s dict); `to_json()` gives that dict back, keys in order.
+    `measured` stays the figures' dict (accuracy, ci95, agreement, latency, profile...), None when not measured."""
+
+    model: str
+    plan: dict
+    plan_label: str
+    layers: list[dict]  # one {"layer", "precision", "onnx", ...} per quantizable layer
+    size_bytes: int
+    fp32_size_bytes: int
+    measured: dict | None
+    cpu: CpuPath
+    date: str
+    versions: dict[str, str]
+    machine: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: self.cpu.to_json() if f.name == "cpu" else getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelCard:
+        """From card.json's dict; a missing field is a KeyError."""
+        return cls(**{f.name: CpuPath.from_json(data["cpu"]) if f.name == "cpu" else data[f.name]
+                      for f in fields(cls)})
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ModelCard:
+        """The card of an export folder."""
+        return cls.from_json(json.loads((Path(folder) / "card.json").read_text()))
 
 
 def _pct(x: float) -> str:

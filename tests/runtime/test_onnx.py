@@ -30,6 +30,7 @@ from engine.evaluation.evaluator import Evaluator  # noqa: E402
 from engine.model.inventory import list_layers  # noqa: E402
 from engine.runtime import emulated_cpu, onnx_graph  # noqa: E402
 from engine.runtime.latency import bench_inputs  # noqa: E402
+from engine.runtime.onnx_card import ModelCard  # noqa: E402
 from engine.runtime.onnx_export import ExportError, export_onnx  # noqa: E402
 from engine.runtime.onnx_session import OrtClassifier, benchmark, ort_call  # noqa: E402
 
@@ -281,7 +282,11 @@ def test_the_folder_reloads_in_a_fresh_process_and_its_card_is_measured(tmp_path
     assert {"model.onnx", "config.json", "tokenizer.json", "plan.json", "README.md", "card.json"} <= \
         {p.name for p in folder.iterdir()}
     assert result["format"] == "onnx" and result["size_bytes"] == (folder / "model.onnx").stat().st_size
-    measured = json.loads((folder / "card.json").read_text())["measured"]
+    stored = json.loads((folder / "card.json").read_text())
+    card = ModelCard.read(folder)  # what the deployment page reads: the file's every field, and nothing lost
+    assert card.to_json() == stored and list(card.to_json()) == list(stored) and ModelCard.from_json(stored) == card
+    assert card.size_bytes == result["size_bytes"] and card.cpu.target_cpu == stored["cpu"]["target_cpu"]
+    measured = card.measured
     assert measured["n"] == len(DATA) and 0 <= measured["ci95"][0] <= measured["accuracy"] <= measured["ci95"][1] <= 1
     assert measured["latency"]["protocol"] == "back_to_back" and "Wilson" in (folder / "README.md").read_text()
     # the card says where the time goes: the int8 plan's integer matmuls, and the CPU features behind them
