@@ -221,7 +221,7 @@ def report(stored: dict) -> None:
     table(rows)
     charts(rows)
     st.subheader("Findings")
-    sentences = findings(stored["rows"])  # findings and the downloads read the rows as stored (JSON)
+    sentences = findings(rows)
     st.markdown("\n".join(f"- {s}" for s in sentences) if sentences else "Add a plan other than FP32 to compare.")
     st.subheader("Examples on which the plans disagree")
     disputed = stored["disagreements"]
@@ -232,8 +232,8 @@ def report(stored: dict) -> None:
     else:
         st.caption("Every plan predicts the same class as FP32 on every example.")
     downloads = st.columns(2)
-    downloads[0].download_button("Download CSV", to_csv(stored["rows"]), "comparison.csv", "text/csv")
-    downloads[1].download_button("Download Markdown report", to_markdown(stored["rows"], sentences, stored["machine"]),
+    downloads[0].download_button("Download CSV", to_csv(rows), "comparison.csv", "text/csv")
+    downloads[1].download_button("Download Markdown report", to_markdown(rows, sentences, stored["machine"]),
                                  "comparison.md", "text/markdown")
 
 

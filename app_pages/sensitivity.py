@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -11,12 +12,12 @@ import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
 from app_pages import cluster, common, deployment, methods_view, page_state
-from cache import keys, results
+from cache import keys, lookup, put, results
 from engine.analysis import methods as mth
 from engine.analysis import search as amp
 from engine.analysis import sensitivity as sens
 from engine.core.errors import EngineError
-from engine.core.plan import FP32, Plan
+from engine.core.plan import FP32
 from engine.core.rules import DEFAULT_CALIB
 from engine.grid.tasks import build_tasks
 from engine.core.stats import SIGNIFICANCE
@@ -241,7 +242,7 @@ def blocks_section(rows: list[sens.Row], precisions) -> None:
 
 
 # ---- the search ------------------------------------------------------------------------------------
-def search_section(evaluator, model, tokenizer, single: dict) -> dict | None:
+def search_section(evaluator, model, tokenizer, single: dict) -> amp.SearchOutcome | None:
     """The budget controls and the search's outcome (from the cache, or run through the queue)."""
     st.header("Search: the smallest plan for a budget")
     names = [layer.name for layer in evaluator.layers]
@@ -276,70 +277,82 @@ def search_section(evaluator, model, tokenizer, single: dict) -> dict | None:
     def work(progress) -> dict:
         try:
             return amp.search(evaluator, model, tokenizer, list(single.values()), budget, latency=measure_latency,
-                              progress=progress).as_dict()
+                              progress=progress).to_json()
         except amp.SearchError as error:
-            return {"error": str(error)}
+            return {"error": str(error)}  # stored too: the same budget is refused at once next time
 
+    found = lookup(key)
+    if found is not None and "error" not in found and stored_outcome(found) is None:
+        put(key, None)  # stored by a version whose outcome this one cannot read: searched again when asked
     bar = st.empty()
-    outcome = common.cached_job(
+    stored = common.cached_job(
         key, "Searching", work, kind="search", ask=ask,
         show_progress=lambda p: bar.progress(min(p[1] / 30, 0.99), text=f"{p[1]} plans verified · {p[0]}"))
     bar.empty()
-    if outcome is None:
+    if stored is None:
         return None
-    if "error" in outcome:
-        st.error(outcome["error"])
+    if "error" in stored:
+        st.error(stored["error"])
         return None
-    return outcome
+    return stored_outcome(stored)
 
 
-def error_bars(points: list[dict]) -> dict:
-    return {"type": "data", "symmetric": False, "array": [p["ci95"][1] - p["accuracy"] for p in points],
-            "arrayminus": [p["accuracy"] - p["ci95"][0] for p in points], "thickness": 1}
+def stored_outcome(stored: dict) -> amp.SearchOutcome | None:
+    """The cached search as the engine's SearchOutcome, or None when it cannot be read as one."""
+    try:
+        return amp.SearchOutcome.from_json(stored)
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
-def outcome_section(outcome: dict) -> None:
-    st.success(f"Chosen for '{outcome['budget']['text']}': {outcome['size_bytes'] / 1e6:.2f} MB, accuracy "
-               f"{common.fmt_ci(outcome['accuracy'], outcome['ci95'])}, drop {outcome['drop']:+.2f} points "
-               f"(McNemar p = {outcome['mcnemar_p']:.3f}); "
-               + ", ".join(f"{n} {p.upper()}" for p, n in sorted(outcome["layers"].items())) + ".")
-    deployment.export_button(Plan.from_json(outcome["plan"]), "searched plan", "search")
-    int8 = outcome["references"]["int8"]
-    st.caption(f"{outcome['evaluations']} plans verified in {outcome['seconds']:.0f} s. Uniform INT8 is "
-               f"{int8['size_bytes'] / 1e6:.2f} MB at {common.fmt_ci(int8['accuracy'], int8['ci95'])}.")
+def error_bars(points: list[amp.Candidate]) -> dict:
+    return {"type": "data", "symmetric": False, "array": [p.ci95[1] - p.accuracy for p in points],
+            "arrayminus": [p.accuracy - p.ci95[0] for p in points], "thickness": 1}
+
+
+def outcome_section(outcome: amp.SearchOutcome) -> None:
+    chosen = outcome.chosen
+    st.success(f"Chosen for '{outcome.budget.describe()}': {chosen.size_bytes / 1e6:.2f} MB, accuracy "
+               f"{common.fmt_ci(chosen.accuracy, chosen.ci95)}, drop {chosen.drop:+.2f} points "
+               f"(McNemar p = {chosen.mcnemar_p:.3f}); "
+               + ", ".join(f"{n} {p.upper()}" for p, n in sorted(chosen.layers.items())) + ".")
+    deployment.export_button(chosen.plan, "searched plan", "search")
+    int8 = outcome.references["int8"]
+    st.caption(f"{len(outcome.candidates)} plans verified in {outcome.seconds:.0f} s. Uniform INT8 is "
+               f"{int8.size_bytes / 1e6:.2f} MB at {common.fmt_ci(int8.accuracy, int8.ci95)}.")
     pareto = go.Figure()
-    others, front = outcome["candidates"], outcome["front"]
-    pareto.add_trace(go.Scatter(x=[c["size_bytes"] / 1e6 for c in others], y=[c["accuracy"] for c in others],
+    others, front = outcome.candidates, outcome.front
+    pareto.add_trace(go.Scatter(x=[c.size_bytes / 1e6 for c in others], y=[c.accuracy for c in others],
                                 mode="markers", name="verified candidates", marker={"color": "#bbbbbb", "size": 7},
-                                hovertext=[c["source"] for c in others]))
-    pareto.add_trace(go.Scatter(x=[c["size_bytes"] / 1e6 for c in front], y=[c["accuracy"] for c in front],
+                                hovertext=[c.source for c in others]))
+    pareto.add_trace(go.Scatter(x=[c.size_bytes / 1e6 for c in front], y=[c.accuracy for c in front],
                                 mode="lines+markers", name="Pareto front", line={"color": "#3182bd"},
-                                error_y=error_bars(front), hovertext=[c["source"] for c in front]))
-    for name, reference in outcome["references"].items():
-        pareto.add_trace(go.Scatter(x=[reference["size_bytes"] / 1e6], y=[reference["accuracy"]],
+                                error_y=error_bars(front), hovertext=[c.source for c in front]))
+    for name, reference in outcome.references.items():
+        pareto.add_trace(go.Scatter(x=[reference.size_bytes / 1e6], y=[reference.accuracy],
                                     mode="markers+text", name=f"uniform {name.upper()}", text=[name.upper()],
                                     textposition="top center",
                                     marker={"symbol": "diamond", "size": 13, "color": common.PRECISION_COLORS[name],
                                             "line": {"color": "black", "width": 1}}))
-    pareto.add_trace(go.Scatter(x=[outcome["size_bytes"] / 1e6], y=[outcome["accuracy"]], mode="markers",
+    pareto.add_trace(go.Scatter(x=[chosen.size_bytes / 1e6], y=[chosen.accuracy], mode="markers",
                                 name="chosen", marker={"symbol": "star", "size": 18, "color": "#31a354"}))
     pareto.update_layout(xaxis_title="size (MB, serialized with real kernels)", yaxis_title="accuracy",
                          yaxis_tickformat=".1%", height=440)
     st.plotly_chart(pareto, width="stretch", key="sens_pareto")
     st.subheader("Errors compound")
     columns = st.columns(2)
-    columns[0].plotly_chart(compounding_chart(others, "drop", "predicted_drop", "accuracy drop (points)", False),
-                            width="stretch", key="sens_compounding")
-    columns[1].plotly_chart(compounding_chart(others, "kl", "predicted_kl", "KL (nats, log)", True),
+    columns[0].plotly_chart(compounding_chart(others, lambda c: (c.predicted_drop, c.drop), "accuracy drop (points)",
+                                              False), width="stretch", key="sens_compounding")
+    columns[1].plotly_chart(compounding_chart(others, lambda c: (c.predicted_kl, c.kl), "KL (nats, log)", True),
                             width="stretch", key="sens_compounding_kl")
     st.caption("Above the dotted line, a plan lost more than its layers did one at a time. Single-layer drops are "
                "mostly a sentence or two either way (noise), so their sum predicts little; the KL, which counts "
                "every change in confidence, shows the compounding more clearly.")
-    timed = outcome["latency_front"]
+    timed = outcome.latency_front
     if timed:
-        latency = go.Figure(go.Scatter(x=[c["latency_ms_p50"] for c in timed], y=[c["accuracy"] for c in timed],
+        latency = go.Figure(go.Scatter(x=[c.latency_ms_p50 for c in timed], y=[c.accuracy for c in timed],
                                        mode="lines+markers", error_y=error_bars(timed),
-                                       hovertext=[f"{c['size_bytes'] / 1e6:.1f} MB" for c in timed]))
+                                       hovertext=[f"{c.size_bytes / 1e6:.1f} MB" for c in timed]))
         latency.update_layout(title="Latency against accuracy (front plans)", xaxis_title="latency p50 (ms, batch 1)",
                               yaxis_title="accuracy", yaxis_tickformat=".1%", height=380)
         st.plotly_chart(latency, width="stretch", key="sens_latency_chart")
@@ -348,13 +361,16 @@ def outcome_section(outcome: dict) -> None:
     front_plans(front)
 
 
-def compounding_chart(plans_seen: list[dict], measured: str, summed: str, unit: str, log: bool) -> go.Figure:
-    """Each verified plan's measured effect against the sum of its layers' single-layer effects."""
-    plans = [c for c in plans_seen if c.get(summed) is not None and (not log or (c[summed] > 0 and c[measured] > 0))]
-    values = [c[summed] for c in plans] + [c[measured] for c in plans]
-    figure = go.Figure(go.Scatter(x=[c[summed] for c in plans], y=[c[measured] for c in plans], mode="markers",
+def compounding_chart(plans_seen: list[amp.Candidate], effect: Callable[[amp.Candidate], tuple[float, float]],
+                      unit: str, log: bool) -> go.Figure:
+    """Each verified plan's measured effect against the sum of its layers' single-layer effects; `effect` gives a
+    plan's (sum, measured)."""
+    plans = [c for c in plans_seen if not log or min(effect(c)) > 0]
+    summed, measured = [effect(c)[0] for c in plans], [effect(c)[1] for c in plans]
+    values = summed + measured
+    figure = go.Figure(go.Scatter(x=summed, y=measured, mode="markers",
                                   marker={"size": 9, "color": "#3182bd"}, name="verified plans",
-                                  hovertext=[f"{c['source']} · {c['size_bytes'] / 1e6:.1f} MB" for c in plans]))
+                                  hovertext=[f"{c.source} · {c.size_bytes / 1e6:.1f} MB" for c in plans]))
     if values:
         span = [min(values), max(values)]
         figure.add_trace(go.Scatter(x=span, y=span, mode="lines", line={"dash": "dot", "color": "gray"},
@@ -368,18 +384,18 @@ def compounding_chart(plans_seen: list[dict], measured: str, summed: str, unit: 
     return figure
 
 
-def front_plans(front: list[dict]) -> None:
+def front_plans(front: list[amp.Candidate]) -> None:
     st.subheader("Front plans")
     for i, candidate in enumerate(front):
         line = st.columns([4, 1])
-        counts = ", ".join(f"{n} {p.upper()}" for p, n in sorted(candidate["layers"].items()))
-        latency_text = "" if candidate["latency_ms_p50"] is None else f" · {candidate['latency_ms_p50']:.1f} ms"
-        line[0].markdown(f"**{candidate['size_bytes'] / 1e6:.2f} MB** · "
-                         f"{common.fmt_ci(candidate['accuracy'], candidate['ci95'])}"
-                         f" · drop {candidate['drop']:+.2f} (sum of single drops {candidate['predicted_drop']:+.2f})"
+        counts = ", ".join(f"{n} {p.upper()}" for p, n in sorted(candidate.layers.items()))
+        latency_text = "" if candidate.latency_ms_p50 is None else f" · {candidate.latency_ms_p50:.1f} ms"
+        line[0].markdown(f"**{candidate.size_bytes / 1e6:.2f} MB** · "
+                         f"{common.fmt_ci(candidate.accuracy, candidate.ci95)}"
+                         f" · drop {candidate.drop:+.2f} (sum of single drops {candidate.predicted_drop:+.2f})"
                          f"{latency_text} · {counts}")
         if line[1].button("Open in layer map", key=f"sens_apply_{i}"):
-            if not page_state.send_to_layer_map(Plan.from_json(candidate["plan"])):
+            if not page_state.send_to_layer_map(candidate.plan):
                 continue
             try:
                 st.switch_page("app_pages/layer_map.py")

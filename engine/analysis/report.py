@@ -7,13 +7,14 @@ import json
 import math
 from typing import Sequence
 
+from engine.analysis.compare import ComparisonRow
 from engine.analysis.findings import points
 from engine.analysis.presets import display_name
 
 
-def _flat(row: dict) -> dict:
+def _flat(row: ComparisonRow) -> dict:
     flat = {}
-    for key, value in row.items():
+    for key, value in row.to_json().items():
         if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
             flat[f"{key}_low"], flat[f"{key}_high"] = value
         elif isinstance(value, (list, tuple)):
@@ -25,7 +26,7 @@ def _flat(row: dict) -> dict:
     return flat
 
 
-def to_csv(rows: Sequence[dict]) -> str:
+def to_csv(rows: Sequence[ComparisonRow]) -> str:
     """The rows as CSV; intervals become _low/_high columns, plans their JSON."""
     flat = [_flat(row) for row in rows]
     columns = list(dict.fromkeys(key for row in flat for key in row))
@@ -40,17 +41,12 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else pattern.format(value)
 
 
-def _speedup_interval(row: dict) -> str:
-    interval = row.get("speedup_ci95")
-    return f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
-
-
-def to_markdown(rows: Sequence[dict], sentences: Sequence[str], machine: str) -> str:
+def to_markdown(rows: Sequence[ComparisonRow], sentences: Sequence[str], machine: str) -> str:
     """A short report: the machine, the table and the findings."""
-    tokens = rows[0]["tokens"] if rows else "?"
-    batch = rows[0]["throughput_batch"] if rows else "?"
+    tokens = rows[0].tokens if rows else "?"
+    batch = rows[0].throughput_batch if rows else "?"
     lines = ["# Precision comparison", "",
-             f"Machine: {machine}. Device: {rows[0]['device'] if rows else 'n/a'}. Latency at batch 1 and "
+             f"Machine: {machine}. Device: {rows[0].device if rows else 'n/a'}. Latency at batch 1 and "
              f"{tokens} tokens (median and p95 after warm-up, all plans interleaved round-robin; speedup = "
              f"median of the per-round ratios to FP32), throughput at batch {batch}; "
              "accuracy with 95% Wilson interval, change against FP32 with a paired bootstrap 95% interval.", "",
@@ -58,16 +54,17 @@ def to_markdown(rows: Sequence[dict], sentences: Sequence[str], machine: str) ->
              "| KL | Size (MB) | Latency p50 / p95 (ms) | Throughput (/s) | Speedup [95% CI] |",
              "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for row in rows:
-        low, high = row["ci95"]
-        d_low, d_high = row["accuracy_delta_ci95"]
+        low, high = row.ci95
+        d_low, d_high = row.accuracy_delta_ci95
+        s_low, s_high = row.speedup_ci95
         lines.append(
-            f"| {display_name(row['plan'])} | {row['data']} | {row['n']} "
-            f"| {100 * row['accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] "
-            f"| {points(row['accuracy_delta'])} [{points(d_low)}, {points(d_high)}] "
-            f"| {100 * row['agreement']:.1f}% | {row['flips']} | {_fmt(row['mcnemar_p'], '{:.2g}')} "
-            f"| {_fmt(row['kl'], '{:.2g}')} | {row['size_bytes'] / 1e6:.1f} "
-            f"| {row['latency_ms_p50']:.1f} / {row['latency_ms_p95']:.1f} | {row['throughput_per_s']:.0f} "
-            f"| {row['speedup']:.2f}x{_speedup_interval(row)} |")
+            f"| {display_name(row.plan)} | {row.data} | {row.n} "
+            f"| {100 * row.accuracy:.1f}% [{100 * low:.1f}, {100 * high:.1f}] "
+            f"| {points(row.accuracy_delta)} [{points(d_low)}, {points(d_high)}] "
+            f"| {100 * row.agreement:.1f}% | {row.flips} | {_fmt(row.mcnemar_p, '{:.2g}')} "
+            f"| {_fmt(row.kl, '{:.2g}')} | {row.size_bytes / 1e6:.1f} "
+            f"| {row.latency_ms_p50:.1f} / {row.latency_ms_p95:.1f} | {row.throughput_per_s:.0f} "
+            f"| {row.speedup:.2f}x [{s_low:.2f}, {s_high:.2f}] |")
     if sentences:
         lines += ["", "## Findings", ""] + [f"- {sentence}" for sentence in sentences]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from torch import nn
 
@@ -92,16 +92,26 @@ class Candidate:
         return {name: WeightMethod(rule.get("method")) for name, rule in self.plan.rules
                 if rule.get("method", WeightMethod.RTN) != WeightMethod.RTN}
 
-    def as_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {"plan": self.plan.to_json(), "accuracy": self.accuracy, "ci95": list(self.ci95),
                 "size_bytes": self.size_bytes, "latency_ms_p50": self.latency_ms_p50, "drop": self.drop,
                 "predicted_drop": self.predicted_drop, "mcnemar_p": self.mcnemar_p, "kl": self.kl,
                 "predicted_kl": self.predicted_kl, "flips": self.flips, "layers": self.layers, "source": self.source,
                 "methods": {name: method.value for name, method in self.methods.items()}}
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Candidate:
+        """From `to_json()`'s dict (its "methods" are read off the plan); a missing field is a KeyError."""
+        return cls(Plan.from_json(data["plan"]), data["source"], data["accuracy"], tuple(data["ci95"]), data["drop"],
+                   data["predicted_drop"], data["mcnemar_p"], data["kl"], data["predicted_kl"], data["flips"],
+                   data["size_bytes"], dict(data["layers"]), data["latency_ms_p50"])
+
 
 @dataclass
-class SearchResult:
+class SearchOutcome:
+    """What `search` found: the chosen plan, the front, every verified candidate and the uniform references
+    (the front's, the references' and the chosen plan are among the candidates)."""
+
     chosen: Candidate
     front: list[Candidate]
     candidates: list[Candidate]
@@ -111,18 +121,35 @@ class SearchResult:
     seconds: float
     stopped: bool = False
 
-    def as_dict(self) -> dict:
-        """The contract's fields, plus everything the page plots."""
-        out = {key: value for key, value in self.chosen.as_dict().items() if key != "source"}
-        out["front"] = [c.as_dict() for c in self.front]
+    @property
+    def latency_front(self) -> list[Candidate]:
+        return latency_front(self.front)
+
+    def to_json(self) -> dict:
+        """The contract's fields (the chosen plan's, at the top), plus everything the page plots."""
+        out = {key: value for key, value in self.chosen.to_json().items() if key != "source"}
+        out["front"] = [c.to_json() for c in self.front]
         out.update({"budget": {"kind": self.budget.kind, "value": self.budget.value,
                                "text": self.budget.describe()},
                     "baseline_accuracy": self.baseline_accuracy,
-                    "references": {name: c.as_dict() for name, c in self.references.items()},
-                    "candidates": [c.as_dict() for c in self.candidates],
-                    "latency_front": [c.as_dict() for c in latency_front(self.front)],
+                    "references": {name: c.to_json() for name, c in self.references.items()},
+                    "candidates": [c.to_json() for c in self.candidates],
+                    "latency_front": [c.to_json() for c in self.latency_front],
                     "evaluations": len(self.candidates), "seconds": self.seconds, "stopped": self.stopped})
         return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SearchOutcome:
+        """From `to_json()`'s dict. The chosen plan, the front and the references are found among the candidates
+        by their plans, so they are the same objects again (the top level has no "source" of its own); a missing
+        field or plan is a KeyError."""
+        candidates = [Candidate.from_json(c) for c in data["candidates"]]
+        by_plan = {c.plan.key(): c for c in candidates}
+        find = lambda item: by_plan[Plan.from_json(item["plan"]).key()]
+        return cls(find(data), [find(c) for c in data["front"]], candidates,
+                   {name: find(c) for name, c in data["references"].items()},
+                   Budget(data["budget"]["kind"], data["budget"]["value"]), data["baseline_accuracy"],
+                   data["seconds"], data["stopped"])
 
 
 # ---- pieces ---------------------------------------------------------------------------------
@@ -266,7 +293,7 @@ def meets(budget: Budget, candidate: Candidate, baseline_accuracy: float) -> boo
 
 def search(evaluator: Evaluator, model: nn.Module, tokenizer, rows: Sequence[Row], budget: Budget,
            latency: bool = True, should_stop: Callable[[], bool] | None = None,
-           progress: Callable[[str, int], None] | None = None) -> SearchResult:
+           progress: Callable[[str, int], None] | None = None) -> SearchOutcome:
     """Verified candidates along the greedy order, the Pareto front, and the plan the budget picks.
 
     Accuracy budgets: bisection along the greedy order for the longest prefix that meets the budget,
@@ -357,8 +384,8 @@ def search(evaluator: Evaluator, model: nn.Module, tokenizer, rows: Sequence[Row
                           f"{smallest.size_bytes / 1e6:.2f} MB at {smallest.accuracy:.2%}")
     if latency and chosen.latency_ms_p50 is None:
         chosen.latency_ms_p50 = bench(model, tokenizer, chosen.plan, batch=1, data=evaluator.dataset)["latency_ms_p50"]
-    return SearchResult(chosen, front, candidates, references, budget, base,
-                        time.perf_counter() - started, verifier.stop())
+    return SearchOutcome(chosen, front, candidates, references, budget, base,
+                         time.perf_counter() - started, verifier.stop())
 
 
 def choose(budget: Budget, candidates: Sequence[Candidate], baseline_accuracy: float) -> Candidate | None:

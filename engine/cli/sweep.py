@@ -89,4 +89,4 @@ def run(name: str, args):
                                                              args.methods).rows
     result = search(evaluator, model, tokenizer, rows, budget, latency=not args.no_latency,
                     progress=lambda text, n: print(f"search: {text}", file=sys.stderr, flush=True))
-    return result.as_dict()
+    return result.to_json()

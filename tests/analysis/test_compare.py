@@ -23,6 +23,7 @@ from engine.analysis.report import to_csv, to_markdown
 from engine.data.sets import EvalSet
 from engine.core.plan import FP32, Plan, PlanError
 from engine.core.stats import compare, median_interval
+from engine.core.vocabulary import Runtime
 from engine.evaluation.evaluate import EvalSummary, evaluate, summarize
 from engine.evaluation.evaluator import EvalResult
 from engine.model.inventory import list_layers
@@ -174,14 +175,16 @@ def test_disagreements_list_exactly_the_disputed_examples():
 
 
 # ---- findings follow the numbers ------------------------------------------------------------------
-def _row(**changes) -> dict:
+def _row(**changes) -> ComparisonRow:
     row = {"plan": "int4", "data": "embedded", "n": 1056, "device": "cpu", "threads": 2, "tokens": 32,
-           "accuracy": 0.80, "accuracy_delta": -4 / 1056, "accuracy_delta_ci95": [-0.011, 0.003], "mcnemar_p": 0.52,
+           "accuracy": 0.80, "ci95": [0.775, 0.823], "agreement": 0.987, "kl": 0.004, "fp32_accuracy": 0.804,
+           "accuracy_delta": -4 / 1056, "accuracy_delta_ci95": [-0.011, 0.003], "mcnemar_p": 0.52,
            "flips": 14, "lost": 9, "gained": 5, "latency_ms_p50": 61.0, "latency_ms_p95": 70.0,
-           "fp32_latency_ms_p50": 60.0, "fp32_latency_ms_p95": 66.0, "size_bytes": 15_000_000,
-           "fp32_size_bytes": 90_000_000, "plan_json": {"*": "int4"}}
-    row.update(changes)
-    return row
+           "fp32_latency_ms_p50": 60.0, "fp32_latency_ms_p95": 66.0, "speedup": 0.98, "speedup_ci95": [0.9, 1.05],
+           "timing_repeats": 20, "throughput_per_s": 150.0, "throughput_batch": 32, "load_average": None,
+           "size_bytes": 15_000_000, "fp32_size_bytes": 90_000_000, "size_ratio": 1 / 6, "machine": "test",
+           "plan_json": {"*": "int4"}}
+    return ComparisonRow.from_json({**row, **changes})
 
 
 def test_accuracy_finding_follows_the_interval_and_the_test():
@@ -200,15 +203,15 @@ def test_accuracy_finding_follows_the_interval_and_the_test():
 def test_speed_finding_needs_a_difference_beyond_the_noise():
     slower = speed_finding(_row(plan="fp16", latency_ms_p50=414.0, speedup=0.145, speedup_ci95=[0.13, 0.16]))
     assert slower.startswith("FP16 is 6.9x slower than FP32 on this CPU") and "[0.13, 0.16]" in slower
+    assert "over 20 interleaved rounds" in slower
     assert "2 threads" in slower
     assert speed_finding(_row(speedup=2.0, speedup_ci95=[1.8, 2.3])).startswith("INT4 is 2.0x faster")
     assert "25% slower" in speed_finding(_row(speedup=0.8, speedup_ci95=[0.75, 0.9]))
     noise = speed_finding(_row(speedup=0.95, speedup_ci95=[0.7, 1.2]))
     assert "within timing noise" in noise and "slower" not in noise
     assert "this GPU" in speed_finding(_row(device="cuda", speedup=2.0, speedup_ci95=[1.9, 2.1]))
-    # rows without a paired interval fall back to the p50-p95 bands
-    assert "6.9x slower" in speed_finding(_row(plan="fp16", latency_ms_p50=414.0, latency_ms_p95=430.0))
-    assert "within timing noise" in speed_finding(_row(latency_ms_p50=64.0, latency_ms_p95=75.0))
+    assert speed_finding(_row(runtime=Runtime.ONNXRUNTIME, speedup=2.0, speedup_ci95=[1.8, 2.3])).startswith(
+        "INT4 on onnxruntime is 2.0x faster")
 
 
 def test_median_interval_covers_the_median():
@@ -223,7 +226,7 @@ def test_size_and_domain_findings_follow_the_numbers():
     assert "20% smaller" in size_finding(_row(size_bytes=72_000_000))
     home = _row(lost=10, gained=12, accuracy_delta=2 / 1056)
 
-    def away(lost: int, gained: int) -> dict:
+    def away(lost: int, gained: int) -> ComparisonRow:
         return _row(data="amazon", n=3610, lost=lost, gained=gained, accuracy_delta=(gained - lost) / 3610)
 
     similar = domain_finding(home, away(40, 38))
@@ -250,16 +253,20 @@ def test_findings_cover_each_quantized_plan_and_skip_fp32():
 
 # ---- export -----------------------------------------------------------------------------------
 def test_csv_and_markdown_export(tiny_report):
-    rows = [row.to_json() for row in tiny_report.rows]  # the page's stored rows
+    rows = tiny_report.rows
     parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))
     assert len(parsed) == len(rows)
-    assert float(parsed[3]["ci95_low"]) == pytest.approx(rows[3]["ci95"][0])
-    assert float(parsed[3]["accuracy_delta_ci95_high"]) == pytest.approx(rows[3]["accuracy_delta_ci95"][1])
-    assert json.loads(parsed[5]["plan_json"]) == rows[5]["plan_json"]
+    assert float(parsed[3]["ci95_low"]) == pytest.approx(rows[3].ci95[0])
+    assert float(parsed[3]["accuracy_delta_ci95_high"]) == pytest.approx(rows[3].accuracy_delta_ci95[1])
+    assert json.loads(parsed[5]["plan_json"]) == rows[5].plan_json
     sentences = findings(rows)
     report = to_markdown(rows, sentences, tiny_report.machine)
     assert tiny_report.machine in report and report.count("\n| INT8 (Linear only) |") == 2
     assert all(f"- {s}" in report for s in sentences)
+    # the page's rows come back from the cache as JSON: the same findings and the same files
+    cached = [ComparisonRow.from_json(json.loads(json.dumps(row.to_json()))) for row in rows]
+    assert findings(cached) == sentences and to_csv(cached) == to_csv(rows)
+    assert to_markdown(cached, sentences, tiny_report.machine) == report
 
 
 # ---- CUDA-side kernels, checked on the CPU where they can be -------------------------------------

@@ -211,5 +211,5 @@ def test_search_gives_layers_methods_and_verifies_them(centred, tokenizer, metho
     for candidate in with_methods[:2]:  # resumed from other candidates' states: equal to a plain evaluation
         fresh = evaluate(model, tokenizer, data, candidate.plan)
         assert (candidate.accuracy, candidate.flips, candidate.kl) == (fresh["accuracy"], fresh["flips"], fresh["kl"])
-    out = json.loads(json.dumps(result.as_dict()))
+    out = json.loads(json.dumps(result.to_json()))
     assert all(isinstance(c["methods"], dict) for c in out["candidates"])

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.analysis.search import Budget, Candidate, SearchError, dominated, greedy_steps, pareto_front, search
+from engine.analysis.search import (Budget, Candidate, SearchError, SearchOutcome, dominated, greedy_steps,
+                                    pareto_front, search)
 from engine.analysis.sensitivity import (DIRECTIONS, Row, SweepError, block_summary, layer_plan, proxy_agreement,
                                          proxy_texts, sqnr_proxy, sweep)
 from engine.data.sets import load_dataset
@@ -151,7 +152,7 @@ def test_search_plan_meets_its_budget_when_evaluated_afresh(embedded, embedded_r
     model, tokenizer = embedded
     evaluator, data, rows = embedded_rows
     result = search(evaluator, model, tokenizer, rows, budget, latency=False)
-    out = result.as_dict()
+    out = result.to_json()
     plan = Plan.from_json(out["plan"])
     fresh = evaluate(model, tokenizer, data, plan)
     base = evaluator.baseline.comparison.accuracy
@@ -180,8 +181,13 @@ def test_search_measures_latency_for_the_front(tiny_sweeps, tiny_model, tokenize
     assert all(c.latency_ms_p50 is not None and c.latency_ms_p50 > 0 for c in result.front)
     assert result.chosen.latency_ms_p50 is not None
     # Each candidate names where it came from in words, and the whole result is what --json prints.
-    out = json.loads(json.dumps(result.as_dict()))
+    out = json.loads(json.dumps(result.to_json()))
     assert all(isinstance(c["source"], str) for c in out["front"] + out["candidates"])
+    # What the page stores reads back as the same outcome, its front and chosen plan among its candidates again.
+    again = SearchOutcome.from_json(out)
+    assert again == result and again.to_json() == out
+    assert again.chosen.latency_ms_p50 == result.chosen.latency_ms_p50 and again.latency_front == result.latency_front
+    assert all(any(c is other for other in again.candidates) for c in [again.chosen, *again.front])
 
 
 def test_search_rejects_impossible_budgets(tiny_sweeps, tiny_model, tokenizer):
@@ -227,7 +233,8 @@ def _page(folder: Path, limit: int):
 
 
 def test_page_runs_sweep_and_search(tmp_path, monkeypatch, tiny_bert, tokenizer):
-    at = _page(_saved(tmp_path, monkeypatch, tiny_bert, tokenizer), 24)
+    folder = _saved(tmp_path, monkeypatch, tiny_bert, tokenizer)
+    at = _page(folder, 24)
     assert not at.exception, at.exception
     at.button(key="sens_run").click().run()
     assert not at.exception, at.exception
@@ -235,8 +242,15 @@ def test_page_runs_sweep_and_search(tmp_path, monkeypatch, tiny_bert, tokenizer)
     assert len(charts) >= 4  # two heatmaps, the proxy scatter, the per-block bars
     at.button(key="sens_search").click().run()
     assert not at.exception, at.exception
-    assert any("Chosen for" in s.value for s in at.success)
+    chosen = [s.value for s in at.success if "Chosen for" in s.value]
+    assert chosen and any("plans verified in" in c.value for c in at.caption)
+    assert len(at.get("plotly_chart")) >= len(charts) + 3  # the Pareto front and the two compounding charts
+    assert any("sum of single drops" in m.value for m in at.markdown)
     assert at.button(key="sens_apply_0") is not None
+    # Another session is shown the stored outcome (read back as a SearchOutcome) without searching again.
+    again = _page(folder, 24)
+    assert not again.exception, again.exception
+    assert [s.value for s in again.success if "Chosen for" in s.value] == chosen
 
 
 def test_cli_and_page_share_the_sweep_rows(tmp_path, monkeypatch, capsys, tiny_bert, tokenizer):
