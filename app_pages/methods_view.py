@@ -32,60 +32,60 @@ def fmt_seconds(seconds: float) -> str:
 
 
 # ---- builders (plain functions of the stored rows) ------------------------------------------------------
-def family(row: dict) -> str:
+def family(row: mth.MethodRow) -> str:
     """The setting a row belongs to: its INT4 group size, or W8A8-static."""
-    return "w8a8" if row["calibrator"] is not None else mth.group_label(row["group_size"])
+    return "w8a8" if row.calibrator is not None else mth.group_label(row.group_size)
 
 
-def methods_frame(report: dict) -> pd.DataFrame:
+def methods_frame(report: mth.MethodsReport) -> pd.DataFrame:
     """One line per setting: accuracy with its interval, change against FP32, agreement, and McNemar's p against
     FP32 and against the same setting's plain choice (RTN at that group size; minmax)."""
-    fp32 = report["fp32_accuracy"]
+    fp32 = report.fp32_accuracy
     return pd.DataFrame([{
-        "setting": row["label"], "accuracy": common.fmt_ci(row["accuracy"], row["ci95"]),
-        "Δ vs FP32 (points)": 100 * (row["accuracy"] - fp32), "agreement": f"{row['agreement']:.1%}",
-        "flips": row["flips"], "McNemar p vs FP32": row["mcnemar_p_fp32"],
-        "against": row["versus"] or "(the reference)", "McNemar p against it": row["mcnemar_p_versus"],
-        "differs": row["mcnemar_p_versus"] is not None and row["mcnemar_p_versus"] < SIGNIFICANCE,
-        "preparation (s)": row["prepare_s"],
-    } for row in report["rows"]])
+        "setting": row.label, "accuracy": common.fmt_ci(row.accuracy, row.ci95),
+        "Δ vs FP32 (points)": 100 * (row.accuracy - fp32), "agreement": f"{row.agreement:.1%}",
+        "flips": row.flips, "McNemar p vs FP32": row.mcnemar_p_fp32,
+        "against": row.versus or "(the reference)", "McNemar p against it": row.mcnemar_p_versus,
+        "differs": row.mcnemar_p_versus is not None and row.mcnemar_p_versus < SIGNIFICANCE,
+        "preparation (s)": row.prepare_s,
+    } for row in report.rows])
 
 
-def methods_chart(report: dict) -> go.Figure:
+def methods_chart(report: mth.MethodsReport) -> go.Figure:
     """Accuracy of every setting with its 95% interval, one colour per group size (and W8A8-static), FP32's
     accuracy as a dotted line."""
     figure = go.Figure()
     for name, color in FAMILY_COLORS.items():
-        rows = [row for row in report["rows"] if family(row) == name]
+        rows = [row for row in report.rows if family(row) == name]
         if not rows:
             continue
         figure.add_trace(go.Scatter(
-            x=[row["label"] for row in rows], y=[row["accuracy"] for row in rows], mode="markers", name=name,
+            x=[row.label for row in rows], y=[row.accuracy for row in rows], mode="markers", name=name,
             marker={"size": 10, "color": color, "line": {"color": "#333", "width": 1}},
-            error_y={"type": "data", "symmetric": False, "array": [row["ci95"][1] - row["accuracy"] for row in rows],
-                     "arrayminus": [row["accuracy"] - row["ci95"][0] for row in rows]},
-            hovertext=[f"McNemar p against {row['versus']}: {row['mcnemar_p_versus']:.3g}" if row["versus"]
+            error_y={"type": "data", "symmetric": False, "array": [row.ci95[1] - row.accuracy for row in rows],
+                     "arrayminus": [row.accuracy - row.ci95[0] for row in rows]},
+            hovertext=[f"McNemar p against {row.versus}: {row.mcnemar_p_versus:.3g}" if row.versus
                        else "the reference of its setting" for row in rows]))
-    figure.add_hline(y=report["fp32_accuracy"], line_dash="dot", annotation_text="FP32")
+    figure.add_hline(y=report.fp32_accuracy, line_dash="dot", annotation_text="FP32")
     figure.update_layout(yaxis_title="accuracy (95% CI)", yaxis_tickformat=".1%", height=400,
                          margin={"t": 30, "b": 10})
     return figure
 
 
-def curve_chart(points: list[dict], fp32_accuracy: float) -> go.Figure:
+def curve_chart(points: list[mth.CurvePoint], fp32_accuracy: float) -> go.Figure:
     """W8A8-static accuracy against the number of calibration texts (log axis), one line per calibrator, with
     95% intervals."""
     figure = go.Figure()
-    for calibrator in dict.fromkeys(point["calibrator"] for point in points):
-        line = sorted((p for p in points if p["calibrator"] == calibrator), key=lambda p: p["texts"])
+    for calibrator in dict.fromkeys(point.calibrator for point in points):
+        line = sorted((p for p in points if p.calibrator == calibrator), key=lambda p: p.texts)
         figure.add_trace(go.Scatter(
-            x=[p["texts"] for p in line], y=[p["accuracy"] for p in line], mode="lines+markers", name=calibrator,
-            error_y={"type": "data", "symmetric": False, "array": [p["ci95"][1] - p["accuracy"] for p in line],
-                     "arrayminus": [p["accuracy"] - p["ci95"][0] for p in line]}))
+            x=[p.texts for p in line], y=[p.accuracy for p in line], mode="lines+markers", name=calibrator.value,
+            error_y={"type": "data", "symmetric": False, "array": [p.ci95[1] - p.accuracy for p in line],
+                     "arrayminus": [p.accuracy - p.ci95[0] for p in line]}))
     figure.add_hline(y=fp32_accuracy, line_dash="dot", annotation_text="FP32")
     figure.update_layout(xaxis_title="calibration texts", xaxis_type="log", yaxis_title="accuracy (95% CI)",
                          yaxis_tickformat=".1%", height=380, margin={"t": 30, "b": 10})
-    figure.update_xaxes(**common.log_ticks([p["texts"] for p in points]))
+    figure.update_xaxes(**common.log_ticks([p.texts for p in points]))
     return figure
 
 
@@ -141,12 +141,13 @@ def methods_section(evaluator) -> None:
     plans = mth.method_plans(evaluator.layers, groups, methods, calibrators)
     estimate = mth.estimate_cost(plans, evaluator.layers, evaluator.baseline.seconds, len(evaluator.labels))
     key = keys.methods_report(evaluator, [(p.label, p.plan.key()) for p in plans])
-    report = queued(key, f"Compare {len(plans)} settings", "Comparing methods", estimate,
+    stored = queued(key, f"Compare {len(plans)} settings", "Comparing methods", estimate,
                     lambda progress: mth.compare_methods(evaluator, plans, progress).to_json())
-    if report is None:
+    if stored is None:
         return
-    st.caption(f"{report['n']:,} sentences of {report['data']}; FP32 {report['fp32_accuracy']:.1%}; measured in "
-               f"{fmt_seconds(report['seconds'])}. \"differs\": McNemar p < {SIGNIFICANCE} against the setting's "
+    report = mth.MethodsReport.from_json(stored)
+    st.caption(f"{report.n:,} sentences of {report.data}; FP32 {report.fp32_accuracy:.1%}; measured in "
+               f"{fmt_seconds(report.seconds)}. \"differs\": McNemar p < {SIGNIFICANCE} against the setting's "
                "plain choice, uncorrected for the number of tests.")
     st.dataframe(methods_frame(report), hide_index=True, width="stretch", column_config={
         "Δ vs FP32 (points)": st.column_config.NumberColumn(format="%+.2f"),
@@ -180,7 +181,8 @@ def curve_section(evaluator) -> None:
     points = queued(key, "Draw the curve", "Calibration curve", estimate, compute,
                     disabled=not calibrators or not sizes)
     if points:
-        st.plotly_chart(curve_chart(points, evaluator.baseline.comparison.accuracy), width="stretch",
+        curve = [mth.CurvePoint.from_json(p) for p in points]
+        st.plotly_chart(curve_chart(curve, evaluator.baseline.comparison.accuracy), width="stretch",
                         key="mv_curve")
 
 

@@ -138,6 +138,12 @@ class MethodRow:
                     calibrator=None if self.calibrator is None else self.calibrator.value)
         return data
 
+    @classmethod
+    def from_json(cls, stored: dict) -> "MethodRow":
+        return cls(**{**stored, "ci95": tuple(stored["ci95"]), "method": WeightMethod(stored["method"]),
+                      "plan": Plan.from_json(stored["plan"]),
+                      "calibrator": None if stored["calibrator"] is None else Calibrator(stored["calibrator"])})
+
 
 @dataclass(frozen=True)
 class MethodsReport:
@@ -153,6 +159,12 @@ class MethodsReport:
     def to_json(self) -> dict:
         return {"data": self.data, "n": self.n, "fp32_accuracy": self.fp32_accuracy, "seconds": self.seconds,
                 "rows": [row.to_json() for row in self.rows]}
+
+    @classmethod
+    def from_json(cls, stored: dict) -> "MethodsReport":
+        return cls(rows=tuple(MethodRow.from_json(row) for row in stored["rows"]),
+                   fp32_accuracy=stored["fp32_accuracy"], data=stored["data"], n=stored["n"],
+                   seconds=stored["seconds"])
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,10 @@ class CurvePoint:
 
     def to_json(self) -> dict:
         return {**asdict(self), "calibrator": self.calibrator.value, "ci95": list(self.ci95)}
+
+    @classmethod
+    def from_json(cls, stored: dict) -> "CurvePoint":
+        return cls(**{**stored, "calibrator": Calibrator(stored["calibrator"]), "ci95": tuple(stored["ci95"])})
 
 
 def _correct(evaluator: Evaluator, result: EvalResult) -> np.ndarray:

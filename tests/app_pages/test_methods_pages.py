@@ -2,6 +2,7 @@
 the cell's label, a refused combination), and the comparison page's methods view, on a tiny saved BERT."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from streamlit.testing.v1 import AppTest
 import zoo
 from app_pages.layer_rules import ClickChoice, cell_text, change_words, click_tags, method_choices, method_tag
 from engine.analysis.toggle import set_layers
-from engine.core.plan import FP32, PlanError
+from engine.analysis import methods as mth
+from engine.core.plan import FP32, Plan, PlanError
 from engine.core.rules import Rule
 from engine.core.vocabulary import ActScheme, Calibrator, Runtime, WeightMethod
 from engine.model.inventory import list_layers
@@ -155,19 +157,24 @@ def test_the_methods_view_says_its_cost_then_runs_and_keeps_its_table(folder, tm
     fresh.run()
     assert not fresh.exception and len(fresh.dataframe) == 1 and len(fresh.get("plotly_chart")) == 2
     # the builders, on what the page stored
-    report = {"fp32_accuracy": 0.5, "rows": [
-        {"label": "int4 rtn g32", "calibrator": None, "group_size": 32, "accuracy": 0.5, "ci95": [0.3, 0.7],
-         "agreement": 1.0, "flips": 0, "mcnemar_p_fp32": 1.0, "versus": None, "mcnemar_p_versus": None,
-         "prepare_s": 0.1},
-        {"label": "w8a8 static entropy", "calibrator": "entropy", "group_size": None, "accuracy": 0.6,
-         "ci95": [0.4, 0.8], "agreement": 0.9, "flips": 3, "mcnemar_p_fp32": 0.25, "versus": "w8a8 static minmax",
-         "mcnemar_p_versus": 0.01, "prepare_s": 0.2}]}
+    rows = (mth.MethodRow(label="int4 rtn g32", precision="int4", method=WeightMethod.RTN, group_size=32,
+                          calibrator=None, accuracy=0.5, ci95=(0.3, 0.7), agreement=1.0, flips=0, kl=0.0, n=10,
+                          mcnemar_p_fp32=1.0, versus=None, mcnemar_p_versus=None, prepare_s=0.1, seconds=1.0,
+                          plan=Plan.uniform("int4")),
+            mth.MethodRow(label="w8a8 static entropy", precision="int8", method=WeightMethod.RTN, group_size=None,
+                          calibrator=Calibrator.ENTROPY, accuracy=0.6, ci95=(0.4, 0.8), agreement=0.9, flips=3,
+                          kl=0.1, n=10, mcnemar_p_fp32=0.25, versus="w8a8 static minmax", mcnemar_p_versus=0.01,
+                          prepare_s=0.2, seconds=1.0, plan=Plan.uniform("int8")))
+    report = mth.MethodsReport(rows=rows, fp32_accuracy=0.5, data="embedded", n=10, seconds=2.0)
+    assert mth.MethodsReport.from_json(json.loads(json.dumps(report.to_json()))) == report  # as the cache keeps it
     frame = methods_view.methods_frame(report)
     assert frame["differs"].tolist() == [False, True] and frame["Δ vs FP32 (points)"].round(6).tolist() == [0, 10]
     assert [trace.name for trace in methods_view.methods_chart(report).data] == ["g32", "w8a8"]
-    curve = methods_view.curve_chart([
-        {"calibrator": "minmax", "texts": 32, "accuracy": 0.6, "ci95": [0.5, 0.7]},
-        {"calibrator": "minmax", "texts": 16, "accuracy": 0.5, "ci95": [0.4, 0.6]}], 0.55)
+    points = [mth.CurvePoint(calibrator=Calibrator.MINMAX, requested=size, texts=size, accuracy=accuracy,
+                             ci95=(accuracy - 0.1, accuracy + 0.1), agreement=1.0, mcnemar_p_fp32=1.0, seconds=1.0)
+              for size, accuracy in ((32, 0.6), (16, 0.5))]
+    assert [mth.CurvePoint.from_json(json.loads(json.dumps(p.to_json()))) for p in points] == points
+    curve = methods_view.curve_chart(points, 0.55)
     assert list(curve.data[0].x) == [16, 32] and list(curve.data[0].error_y.array) == pytest.approx([0.1, 0.1])
 
 
