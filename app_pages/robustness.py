@@ -13,6 +13,7 @@ from app_pages import common
 from cache import keys
 from engine.analysis import attack, predict as pred
 from engine.analysis.perturb import KINDS, PerturbError, highlight_html, perturb, words
+from engine.analysis.predict import Prediction
 from engine.core.errors import EngineError
 from engine.core.plan import Plan, PlanError
 from engine.data.sets import available_sets
@@ -42,7 +43,13 @@ def _names(plans: dict[str, Plan]) -> dict[str, str]:
 @st.cache_data(max_entries=512, show_spinner=False)
 def _predictions(model_name: str, text: str, plans: dict[str, Plan]) -> dict[str, dict]:
     model, tokenizer, _ = common.shared_model(model_name)
-    return common.in_queue("predict", lambda: pred.predict_all(model, tokenizer, text, plans))
+    answers = common.in_queue("predict", lambda: pred.predict_all(model, tokenizer, text, plans))
+    return {key: p.to_json() for key, p in answers.items()}
+
+
+def answers(model_name: str, text: str, plans: dict[str, Plan]) -> dict[str, Prediction]:
+    """Every plan's Prediction for `text` (the cache keeps their to_json(), as it always has)."""
+    return {key: Prediction.from_json(p) for key, p in _predictions(model_name, text, plans).items()}
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -51,10 +58,10 @@ def _occlusion(model_name: str, text: str, plan: Plan) -> list[dict]:
     return common.in_queue("occlusion", lambda: pred.occlusion(model, tokenizer, text, plan))
 
 
-def _probability_bar(prediction: dict) -> go.Figure:
+def _probability_bar(prediction: Prediction) -> go.Figure:
     """Every class's probability as one stacked bar (sentiment classes in their usual colours)."""
     figure = go.Figure()
-    for index, (label, p) in enumerate(prediction["probs"].items()):
+    for index, (label, p) in enumerate(prediction.probs.items()):
         color = SENTIMENT_COLORS.get(label, CLASS_COLORS[index % len(CLASS_COLORS)])
         figure.add_bar(x=[p], y=[""], orientation="h", name=label, marker_color=color,
                        text=f"{label} {p:.0%}" if p >= 0.12 else "", textposition="inside",
@@ -64,15 +71,15 @@ def _probability_bar(prediction: dict) -> go.Figure:
     return figure
 
 
-def show_predictions(predictions: dict[str, dict], names: dict[str, str], section: str,
-                     reference: dict[str, dict] | None = None) -> None:
+def show_predictions(predictions: dict[str, Prediction], names: dict[str, str], section: str,
+                     reference: dict[str, Prediction] | None = None) -> None:
     """One column per precision: label, confidence, probability bar; with `reference`, what changed."""
     for column, (key, p) in zip(st.columns(len(predictions)), predictions.items()):
         with column:
-            changed = reference is not None and reference[key]["label"] != p["label"]
-            st.metric(names[key], p["label"], f"was {reference[key]['label']}" if changed else None,
+            changed = reference is not None and reference[key].label != p.label
+            st.metric(names[key], p.label, f"was {reference[key].label}" if changed else None,
                       delta_color="inverse" if changed else "normal")
-            st.caption(f"confidence {p['confidence']:.1%}")
+            st.caption(f"confidence {p.confidence:.1%}")
             st.plotly_chart(_probability_bar(p), width="stretch", config={"displayModeBar": False},
                             key=f"bar-{section}-{key}")
     message = pred.disagreement(predictions, names)
@@ -80,16 +87,16 @@ def show_predictions(predictions: dict[str, dict], names: dict[str, str], sectio
         st.warning(message)
 
 
-def notices(text: str, prediction: dict) -> None:
+def notices(text: str, prediction: Prediction) -> None:
     """Plain words for input the model cannot really read: empty, unknown tokens only, truncated."""
     if not text.strip():
         st.info("The text is empty, so every model sees only its special tokens: the answers below "
                 "are the models' default leanings, not a reading of a review. Type a review or pick an example.")
-    elif prediction.get("truncated"):
-        st.info(f"This review is longer than the model can read ({prediction['note']}); everything after "
+    elif prediction.truncated:
+        st.info(f"This review is longer than the model can read ({prediction.note}); everything after "
                 "that point was ignored by every precision.")
-    elif prediction.get("note"):
-        st.info(f"Note: {prediction['note']}.")
+    elif prediction.note:
+        st.info(f"Note: {prediction.note}.")
 
 
 def _plans() -> dict[str, Plan]:
@@ -150,8 +157,8 @@ def flip_section(text: str, plans: dict[str, Plan], names: dict[str, str]) -> No
     p = result.perturbation
     what = f"{len(p.edits)} edit{'s' if len(p.edits) != 1 else ''} and {result.queries} model queries"
     if result.flipped:
-        st.success(f"{names[result.target]} flipped from {result.before[result.target]['label']} to "
-                   f"{result.after[result.target]['label']} with {what}.")
+        st.success(f"{names[result.target]} flipped from {result.before[result.target].label} to "
+                   f"{result.after[result.target].label} with {what}.")
     else:
         st.warning(f"No flip of {names[result.target]} within the budget ({what}); the closest attempt is shown.")
     show_html(highlight_html(p))
@@ -278,7 +285,7 @@ model_name = common.model_name()
 st.session_state.setdefault("rob_text", EXAMPLES["Mixed feelings"])
 st.selectbox("Start from an example", list(EXAMPLES), key="rob_example", on_change=_pick_example)
 text = st.text_area("Review", key="rob_text", height=100)
-clean = _predictions(model_name, text, plans)
+clean = answers(model_name, text, plans)
 notices(text, clean["fp32"])
 show_predictions(clean, names, "clean")
 
@@ -301,7 +308,7 @@ noisy = st.text_area("Perturbed text (edit it by hand too)", value=perturbation.
                      key=f"rob_noisy_{state[:16]}", height=100)
 if noisy != perturbation.perturbed:
     st.caption("Edited by hand.")
-show_predictions(_predictions(model_name, noisy, plans), names, "noisy", reference=clean)
+show_predictions(answers(model_name, noisy, plans), names, "noisy", reference=clean)
 
 st.subheader("Why: word importance")
 st.caption("Occlusion: each word is removed in turn; green words support the class that precision predicts, red "
@@ -309,7 +316,7 @@ st.caption("Occlusion: each word is removed in turn; green words support the cla
            "word for its value.")
 which = st.radio("Explain", ["the review", "the perturbed text"], horizontal=True)
 explained = text if which == "the review" else noisy
-explained_tokens = _predictions(model_name, explained, plans)["fp32"]["tokens"]
+explained_tokens = answers(model_name, explained, plans)["fp32"].tokens
 if not words(explained):
     st.info("There are no words to score in this text.")
 elif explained_tokens <= LONG_TEXT_TOKENS or st.toggle(

@@ -15,7 +15,8 @@ import numpy as np
 from torch import nn
 
 from engine.analysis.perturb import KINDS, Edit, Perturbation, apply_edits, candidate_edits, perturb
-from engine.analysis.predict import BATCH, RobustnessError, class_probs, occlusion, predict_all, reference_plans
+from engine.analysis.predict import (BATCH, Prediction, RobustnessError, class_probs, occlusion, predict_all,
+                                     reference_plans)
 from engine.data.sets import EvalSet
 from engine.core.plan import Plan
 from engine.core.stats import wilson_interval
@@ -36,13 +37,15 @@ class FlipResult:
     perturbation: Perturbation
     flipped: bool
     queries: int
-    before: dict[str, dict]
-    after: dict[str, dict]
+    before: dict[str, Prediction]
+    after: dict[str, Prediction]
     seconds: float
 
     def as_dict(self) -> dict:
         return {"target": self.target, **self.perturbation.as_dict(), "n_edits": len(self.perturbation.edits),
-                "queries": self.queries, "flipped": self.flipped, "before": self.before, "after": self.after,
+                "queries": self.queries, "flipped": self.flipped,
+                "before": {k: p.to_json() for k, p in self.before.items()},
+                "after": {k: p.to_json() for k, p in self.after.items()},
                 "seconds": self.seconds}
 
 
@@ -120,7 +123,7 @@ def flip_search(model: nn.Module, tokenizer, text: str, target: str = "int4", pl
     after = predict_all(model, tokenizer, perturbed, plans, kernels, data)
     if progress is not None:
         progress(1.0, "done")
-    return FlipResult(target, Perturbation(text, perturbed, edits), after[target]["label"] != before[target]["label"],
+    return FlipResult(target, Perturbation(text, perturbed, edits), after[target].label != before[target].label,
                       queries, before, after, time.perf_counter() - started)
 
 

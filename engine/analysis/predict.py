@@ -10,7 +10,8 @@ runs in batches of 64.
 from __future__ import annotations
 
 import html
-from typing import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +36,31 @@ MAX_TOKENS = 8192  # padded tokens per forward
 
 class RobustnessError(EngineError):
     """A robustness request that cannot run as asked (unknown precision name, empty sample)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    """One text's answer under one plan, in `predict --json`'s order; `to_json()` is that object."""
+
+    text: str
+    label: str  # the top class's name from id2label, lower-cased
+    confidence: float  # the top class's probability
+    probs: dict[str, float]  # every class name to its probability, in class order
+    truncated: bool
+    tokens: int
+    note: str | None = None  # for empty, all-unknown or truncated input
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's dict (no "note" key when there is nothing to say)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.note is None:
+            del out["note"]
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Prediction:
+        """From `to_json()`'s dict; keys it does not know are ignored, a missing field is a TypeError."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def reference_plans(current: Plan | None = None) -> dict[str, Plan]:
@@ -101,11 +127,10 @@ def _note(ids: list[int], truncated: bool, limit: int, tokenizer, text: str) -> 
     return None
 
 
-def predict(model: nn.Module, tokenizer, texts: Sequence[str] | str, plan: PlanLike = FP32,
-            kernels: str = Kernels.SIMULATED, batch_size: int | None = None, data: EvalSet | None = None) -> list[dict]:
-    """One prediction per text, in order: {"text", "label", "confidence", "probs", "truncated", "tokens"}
-    plus a "note" for empty, all-unknown or truncated input. `label` is the top class's name from the
-    model's id2label (lower-cased) and `probs` maps every class name to its probability.
+def predictions(model: nn.Module, tokenizer, texts: Sequence[str] | str, plan: PlanLike = FP32,
+                kernels: str = Kernels.SIMULATED, batch_size: int | None = None,
+                data: EvalSet | None = None) -> list[Prediction]:
+    """One Prediction per text, in order, with a note for empty, all-unknown or truncated input.
 
     Any string is valid: texts longer than the model reads are truncated (truncated: true), and a text
     with no tokens still gets the model's answer for its special tokens alone.
@@ -123,33 +148,37 @@ def predict(model: nn.Module, tokenizer, texts: Sequence[str] | str, plan: PlanL
     results = []
     for text, p, ids, truncated in zip(texts, probs, encoded.ids, encoded.truncated):
         index = int(np.argmax(p))
-        result = {"text": text, "label": classes.display(index), "confidence": float(p[index]),
-                  "probs": {classes.display(i): float(value) for i, value in enumerate(p)},
-                  "truncated": truncated, "tokens": len(ids)}
-        note = _note(ids, truncated, limit, tokenizer, text)
-        if note:
-            result["note"] = note
-        results.append(result)
+        results.append(Prediction(text=text, label=classes.display(index), confidence=float(p[index]),
+                                  probs={classes.display(i): float(value) for i, value in enumerate(p)},
+                                  truncated=truncated, tokens=len(ids),
+                                  note=_note(ids, truncated, limit, tokenizer, text)))
     return results
 
 
+def predict(model: nn.Module, tokenizer, texts: Sequence[str] | str, plan: PlanLike = FP32,
+            kernels: str = Kernels.SIMULATED, batch_size: int | None = None, data: EvalSet | None = None) -> list[dict]:
+    """The predict command's documents: each of `predictions`' `to_json()`, {"text", "label", "confidence",
+    "probs", "truncated", "tokens"} plus "note" when there is one."""
+    return [p.to_json() for p in predictions(model, tokenizer, texts, plan, kernels, batch_size, data)]
+
+
 def predict_all(model: nn.Module, tokenizer, text: str, plans: Mapping[str, Plan], kernels: str = Kernels.SIMULATED,
-                data: EvalSet | None = None) -> dict[str, dict]:
+                data: EvalSet | None = None) -> dict[str, Prediction]:
     """The prediction of every named plan for one text (plans with the same key are computed once)."""
-    by_key: dict[str, dict] = {}
+    by_key: dict[str, Prediction] = {}
     for plan in plans.values():
         if plan.key() not in by_key:
-            by_key[plan.key()] = predict(model, tokenizer, [text], plan, kernels, data=data)[0]
+            by_key[plan.key()] = predictions(model, tokenizer, [text], plan, kernels, data=data)[0]
     return {name: by_key[plan.key()] for name, plan in plans.items()}
 
 
-def disagreement(predictions: Mapping[str, dict], names: Mapping[str, str] | None = None) -> str | None:
+def disagreement(answers: Mapping[str, Prediction], names: Mapping[str, str] | None = None) -> str | None:
     """A plain sentence when the predictions do not all carry the same label, else None."""
-    labels = {p["label"] for p in predictions.values()}
+    labels = {p.label for p in answers.values()}
     if len(labels) < 2:
         return None
     names = names or {}
-    parts = [f"{names.get(k, k)} says {p['label']} ({p['confidence']:.0%})" for k, p in predictions.items()]
+    parts = [f"{names.get(k, k)} says {p.label} ({p.confidence:.0%})" for k, p in answers.items()]
     return "The precisions disagree: " + ", ".join(parts) + "."
 
 

@@ -14,8 +14,8 @@ import torch
 
 from engine.analysis.attack import attack_success, flip_search, sample, sweep
 from engine.analysis.perturb import apply_edits, words
-from engine.analysis.predict import (MAX_OCCLUDED, RobustnessError, disagreement, importance_html, occlusion, predict,
-                                     reference_plans)
+from engine.analysis.predict import (MAX_OCCLUDED, Prediction, RobustnessError, disagreement, importance_html,
+                                     occlusion, predict, predictions, reference_plans)
 from engine.cli import main
 from engine.data.sets import load_dataset
 from engine.core.plan import Plan
@@ -112,10 +112,26 @@ def test_predict_rejects_a_plan_that_does_not_fit(tiny_bert, tokenizer) -> None:
         predict(tiny_bert, tokenizer, ["x"], {"no_such_layer": "int8"})
 
 
+def test_prediction_round_trips_through_its_json(tiny_bert, tokenizer) -> None:
+    """predict's documents are the typed predictions' to_json(), and from_json (the page's cache) gives them back."""
+    texts = ["a fine film", "", BAD_INPUTS["twenty_thousand"]]
+    typed = predictions(tiny_bert, tokenizer, texts, "int4")
+    documents = predict(tiny_bert, tokenizer, texts, "int4")
+    assert [p.to_json() for p in typed] == documents
+    assert list(documents[0]) == ["text", "label", "confidence", "probs", "truncated", "tokens"]  # no note: none
+    assert list(documents[1]) == ["text", "label", "confidence", "probs", "truncated", "tokens", "note"]
+    assert [Prediction.from_json(json.loads(json.dumps(d))) for d in documents] == typed
+
+
+def _answer(label: str, confidence: float) -> Prediction:
+    return Prediction(text="x", label=label, confidence=confidence, probs={label: confidence}, truncated=False,
+                      tokens=3)
+
+
 def test_disagreement_message() -> None:
-    agree = {"fp32": {"label": "positive", "confidence": 0.9}, "int4": {"label": "positive", "confidence": 0.6}}
+    agree = {"fp32": _answer("positive", 0.9), "int4": _answer("positive", 0.6)}
     assert disagreement(agree) is None
-    split = {"fp32": {"label": "positive", "confidence": 0.9}, "int4": {"label": "negative", "confidence": 0.55}}
+    split = {"fp32": _answer("positive", 0.9), "int4": _answer("negative", 0.55)}
     message = disagreement(split, {"fp32": "FP32", "int4": "INT4"})
     assert message.startswith("The precisions disagree") and "INT4 says negative (55%)" in message
 
@@ -204,8 +220,8 @@ def test_flip_search_really_flips_the_target(embedded) -> None:
     assert 1 <= len(result.perturbation.edits) <= 6 and result.queries > len(result.perturbation.edits)
     perturbed = result.perturbation.perturbed
     assert perturbed == apply_edits(text, result.perturbation.edits) != text
-    (before,), (after,) = (predict(model, tokenizer, [t], Plan.uniform("int4")) for t in (text, perturbed))
-    assert before["label"] != after["label"]
+    (before,), (after,) = (predictions(model, tokenizer, [t], Plan.uniform("int4")) for t in (text, perturbed))
+    assert before.label != after.label
     assert after == result.after["int4"] and before == result.before["int4"]
     assert set(result.after) == set(reference_plans())
 
