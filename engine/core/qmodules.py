@@ -60,6 +60,8 @@ class SimLinear(nn.Module):
         self.quantize = quantize
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale)
+        if bias is not None and precision in FLOAT_DTYPES:  # a half-precision kernel adds a half-precision bias
+            bias = bias.to(FLOAT_DTYPES[precision]).to(bias.dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.register_buffer("in_scale", in_scale)
 
