@@ -160,7 +160,7 @@ def evaluate_pending(evaluator) -> None:
     box, bar = st.empty(), st.empty()
     while lm.pending:
         entry = lm.pending[0]
-        plan = entry["plan"]
+        plan = entry.plan
         summary = results.cached_evaluation(evaluator, plan)
         if summary is None:
             waiting = len(lm.pending)
@@ -192,10 +192,10 @@ def evaluate_pending(evaluator) -> None:
                 bar.empty()
                 lm.pending.clear()
                 if lm.history:
-                    common.set_current_plan(lm.history[-1]["plan"])
+                    common.set_current_plan(lm.history[-1].plan)
                 return
             results.store_evaluation(evaluator, plan, summary)
-        record(plan, summary, entry["layer"])
+        record(plan, summary, entry.layer)
         lm.pending.pop(0)
     box.empty()
     bar.empty()
@@ -206,16 +206,16 @@ def record(plan: Plan, summary: RunSummary, layer: str | None) -> None:
     lm = page_state.layer_map_state()
     history = lm.history
     previous = history[-1] if history else None
-    if previous is None or previous["key"] != plan.key():
+    if previous is None or previous.key != plan.key():
         model, _ = common.model_and_tokenizer()
-        changed = change_words(previous["plan"] if previous else None, plan, common.layer_names())
-        history.append({"key": plan.key(), "plan": plan, "label": f"#{len(history) + 1}",
-                        "accuracy": summary.accuracy, "low": summary.ci95[0], "high": summary.ci95[1],
-                        "size_mb": results.size(model, plan) / 1e6, "flips": summary.flips,
-                        "kl": summary.kl, "changed": changed})
+        changed = change_words(previous.plan if previous else None, plan, common.layer_names())
+        history.append(page_state.Tried(key=plan.key(), plan=plan, label=f"#{len(history) + 1}",
+                                        accuracy=summary.accuracy, low=summary.ci95[0], high=summary.ci95[1],
+                                        size_mb=results.size(model, plan) / 1e6, flips=summary.flips,
+                                        kl=summary.kl, changed=changed))
     if layer and previous is not None:
-        lm.effects[layer] = (f"{(summary.accuracy - previous['accuracy']) * 100:+.2f} pts accuracy, "
-                                         f"KL {common.plain(summary.kl)}")
+        lm.effects[layer] = (f"{(summary.accuracy - previous.accuracy) * 100:+.2f} pts accuracy, "
+                             f"KL {common.plain(summary.kl)}")
 
 
 # ---- figures ------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def results_section(evaluator, plan: Plan) -> None:
     model, _ = common.model_and_tokenizer()
     baseline = evaluator.baseline.comparison
     history = page_state.layer_map_state().history
-    previous = history[-2] if len(history) > 1 and history[-1]["key"] == plan.key() else None
+    previous = history[-2] if len(history) > 1 and history[-1].key == plan.key() else None
     size, fp32_size = results.size(model, plan), results.size(model, FP32)
     accuracy, low, high = summary.accuracy, *summary.ci95
     columns = st.columns(4)
@@ -237,12 +237,12 @@ def results_section(evaluator, plan: Plan) -> None:
                       delta_color="off" if within else "normal", delta_arrow="off" if within else "auto",
                       help="95% Wilson interval below")
     columns[0].caption(f"95% CI [{low:.1%}, {high:.1%}]"
-                       + (f" · {(accuracy - previous['accuracy']) * 100:+.2f} pts vs {previous['label']}"
+                       + (f" · {(accuracy - previous.accuracy) * 100:+.2f} pts vs {previous.label}"
                           if previous else ""))
     columns[1].metric("Agreement with FP32", f"{summary.agreement:.1%}", f"{summary.flips} flips",
                       delta_color="off", help=f"McNemar p = {summary.mcnemar_p:.3g} against FP32")
     columns[2].metric("Mean KL from FP32", common.plain(summary.kl),
-                      f"{common.plain(summary.kl - previous['kl'], sign=True)} vs {previous['label']}"
+                      f"{common.plain(summary.kl - previous.kl, sign=True)} vs {previous.label}"
                       if previous else None,
                       delta_color="inverse")
     columns[3].metric("Size (real format)", f"{size / 1e6:.1f} MB", f"{size / fp32_size:.0%} of FP32",
@@ -275,8 +275,8 @@ def latency_section(plan: Plan) -> None:
     st.markdown(f"**Latency on real kernels** ({where}, this CPU, {TIMING_TOKENS}-token inputs; the plan and torch "
                 "FP32 timed interleaved in one run)")
     # Each figure names its plan: after fast clicks the grid already shows later changes than the plan timed.
-    entry = next((h for h in page_state.layer_map_state().history if h["key"] == plan.key()), None)
-    plan_name = f"plan {entry['label']} ({entry['changed']})" if entry else "this plan"
+    entry = next((h for h in page_state.layer_map_state().history if h.key == plan.key()), None)
+    plan_name = f"plan {entry.label} ({entry.changed})" if entry else "this plan"
     columns = st.columns(2)
     for column, batch in zip(columns, (1, 32)):
         measured = results.cached_latency(model, plan, FP32, batch, TIMING_TOKENS)
@@ -363,7 +363,7 @@ def history_section() -> None:
     if len(history) < 2:
         return
     st.subheader(f"{len(history)} plans tried in this session")
-    frame = pd.DataFrame([{k: v for k, v in h.items() if k not in ("plan", "key")} for h in history])
+    frame = pd.DataFrame([h.row() for h in history])
     # Plans of the same size and accuracy share one point: one label naming them all, not labels printed on top
     # of each other.
     spot = list(zip(frame["size_mb"].round(2), frame["accuracy"].round(4)))
@@ -382,9 +382,9 @@ def history_section() -> None:
                  column_config={"accuracy": st.column_config.NumberColumn(format="percent"),
                                 "low": None, "high": None, "kl": "mean KL",
                                 "size_mb": st.column_config.NumberColumn("size (MB)", format="%.1f")})
-    choice = st.selectbox("Restore a plan", [h["label"] for h in history], index=len(history) - 1)
+    choice = st.selectbox("Restore a plan", [h.label for h in history], index=len(history) - 1)
     if st.button("Restore"):
-        page_state.change_plan(next(h["plan"] for h in history if h["label"] == choice))
+        page_state.change_plan(next(h.plan for h in history if h.label == choice))
         st.rerun()
 
 

@@ -5,7 +5,7 @@ so each change is checked against the model, undoable and evaluated in order, wh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import streamlit as st
 
@@ -17,15 +17,43 @@ KEYS = {"pending": "lm_pending", "undo": "plan_undo", "history": "plan_history",
 state = st.session_state
 
 
+@dataclass(frozen=True)
+class PendingChange:
+    """A plan waiting for the layer map's evaluation, and the layer whose click made it (None: another change)."""
+
+    plan: Plan
+    layer: str | None = None
+
+
+@dataclass(frozen=True)
+class Tried:
+    """A plan evaluated in this session, with the figures the history's table and chart show."""
+
+    key: str
+    plan: Plan
+    label: str  # "#3": its place in the session
+    accuracy: float
+    low: float
+    high: float
+    size_mb: float
+    flips: int
+    kl: float
+    changed: str  # what it changed from the plan before, in words
+
+    def row(self) -> dict:
+        """The history table's line: everything but the plan and its key."""
+        return {k: v for k, v in asdict(self).items() if k not in ("plan", "key")}
+
+
 @dataclass
 class LayerMapState:
-    """The layer map's queue of plans to evaluate ({"plan", "layer"} in order), the plans undo brings back, the
-    plans evaluated in this session ({"key", "plan", "label", "accuracy", ...}) and each clicked layer's last
-    effect. The lists and dict are session_state's own, so changes made through them persist."""
+    """The layer map's queue of plans to evaluate (in order), the plans undo brings back, the plans evaluated
+    in this session and each clicked layer's last effect. The lists and dict are session_state's own, so changes
+    made through them persist."""
 
-    pending: list[dict]
+    pending: list[PendingChange]
     undo: list[Plan]
-    history: list[dict]
+    history: list[Tried]
     effects: dict[str, str]
 
 
@@ -39,7 +67,7 @@ def restart_history(plan: Plan) -> LayerMapState:
     """A new model or set: an empty history and the current plan queued, since one set's figures say nothing
     of another's."""
     state[KEYS["history"]], state[KEYS["effects"]] = [], {}
-    state[KEYS["pending"]] = [{"plan": plan, "layer": None}]
+    state[KEYS["pending"]] = [PendingChange(plan)]
     return layer_map_state()
 
 
@@ -58,7 +86,7 @@ def change_plan(plan: Plan, layer: str | None = None) -> bool:
     lm = layer_map_state()
     lm.undo.append(current)
     common.set_current_plan(plan)
-    lm.pending.append({"plan": plan, "layer": layer})
+    lm.pending.append(PendingChange(plan, layer))
     return True
 
 
@@ -67,7 +95,7 @@ def undo() -> None:
     lm = layer_map_state()
     plan = lm.undo.pop()
     common.set_current_plan(plan)
-    lm.pending.append({"plan": plan, "layer": None})
+    lm.pending.append(PendingChange(plan))
 
 
 def send_to_layer_map(plan: Plan) -> bool:

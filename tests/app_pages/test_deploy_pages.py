@@ -48,7 +48,7 @@ def test_layer_map_runtime_selector_and_export(folder, cache_dir):
     assert plan.runtime == "onnxruntime" and set(plan.to_json()["options"].values()) == {"onnxruntime"}
     assert {p for k, p in plan.to_json().items() if k != "options"} == {"int8"}
     history = at.session_state["plan_history"]
-    assert len(history) == tried + 1 and history[-1]["key"] == plan.key()  # evaluated on ORT's numerics
+    assert len(history) == tried + 1 and history[-1].key == plan.key()  # evaluated on ORT's numerics
     at.button(key="export_layer_map").click().run()
     assert not at.exception and not at.error
     assert any(c.value.startswith("Exported layer-map plan") for c in at.caption)

@@ -153,8 +153,8 @@ def test_every_click_changes_one_cell_and_enters_the_history(cache_dir, embedded
     assert resolved[names[1]] == "int4" and resolved[names[5]] == "int8" and resolved[names[8]] == "int8"
     assert sum(p != "fp32" for p in resolved.values()) == 3
     history = at.session_state["plan_history"]
-    assert history[0]["changed"] == "FP32"  # the start, named by what it is
-    assert [h["changed"] for h in history[1:]] == [f"{names[1]} → INT8", f"{names[1]} → INT4",
+    assert history[0].changed == "FP32"  # the start, named by what it is
+    assert [h.changed for h in history[1:]] == [f"{names[1]} → INT8", f"{names[1]} → INT4",
                                                   f"{names[5]} → INT8", f"{names[8]} → INT8"]
     assert len(history) == 5  # FP32, then one plan per click
     assert at.session_state["lm_pending"] == []

@@ -101,7 +101,7 @@ def test_a_click_sets_the_chosen_method_and_undo_restores_the_rule(folder, names
     assert dict(plan.layer_rules(names))[names[3]] == Rule("int4", (("method", "gptq"),))
     cell = next(c for c in _grid_cells(at) if c["layer"] == names[3])
     assert cell["precision"] == "int4" and cell["tag"] == "GPTQ"
-    assert at.session_state["plan_history"][-1]["changed"] == f"{names[3]} → INT4 GPTQ"
+    assert at.session_state["plan_history"][-1].changed == f"{names[3]} → INT4 GPTQ"
     next(b for b in at.button if b.label == "Undo").click().run()
     assert not at.exception
     assert at.session_state["plan"].key() == first.key()

@@ -70,7 +70,7 @@ def test_a_plan_sent_from_smoothquant_lands_in_the_layer_map_and_is_undoable(fol
     sent = smoothquant.session_state["plan"]
     assert _found_for_the_layer_map(folder, sent)  # evaluated on the SmoothQuant page: not again on the layer map
     assert sent.key() != FP32.key()
-    assert [entry["plan"].key() for entry in smoothquant.session_state["lm_pending"]] == [sent.key()]
+    assert [entry.plan.key() for entry in smoothquant.session_state["lm_pending"]] == [sent.key()]
     assert [plan.key() for plan in smoothquant.session_state["plan_undo"]] == [FP32.key()]
 
     layer_map = _page("layer_map", folder, tmp_path)
@@ -78,12 +78,12 @@ def test_a_plan_sent_from_smoothquant_lands_in_the_layer_map_and_is_undoable(fol
         layer_map.session_state[key] = smoothquant.session_state[key]
     layer_map.run()
     assert not layer_map.exception and not layer_map.error
-    assert layer_map.session_state["plan_history"][-1]["key"] == sent.key()
+    assert layer_map.session_state["plan_history"][-1].key == sent.key()
     assert layer_map.session_state["lm_pending"] == []
     layer_map.button[[b.label for b in layer_map.button].index("Undo")].click().run()
     assert not layer_map.exception
     assert layer_map.session_state["plan"].key() == FP32.key()
-    assert layer_map.session_state["plan_history"][-1]["key"] == FP32.key()
+    assert layer_map.session_state["plan_history"][-1].key == FP32.key()
 
 
 def test_a_plan_that_does_not_fit_the_model_is_one_error_and_changes_nothing(folder, tmp_path, monkeypatch):
