@@ -19,7 +19,7 @@ from engine.analysis.benchmark import bench_against, real_model
 from engine.analysis.deploy import Exports
 from engine.analysis.presets import display_name
 from engine.data.sets import EvalSet, load_dataset
-from engine.core.kernels import kernel_notes
+from engine.kernels.registry import kernel_notes
 from engine.core.plan import FP32, Plan, PlanError
 from engine.core.stats import bootstrap_diff_interval
 from engine.core.vocabulary import TIMING_TOKENS, Runtime, names

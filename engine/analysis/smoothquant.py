@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.core.kernels import int8_linear_weight
+from engine.core.torch_int8 import int8_linear_weight
 from engine.core.numerics import fake_quant_activation, int8_reduce_range, sqnr_db, static_qparams
 from engine.core.plan import DEFAULT_CALIB, Plan
 from engine.core.qmodules import linear_parts

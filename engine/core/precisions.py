@@ -1,9 +1,9 @@
 """The precision registry: one entry per precision says how each runtime computes it (to simulate it
-exactly), how to run it for real on each device, and how many bytes it takes. Adding a precision, or a
-runtime's numerics for one, is an entry here.
+exactly) and how many bytes it takes. Adding a precision, or a runtime's numerics for one, is an entry here;
+the module that runs it for real on each device is registered apart, in engine.kernels.
 
 Simulated values are the exact values the real kernel computes with, so that simulated accuracy is the
-deployed accuracy; `apply_plan` builds its modules from these entries alone.
+deployed accuracy (torch's int8 numbers are read from torch's own int8 modules, engine.core.torch_int8).
 """
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import nn
 
-from engine.core import kernels
+from engine.core import torch_int8
 from engine.core.numerics import int4_round_trip, quantize_activation, static_qparams
 from engine.core.ort_numerics import (ort_int4_table, ort_int4_weight, ort_int8_integers, ort_int8_weight,
                                       ort_quantize_activation, ort_static_qparams, ort_uint8_table)
-from engine.core.qmodules import FLOAT_DTYPES, CastEmbedding, CastLinear, Int4Embedding, Int4Linear
+from engine.core.qmodules import FLOAT_DTYPES
 from engine.core.vocabulary import Runtime
 
 Tensor = torch.Tensor
@@ -38,14 +37,12 @@ class Numerics:
 
 @dataclass(frozen=True)
 class Precision:
-    """How one precision is simulated per runtime, run for real on torch, and sized."""
+    """How one precision is simulated per runtime, and sized."""
 
     name: str
     description: str
     quantizes_activations: bool
     numerics: dict[str, Numerics]
-    real_linear: Callable[[Tensor, Tensor | None, int, torch.device], nn.Module]
-    real_table: Callable[[Tensor, int | None, int, torch.device], nn.Module]
     weight_bytes: Callable[[int, int, int], int]  # (rows, cols, group size) -> bytes of weights and their scales
     unsupported: dict[str, str] = field(default_factory=dict)  # runtime -> why it cannot run this precision
     # runtime -> its numerics with 7-bit int8 weights (ORT's reduce_range, for CPUs whose int8 GEMM saturates)
@@ -66,46 +63,13 @@ def _same(values: Tensor, _group: int) -> Tensor:
     return values
 
 
-def _float_linear(weight: Tensor, bias: Tensor | None, _group: int, device: torch.device) -> nn.Module:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device=device)
-    linear.weight = nn.Parameter(weight.detach().float().to(device), requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias.detach().float().to(device), requires_grad=False)
-    return linear
-
-
-def _float_table(table: Tensor, padding_idx: int | None, _group: int, device: torch.device) -> nn.Module:
-    return nn.Embedding(*table.shape, padding_idx=padding_idx, _weight=table.detach().float().to(device))
-
-
 def _cast(name: str, unsupported: dict[str, str] | None = None) -> Precision:
     dtype = FLOAT_DTYPES[name]
     rounded = Numerics(lambda weight, _group: weight.to(dtype).float(), lambda table, _group: table.to(dtype).float())
     numerics = {runtime: rounded for runtime in Runtime if runtime not in (unsupported or {})}
     return Precision(
         name, f"{name.upper()}: weights, inputs and matmul in {str(dtype).replace('torch.', '')}", False, numerics,
-        lambda weight, bias, _group, device: CastLinear(weight.to(device), None if bias is None else bias.to(device),
-                                                        dtype),
-        lambda table, padding, _group, device: CastEmbedding(table.to(device), padding, dtype),
         lambda rows, cols, _group: 2 * rows * cols, unsupported or {})
-
-
-def _int8_linear(weight: Tensor, bias: Tensor | None, _group: int, device: torch.device) -> nn.Module:
-    if device.type == "cuda":
-        return kernels.cuda_int8_linear(weight, bias, device)
-    return kernels.torch_int8_linear(weight, bias)
-
-
-def _int8_table(table: Tensor, padding_idx: int | None, _group: int, device: torch.device) -> nn.Module:
-    if device.type == "cuda":
-        return kernels.cuda_int8_embedding(table, padding_idx, device)
-    return kernels.torch_int8_embedding(table)
-
-
-def _int4_linear(weight: Tensor, bias: Tensor | None, group: int, device: torch.device) -> nn.Module:
-    if device.type == "cuda":
-        return kernels.cuda_int4_linear(weight, bias, group, device)
-    return Int4Linear(weight, bias, group)
 
 
 def _int4_bytes(rows: int, cols: int, group: int) -> int:
@@ -114,25 +78,23 @@ def _int4_bytes(rows: int, cols: int, group: int) -> int:
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("fp32", "FP32, the reference", False,
-              {runtime: Numerics(_same, _same) for runtime in Runtime}, _float_linear, _float_table,
-              lambda rows, cols, _group: 4 * rows * cols),
+              {runtime: Numerics(_same, _same) for runtime in Runtime}, lambda rows, cols, _group: 4 * rows * cols),
     _cast("fp16"),
     _cast("bf16", {Runtime.ONNXRUNTIME: "ONNX Runtime's CPU provider has no bfloat16 MatMul kernel (use fp16, int8 or "
                                           "int4)"}),
     Precision("int8", "INT8 (W8A8): int8 weights per output channel, int8 activations per tensor at run time", True,
-              {Runtime.TORCH: Numerics(lambda weight, _group: kernels.int8_linear_weight(weight),
-                                       lambda table, _group: kernels.int8_embedding_table(table),
-                                       kernels.int8_linear_integers),
+              {Runtime.TORCH: Numerics(lambda weight, _group: torch_int8.int8_linear_weight(weight),
+                                       lambda table, _group: torch_int8.int8_embedding_table(table),
+                                       torch_int8.int8_linear_integers),
                Runtime.ONNXRUNTIME: Numerics(ort_int8_weight, ort_uint8_table, ort_int8_integers,
                                              ort_quantize_activation, ort_static_qparams, reduce_range=False)},
-              _int8_linear, _int8_table, lambda rows, cols, _group: rows * cols + 8 * rows,
+              lambda rows, cols, _group: rows * cols + 8 * rows,
               reduced={Runtime.ONNXRUNTIME: Numerics(lambda weight, _group: ort_int8_weight(weight, weight_bits=7),
                                                      ort_uint8_table, lambda weight: ort_int8_integers(weight, 7),
                                                      ort_quantize_activation, ort_static_qparams, reduce_range=False)}),
     Precision("int4", "INT4 weight-only, group-wise asymmetric", False,
               {Runtime.TORCH: Numerics(int4_round_trip, int4_round_trip),
                Runtime.ONNXRUNTIME: Numerics(ort_int4_weight, ort_int4_table)},
-              _int4_linear, lambda table, padding, group, device: Int4Embedding(table.to(device), padding, group),
               _int4_bytes),
 )}
 PRECISION_NAMES = tuple(PRECISIONS)

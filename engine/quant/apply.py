@@ -21,6 +21,7 @@ from engine.core.rules import LayerSpec
 from engine.core.memo import memoized
 from engine.core.settings import settings
 from engine.core.vocabulary import Kernels, Runtime, WeightMethod
+from engine.kernels.registry import real_kernels
 from engine.model.facts import facts
 from engine.model.inventory import inventory
 from engine.model.loading import fingerprint
@@ -152,7 +153,8 @@ def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = Kernels.S
         if layer.kind == "embedding":  # methods apply to Linear layers; a table is rounded to nearest
             table = original.weight.detach()
             if kernels == Kernels.REAL and precision != "fp32":
-                replacement = PRECISIONS[precision].real_table(table, original.padding_idx, spec.group_size, device)
+                real = real_kernels(precision, device)
+                replacement = real.table(table, original.padding_idx, spec.group_size, device)
             else:
                 values = simulated_weight(model_key, layer.name, precision, table, spec.group_size, embedding=True,
                                           runtime=plan.runtime)
@@ -177,7 +179,7 @@ def apply_plan(model: nn.Module, plan: PlanLike = FP32, kernels: str = Kernels.S
             elif method_weights is not None:
                 module = Int4Linear.from_integers(method_weights, bias)
             else:
-                module = PRECISIONS[precision].real_linear(weight, bias, spec.group_size, device)
+                module = real_kernels(precision, device).linear(weight, bias, spec.group_size, device)
             replacement = module if in_scale is None else ScaledInput(in_scale, module)
         else:
             replacement = simulated_linear(model_key, layer.name, spec, weight, bias, plan, static, in_scale,

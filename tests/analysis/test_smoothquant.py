@@ -13,7 +13,7 @@ import torch
 from engine.analysis import smoothquant as sq
 from engine.analysis.smoothquant_export import export, export_metadata, load_export
 from engine.data.sets import load_dataset, rt_split
-from engine.core.kernels import int8_linear_weight
+from engine.core.torch_int8 import int8_linear_weight
 from engine.core.numerics import int8_reduce_range, static_qparams
 from engine.core.plan import Plan
 from engine.core.qmodules import ScaledInput, SimLinear

@@ -12,6 +12,7 @@ from engine.core.plan import Plan, PlanError, parse_plan
 from engine.core.precisions import PRECISION_NAMES, PRECISIONS
 from engine.core.qmodules import SimLinear
 from engine.core.vocabulary import ActScheme, Runtime
+from engine.kernels.registry import real_kernels
 
 CPU = torch.device("cpu")
 GROUP = 16
@@ -48,7 +49,7 @@ def test_the_registry_names_every_precision_once_with_fp32_first():
 @pytest.mark.parametrize("precision", [p for p in PRECISION_NAMES if p not in FLOATS])
 def test_simulated_linear_equals_the_real_cpu_kernel(precision):
     weight, bias, x, _ = _tensors()
-    real = PRECISIONS[precision].real_linear(weight, bias, GROUP, CPU)
+    real = real_kernels(precision, CPU).linear(weight, bias, GROUP, CPU)
     simulated = _simulated(precision, weight, bias)
     assert torch.equal(simulated(x), real(x)), (simulated(x) - real(x)).abs().max()
     if precision != "fp32":  # and the layer is changed: the comparison is not FP32 against itself
@@ -58,14 +59,14 @@ def test_simulated_linear_equals_the_real_cpu_kernel(precision):
 @pytest.mark.parametrize("precision", FLOATS)
 def test_simulated_half_linear_without_bias_equals_the_real_cast_kernel(precision):
     weight, _, x, _ = _tensors()
-    real = PRECISIONS[precision].real_linear(weight, None, GROUP, CPU)
+    real = real_kernels(precision, CPU).linear(weight, None, GROUP, CPU)
     assert torch.equal(_simulated(precision, weight, None)(x), real(x))
 
 
 @pytest.mark.parametrize("precision", FLOATS)
 def test_simulated_half_linear_with_bias_equals_the_real_cast_kernel(precision):
     weight, bias, x, _ = _tensors()
-    real = PRECISIONS[precision].real_linear(weight, bias, GROUP, CPU)
+    real = real_kernels(precision, CPU).linear(weight, bias, GROUP, CPU)
     assert torch.equal(_simulated(precision, weight, bias)(x), real(x))
 
 
@@ -73,7 +74,7 @@ def test_simulated_half_linear_with_bias_equals_the_real_cast_kernel(precision):
 def test_simulated_table_equals_the_real_cpu_lookup(precision):
     *_, table = _tensors()
     ids = torch.tensor([[0, 3, 49, 7, 3]])
-    real = PRECISIONS[precision].real_table(table, None, GROUP, CPU)
+    real = real_kernels(precision, CPU).table(table, None, GROUP, CPU)
     simulated = PRECISIONS[precision].numerics_for(Runtime.TORCH).table(table, GROUP)
     assert torch.equal(real(ids), simulated[ids])
 
@@ -84,7 +85,7 @@ def test_simulated_int8_table_equals_the_real_lookup():
     from the lookup itself."""
     *_, table = _tensors()
     ids = torch.arange(table.shape[0])
-    real = PRECISIONS["int8"].real_table(table, None, GROUP, CPU)(ids)
+    real = real_kernels("int8", CPU).table(table, None, GROUP, CPU)(ids)
     simulated = PRECISIONS["int8"].numerics_for(Runtime.TORCH).table(table, GROUP)
     assert torch.equal(real, simulated)
     assert not torch.equal(simulated, table)  # rounded to 256 levels a row
@@ -135,7 +136,7 @@ def test_layer_bytes(precision, rows, cols, group, expected):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int4"])
 def test_layer_bytes_are_what_the_real_module_stores(precision):
     weight, *_ = _tensors()
-    module = PRECISIONS[precision].real_linear(weight, None, GROUP, CPU)
+    module = real_kernels(precision, CPU).linear(weight, None, GROUP, CPU)
     stored = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     rows, cols = weight.shape
     assert stored == PRECISIONS[precision].weight_bytes(rows, cols, GROUP)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.core.kernels import int8_dequantized, torch_int8_embedding, torch_int8_linear
+from engine.core.torch_int8 import int8_dequantized, torch_int8_embedding, torch_int8_linear
 from engine.core.numerics import int4_dequantize, int4_quantize, pack_nibbles, unpack_nibbles
 from engine.core.plan import FP32, Plan
 from engine.core.qmodules import Int4Embedding, Int4Linear, SimLinear

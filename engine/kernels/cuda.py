@@ -1,11 +1,7 @@
-"""Real low-precision kernels: torch's on the CPU, torchao's on NVIDIA GPUs.
+"""The real kernels on NVIDIA GPUs: torchao's, and what runs where they cannot.
 
-CPU: torch's dynamic int8 Linear (per-channel weights, per-tensor 7-bit activations on x86) and
-quantized Embedding (uint8 per row). The simulated int8 weight is read back from these very
-modules, so simulated and real agree by construction.
-
-CUDA (torchao, an optional GPU dependency imported only when a CUDA conversion runs: its import is slow
-and logs the kernels this machine lacks):
+torchao is an optional GPU dependency imported only when a CUDA conversion runs (its import is slow and logs
+the kernels this machine lacks):
 - int8 Linear: `Int8DynamicActivationInt8WeightConfig` (cuBLAS int8 GEMM), the CPU numerics with one
   more activation bit; cuBLAS needs both dimensions to be multiples of 8, elsewhere the layer runs
   the CPU kernel's numerics in float on the GPU, and says so (`kernel_note`).
@@ -17,81 +13,18 @@ and logs the kernels this machine lacks):
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
 
 import torch
 from torch import nn
-from torch.ao.nn.quantized import Embedding as QuantEmbedding
-from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-from torch.ao.quantization import float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig
 
 from engine.core.qmodules import Int4Linear, Int8Embedding, SimLinear
+from engine.core.torch_int8 import float_linear, int8_linear_weight, torch_int8_embedding
 from engine.core.vocabulary import ActScheme
 
 log = logging.getLogger(__name__)
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 _REPORTED: set[str] = set()
-
-
-@contextlib.contextmanager
-def _quiet_ao():
-    """torch.ao prints migration notices on every conversion; they say nothing about the numerics."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
-    linear.weight = nn.Parameter(weight.detach().float().cpu(), requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias.detach().float().cpu(), requires_grad=False)
-    return linear
-
-
-def torch_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """torch's dynamic int8 Linear with per-channel weights (the real CPU kernel)."""
-    source = _float_linear(weight, bias)
-    source.qconfig = per_channel_dynamic_qconfig
-    with _quiet_ao():
-        module = DynamicLinear.from_float(source)
-    module.tokenwise = False  # one activation scale per batch tensor
-    return module
-
-
-def torch_int8_embedding(table: torch.Tensor) -> nn.Module:
-    """torch's quantized Embedding: uint8 per row with float scale and offset."""
-    source = nn.Embedding(*table.shape)
-    source.weight = nn.Parameter(table.detach().float().cpu(), requires_grad=False)
-    source.qconfig = float_qparams_weight_only_qconfig
-    with _quiet_ao():
-        return QuantEmbedding.from_float(source)
-
-
-def int8_dequantized(module: nn.Module) -> torch.Tensor:
-    """The float weight a real int8 module computes with."""
-    return module.weight().dequantize() if callable(module.weight) else module.weight.dequantize()
-
-
-def int8_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The int8 weight torch's kernel computes with, dequantized, on the weight's device."""
-    return int8_dequantized(torch_int8_linear(weight, None)).to(weight.device)
-
-
-def int8_linear_integers(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the int8 values as float, the per-output-channel scales) of torch's kernel for this weight."""
-    module = torch_int8_linear(weight, None)
-    packed = module.weight()  # read while `module` lives: the scales are views into its packed weight
-    return (packed.int_repr().float().clone().to(weight.device),
-            packed.q_per_channel_scales().float().clone().to(weight.device))
-
-
-def int8_embedding_table(table: torch.Tensor) -> torch.Tensor:
-    """Every row as torch's lookup returns it: the kernel computes q * scale + (-zero * scale) in one rounding,
-    not the quantized tensor's (q - zero) * scale, which differs by a float32 ulp in over half the entries."""
-    return torch_int8_embedding(table)(torch.arange(table.shape[0])).to(table.device)
 
 
 def _note(module: nn.Module, reason: str) -> nn.Module:
@@ -103,12 +36,7 @@ def _note(module: nn.Module, reason: str) -> nn.Module:
     return module
 
 
-def kernel_notes(model: nn.Module) -> list[str]:
-    """The distinct reasons why some layers of `model` do not run their fast kernel."""
-    return sorted({note for module in model.modules() if (note := getattr(module, "kernel_note", None))})
-
-
-def cuda_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> nn.Module:
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> nn.Module:
     """The int8 (W8A8) Linear on CUDA: torchao's kernel where cuBLAS can run it."""
     out_features, in_features = weight.shape
     if in_features % 8 or out_features % 8:
@@ -120,7 +48,7 @@ def cuda_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: to
 
     config = Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC,
                                                    granularity=[PerTensor(), PerRow()], set_inductor_config=False)
-    linear = _float_linear(weight, bias).to(device)
+    linear = float_linear(weight, bias).to(device)
     quantize_(linear, config)
     linear.tokenwise = False
     return linear
@@ -140,7 +68,7 @@ def int4_unsupported_reason(in_features: int, group_size: int, device: torch.dev
     return None
 
 
-def cuda_int4_linear(weight: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+def int4_linear(weight: torch.Tensor, bias: torch.Tensor | None, group_size: int,
                      device: torch.device) -> nn.Module:
     """Weight-only int4 Linear on CUDA: torchao's tinygemm kernel on a bf16 copy, else Int4Linear."""
     reason = int4_unsupported_reason(weight.shape[1], group_size, device)
@@ -148,7 +76,7 @@ def cuda_int4_linear(weight: torch.Tensor, bias: torch.Tensor | None, group_size
         try:
             from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-            linear = _float_linear(weight, bias).to(device=device, dtype=torch.bfloat16)
+            linear = float_linear(weight, bias).to(device=device, dtype=torch.bfloat16)
             quantize_(linear, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
                                                    set_inductor_config=False))
             return linear
@@ -159,7 +87,7 @@ def cuda_int4_linear(weight: torch.Tensor, bias: torch.Tensor | None, group_size
                            "packed int4 unpacked per call instead")
 
 
-def cuda_int8_embedding(table: torch.Tensor, padding_idx: int | None, device: torch.device) -> nn.Module:
+def int8_embedding(table: torch.Tensor, padding_idx: int | None, device: torch.device) -> nn.Module:
     """torch's per-row uint8 table, kept on the GPU (identical values to the CPU kernel's)."""
     module = torch_int8_embedding(table.cpu())
     weight = module.weight()
