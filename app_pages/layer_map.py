@@ -11,11 +11,11 @@ from streamlit.errors import StreamlitAPIException
 
 from app_pages import common, deployment, error_map, page_state
 from app_pages.layer_grid import layer_grid, new_clicks
-from app_pages.layer_rules import CYCLE, ClickChoice, change_words, click_tags, method_controls, method_tag
+from app_pages.layer_rules import CYCLE, ClickChoice, click_tags, method_controls, method_tag
 from cache import results
 from service.scheduler import SCHEDULER
 from engine.analysis.toggle import CYCLE as CYCLE_PRECISIONS
-from engine.analysis.toggle import next_precision, set_layers
+from engine.analysis.toggle import change_label, next_precision, set_layers
 from engine.core.cpu import TARGET_NAMES, this_cpu
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, PRECISIONS, Plan, PlanError
@@ -208,7 +208,7 @@ def record(plan: Plan, summary: RunSummary, layer: str | None) -> None:
     previous = history[-1] if history else None
     if previous is None or previous.key != plan.key():
         model, _ = common.model_and_tokenizer()
-        changed = change_words(previous.plan if previous else None, plan, common.layer_names())
+        changed = change_label(previous.plan if previous else None, plan, common.layer_names())
         history.append(page_state.Tried(key=plan.key(), plan=plan, label=f"#{len(history) + 1}",
                                         accuracy=summary.accuracy, low=summary.ci95[0], high=summary.ci95[1],
                                         size_mb=results.size(model, plan) / 1e6, flips=summary.flips,

@@ -8,7 +8,7 @@ import streamlit as st
 
 from engine.core.plan import Plan
 from engine.core.rules import METHOD_PRECISIONS, QUANTIZED, LayerSpec, Rule
-from engine.core.vocabulary import ActScheme, Calibrator, Runtime, WeightMethod
+from engine.core.vocabulary import ActScheme, Calibrator, WeightMethod
 
 CYCLE = "cycle"  # the click action that steps FP32 -> INT8 -> INT4 rather than setting one precision
 CYCLED = ("int8", "int4")  # the precisions of the cycle a method can apply to
@@ -68,24 +68,6 @@ def click_tags(choice: ClickChoice, plan: Plan, action: str, precisions: list[st
 def spec_of(plan: Plan, rule: Rule) -> LayerSpec:
     """What `rule` makes of a layer under `plan`'s options."""
     return plan.with_rules([("*", rule)]).specs(["layer"], strict=False)["layer"]
-
-
-def change_words(before: Plan | None, after: Plan, layer_names: list[str]) -> str:
-    """What `after` changed from `before` (None: from FP32) for the history: "FP32" for a plan that quantizes
-    nothing, one layer and its new rule ("… → INT4 GPTQ"), else how many layers and to what, else "runtime …"
-    or "options". By each layer's whole spec, so that a method changed at the same precision is named."""
-    new = after.specs(layer_names, strict=False)
-    if all(spec.precision == "fp32" for spec in new.values()) and after.runtime == Runtime.TORCH:
-        return "FP32"
-    old = before.specs(layer_names, strict=False) if before is not None else Plan().specs(layer_names, strict=False)
-    changed = [name for name in layer_names if new[name] != old[name]]
-    if len(changed) == 1:
-        return f"{changed[0]} → {new[changed[0]].describe().upper()}"
-    if changed:
-        return f"{len(changed)} layers → {'/'.join(sorted({new[name].describe().upper() for name in changed}))}"
-    if before is not None and before.runtime != after.runtime:
-        return f"runtime {after.runtime}"
-    return "options"
 
 
 def _keep_valid(key: str, options: list) -> None:

@@ -62,17 +62,18 @@ def fit_plan(plan: Plan, layer_names: list[str]) -> FittedPlan:
 
 
 def change_label(before: Plan | None, after: Plan, layer_names: list[str]) -> str:
-    """What `after` changed from `before` (None: from FP32), in a few words for the history: "FP32" for a plan
-    that quantizes nothing, the layer and its new precision for one layer, else how many layers and to what."""
-    new = after.resolve(layer_names, strict=False)
-    if set(new.values()) <= {"fp32"} and after.runtime == Runtime.TORCH:
+    """What `after` changed from `before` (None: from FP32) for the history: "FP32" for a plan that quantizes
+    nothing, one layer and its new rule ("… → INT4 GPTQ"), else how many layers and to what, else "runtime …"
+    or "options". By each layer's whole spec, so that a method changed at the same precision is named."""
+    new = after.specs(layer_names, strict=False)
+    if all(spec.precision == "fp32" for spec in new.values()) and after.runtime == Runtime.TORCH:
         return "FP32"
-    old = before.resolve(layer_names, strict=False) if before is not None else dict.fromkeys(layer_names, "fp32")
+    old = before.specs(layer_names, strict=False) if before is not None else Plan().specs(layer_names, strict=False)
     changed = [name for name in layer_names if new[name] != old[name]]
     if len(changed) == 1:
-        return f"{changed[0]} → {new[changed[0]].upper()}"
+        return f"{changed[0]} → {new[changed[0]].describe().upper()}"
     if changed:
-        return f"{len(changed)} layers → {'/'.join(sorted({new[name].upper() for name in changed}))}"
+        return f"{len(changed)} layers → {'/'.join(sorted({new[name].describe().upper() for name in changed}))}"
     if before is not None and before.runtime != after.runtime:
         return f"runtime {after.runtime}"
     return "options"

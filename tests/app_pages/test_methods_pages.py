@@ -9,8 +9,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import zoo
-from app_pages.layer_rules import ClickChoice, cell_text, change_words, click_tags, method_choices, method_tag
-from engine.analysis.toggle import set_layers
+from app_pages.layer_rules import ClickChoice, cell_text, click_tags, method_choices, method_tag
+from engine.analysis.toggle import change_label, set_layers
 from engine.analysis import methods as mth
 from engine.core.plan import FP32, Plan, PlanError
 from engine.core.rules import Rule
@@ -77,8 +77,8 @@ def test_cells_and_history_name_the_method(names):
     assert method_tag(spec) == "GPTQ" and cell_text("int4", method_tag(spec)) == "INT4·GPTQ"
     assert method_tag(plan.specs(names)[names[4]]) == ""
     rtn = set_layers(FP32, names, [names[3]], "int4")
-    assert change_words(rtn, plan, names) == f"{names[3]} → INT4 GPTQ"  # same precision, another method
-    assert change_words(FP32, rtn, names) == f"{names[3]} → INT4"
+    assert change_label(rtn, plan, names) == f"{names[3]} → INT4 GPTQ"  # same precision, another method
+    assert change_label(FP32, rtn, names) == f"{names[3]} → INT4"
     tags = click_tags(ClickChoice(WeightMethod.GPTQ), FP32, "cycle", ["fp32", "int8", "int4"])
     assert tags == {"fp32": "", "int8": "", "int4": "GPTQ"}
 
