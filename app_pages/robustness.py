@@ -13,7 +13,8 @@ from app_pages import common
 from cache import keys
 from engine.analysis import attack, predict as pred
 from engine.analysis.perturb import KINDS, PerturbError, highlight_html, perturb, words
-from engine.analysis.predict import Prediction
+from engine.analysis.predict import Prediction, WordScore
+from engine.analysis.robustness_results import AttackResult, SweepResult, SweepRow
 from engine.core.errors import EngineError
 from engine.core.plan import Plan, PlanError
 from engine.data.sets import available_sets
@@ -55,7 +56,13 @@ def answers(model_name: str, text: str, plans: dict[str, Plan]) -> dict[str, Pre
 @st.cache_data(max_entries=256, show_spinner=False)
 def _occlusion(model_name: str, text: str, plan: Plan) -> list[dict]:
     model, tokenizer, _ = common.shared_model(model_name)
-    return common.in_queue("occlusion", lambda: pred.occlusion(model, tokenizer, text, plan))
+    scores = common.in_queue("occlusion", lambda: pred.occlusion(model, tokenizer, text, plan))
+    return [s.to_json() for s in scores]
+
+
+def occlusion(model_name: str, text: str, plan: Plan) -> list[WordScore]:
+    """The plan's WordScores for `text` (the cache keeps their to_json(), as it always has)."""
+    return [WordScore.from_json(s) for s in _occlusion(model_name, text, plan)]
 
 
 def _probability_bar(prediction: Prediction) -> go.Figure:
@@ -170,26 +177,27 @@ def flip_section(text: str, plans: dict[str, Plan], names: dict[str, str]) -> No
 
 
 # ---- batch robustness -----------------------------------------------------------------------
-def _band(figure: go.Figure, rows: list[dict], key: str, y: str, ci: str, name: str, column: int,
+def _band(figure: go.Figure, rows: list[SweepRow], key: str, y: str, ci: str, name: str, column: int,
           legend: bool) -> None:
-    xs = [r["rate"] for r in rows]
-    low, high = [r[ci][0] for r in rows], [r[ci][1] for r in rows]
+    xs = [r.rate for r in rows]
+    low, high = [getattr(r, ci)[0] for r in rows], [getattr(r, ci)[1] for r in rows]
     color = COLORS.get(key, "#999999")
     figure.add_scatter(x=xs + xs[::-1], y=high + low[::-1], fill="toself", fillcolor=color, opacity=0.2,
                        line=dict(width=0), hoverinfo="skip", showlegend=False, legendgroup=key, row=1, col=column)
-    figure.add_scatter(x=xs, y=[r[y] for r in rows], mode="lines+markers", name=name, line=dict(color=color),
+    figure.add_scatter(x=xs, y=[getattr(r, y) for r in rows], mode="lines+markers", name=name, line=dict(color=color),
                        legendgroup=key, showlegend=legend, row=1, col=column,
                        customdata=[[a, b] for a, b in zip(low, high)],
                        hovertemplate=f"{name}<br>rate %{{x}}: %{{y:.1%}} "
                                      "[%{customdata[0]:.1%}, %{customdata[1]:.1%}]<extra></extra>")
 
 
-def sweep_figure(result: dict, names: dict[str, str], y: str, ci: str, title: str) -> go.Figure:
-    kinds = result["kinds"]
+def sweep_figure(result: SweepResult, names: dict[str, str], y: str, ci: str, title: str) -> go.Figure:
+    """One panel per kind: the SweepRow field `y` against the rate with its interval field `ci`, per precision."""
+    kinds = list(result.kinds)
     figure = make_subplots(rows=1, cols=len(kinds), subplot_titles=kinds, shared_yaxes=True)
     for column, kind in enumerate(kinds, start=1):
-        for key in dict.fromkeys(r["precision"] for r in result["rows"]):
-            rows = [r for r in result["rows"] if r["kind"] == kind and r["precision"] == key]
+        for key in dict.fromkeys(r.precision for r in result.rows):
+            rows = [r for r in result.rows if r.kind == kind and r.precision == key]
             _band(figure, rows, key, y, ci, names.get(key, key), column, legend=column == 1)
     figure.update_layout(height=340, margin=dict(l=10, r=10, t=50, b=10), title=title,
                          legend=dict(orientation="h", y=-0.2))
@@ -240,35 +248,38 @@ def batch_section(plans: dict[str, Plan], names: dict[str, str]) -> None:
                 lambda f, m: progress(min(f, 1.0), m)), kind=what,
                 show_progress=lambda p: bar.progress(p[0], text=p[1]))
 
+        # The cache and the session keep the results' to_json(), as they always have; read back with from_json.
         sweep = queued(keys.robustness(model, data.fingerprint, "sweep", **settings), "robustness sweep",
                        lambda progress: attack.sweep(model, tokenizer, data, kinds, rates, plans, int(seed),
-                                                     keep_ends, progress=progress))
+                                                     keep_ends, progress=progress).to_json())
         attacked = None
         if attack_n:
             attack_data = attack.sample(data, int(attack_n), int(seed))
             attacked = queued(
                 keys.robustness(model, attack_data.fingerprint, "attack", **settings, budget=budget), "flip search",
                 lambda progress: attack.attack_success(model, tokenizer, attack_data, plans, None, budget, KINDS,
-                                                       int(seed), keep_ends, progress=progress))
+                                                       int(seed), keep_ends, progress=progress).to_json())
         bar.empty()
         st.session_state["rob_sweep_result"] = (sweep, attacked, data_name)
     stored = st.session_state.get("rob_sweep_result")
     if stored is None:
         return
-    sweep, attacked, data_name = stored
-    st.markdown(f"**{data_name}**, {sweep['n']} texts, seed {sweep['seed']}: clean accuracy " + ", ".join(
-        f"{names.get(k, k)} {common.fmt_ci(v['accuracy'], v['ci95'])}" for k, v in sweep["clean"].items()))
+    sweep_json, attacked_json, data_name = stored
+    sweep = SweepResult.from_json(sweep_json)
+    attacked = None if attacked_json is None else AttackResult.from_json(attacked_json)
+    st.markdown(f"**{data_name}**, {sweep.n} texts, seed {sweep.seed}: clean accuracy " + ", ".join(
+        f"{names.get(k, k)} {common.fmt_ci(v.accuracy, v.ci95)}" for k, v in sweep.clean.items()))
     st.plotly_chart(sweep_figure(sweep, names, "accuracy", "ci95", "Accuracy against perturbation rate"),
                     width="stretch", key="sweep-accuracy")
     st.plotly_chart(sweep_figure(sweep, names, "flip_rate", "flip_ci95", "Flip rate (answer changed vs clean text)"),
                     width="stretch", key="sweep-flips")
     if attacked is not None:
-        st.markdown(f"**Flip search** on {attacked['n']} texts, budget {attacked['budget']} edits, all kinds")
-        st.dataframe([{"precision": names.get(r["precision"], r["precision"]),
-                       "success rate [95% CI]": common.fmt_ci(r["success_rate"], r["ci95"]),
-                       "flipped": f"{r['successes']} of {r['n']}",
-                       "mean edits (flips)": None if r["mean_edits"] is None else round(r["mean_edits"], 2),
-                       "mean queries": round(r["mean_queries"], 1)} for r in attacked["rows"]],
+        st.markdown(f"**Flip search** on {attacked.n} texts, budget {attacked.budget} edits, all kinds")
+        st.dataframe([{"precision": names.get(r.precision, r.precision),
+                       "success rate [95% CI]": common.fmt_ci(r.success_rate, r.ci95),
+                       "flipped": f"{r.successes} of {r.n}",
+                       "mean edits (flips)": None if r.mean_edits is None else round(r.mean_edits, 2),
+                       "mean queries": round(r.mean_queries, 1)} for r in attacked.rows],
                      hide_index=True, width="stretch")
     st.caption("Overlapping intervals mean the data do not separate those precisions.")
 
@@ -322,8 +333,8 @@ if not words(explained):
 elif explained_tokens <= LONG_TEXT_TOKENS or st.toggle(
         f"Score the words of this long text ({explained_tokens} tokens; one forward per word, slower)"):
     for key, plan in plans.items():
-        scores = _occlusion(model_name, explained, plan)
-        predicted = scores[0]["class"] if scores else ""
+        scores = occlusion(model_name, explained, plan)
+        predicted = scores[0].label if scores else ""
         show_html(f"<b>{html.escape(names[key])}</b> (for {html.escape(predicted)}): "
                   f"{pred.importance_html(explained, scores)}")
     if len(words(explained)) > pred.MAX_OCCLUDED:

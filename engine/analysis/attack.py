@@ -17,6 +17,7 @@ from torch import nn
 from engine.analysis.perturb import KINDS, Edit, Perturbation, apply_edits, candidate_edits, perturb
 from engine.analysis.predict import (BATCH, Prediction, RobustnessError, class_probs, occlusion, predict_all,
                                      reference_plans)
+from engine.analysis.robustness_results import AttackResult, AttackRow, CleanAccuracy, SweepResult, SweepRow
 from engine.data.sets import EvalSet
 from engine.core.plan import Plan
 from engine.core.stats import wilson_interval
@@ -70,17 +71,16 @@ def search_flip(model, tokenizer, text: str, plan: Plan, kernels: str, budget: i
     original = int(np.argmax(base))
     confidence = float(base[original])
     scored = [s for s in occlusion(model, tokenizer, text, plan, kernels, target=original, data=data)
-              if s["importance"] is not None]
+              if s.importance is not None]
     queries = 1 + (1 + len(scored) if scored else 0)
-    ranked = sorted(scored, key=lambda s: -s["importance"])  # the words that support the original class most
+    ranked = sorted(scored, key=lambda s: -s.importance)  # the words that support the original class most
     edits: list[Edit] = []
     for step, word in enumerate(ranked):
         if len(edits) >= budget:
             break
         if progress is not None:
-            progress(step / len(ranked), f"trying edits on {word['word'][:30]!r} ({len(edits)} of {budget} edits)")
-        candidates = [edit for kind in kinds for edit in candidate_edits(word["word"], word["start"], kind, seed,
-                                                                         keep_ends)]
+            progress(step / len(ranked), f"trying edits on {word.word[:30]!r} ({len(edits)} of {budget} edits)")
+        candidates = [edit for kind in kinds for edit in candidate_edits(word.word, word.start, kind, seed, keep_ends)]
         if not candidates:
             continue
         probs = score([apply_edits(text, edits + [c]) for c in candidates])
@@ -152,7 +152,7 @@ def _interval_row(hits: int, n: int) -> tuple[float, list[float]]:
 def sweep(model: nn.Module, tokenizer, dataset: EvalSet, kinds: Sequence[str] = ("swap", "keyboard", "homoglyph"),
           rates: Sequence[float] = DEFAULT_RATES, plans: Mapping[str, Plan] | None = None, seed: int = 0,
           keep_ends: bool = False, kernels: str = Kernels.SIMULATED, batch_size: int = BATCH,
-          progress: Progress | None = None) -> dict:
+          progress: Progress | None = None) -> SweepResult:
     """Accuracy (95% Wilson CI) and flip rate of every plan on `dataset` perturbed by each kind at each rate.
 
     The flip rate is the share of texts whose top class changed against the same plan on the clean
@@ -193,22 +193,22 @@ def sweep(model: nn.Module, tokenizer, dataset: EvalSet, kinds: Sequence[str] = 
                 pred = predictions[plan.key()]
                 accuracy, ci = _interval_row(int((pred == labels).sum()), n)
                 flip_rate, flip_ci = _interval_row(int((pred != clean[plan.key()]).sum()), n)
-                rows.append({"precision": name, "plan": plan.label(), "kind": kind, "rate": rate,
-                             "accuracy": accuracy, "ci95": ci, "flip_rate": flip_rate, "flip_ci95": flip_ci,
-                             "changed": changed, "n": n})
+                rows.append(SweepRow(precision=name, plan=plan.label(), kind=kind, rate=rate, accuracy=accuracy,
+                                     ci95=ci, flip_rate=flip_rate, flip_ci95=flip_ci, changed=changed, n=n))
     if progress is not None:
         progress(1.0, "done")
-    clean_rows = {name: dict(zip(("accuracy", "ci95"), _interval_row(int((clean[p.key()] == labels).sum()), n)))
-                  for name, p in plans.items()}
-    return {"dataset": dataset.name, "n": n, "kinds": list(kinds), "rates": rates, "seed": seed,
-            "keep_ends": keep_ends, "batch_size": batch_size, "clean": clean_rows, "rows": rows,
-            "seconds": time.perf_counter() - started}
+    clean_rows = {}
+    for name, plan in plans.items():
+        accuracy, ci = _interval_row(int((clean[plan.key()] == labels).sum()), n)
+        clean_rows[name] = CleanAccuracy(accuracy=accuracy, ci95=ci)
+    return SweepResult(dataset=dataset.name, n=n, kinds=kinds, rates=rates, seed=seed, keep_ends=keep_ends,
+                       batch_size=batch_size, clean=clean_rows, rows=rows, seconds=time.perf_counter() - started)
 
 
 def attack_success(model: nn.Module, tokenizer, dataset: EvalSet, plans: Mapping[str, Plan] | None = None,
                    targets: Sequence[str] | None = None, budget: int = 3, kinds: Sequence[str] = KINDS,
                    seed: int = 0, keep_ends: bool = False, kernels: str = Kernels.SIMULATED,
-                   progress: Progress | None = None) -> dict:
+                   progress: Progress | None = None) -> AttackResult:
     """The flip search's success rate (95% Wilson CI) per target over every text of `dataset` (pass a
     `sample`): success = the target's top class changed within `budget` edits; also the mean number of
     edits of the successes and the mean number of model queries."""
@@ -233,11 +233,11 @@ def attack_success(model: nn.Module, tokenizer, dataset: EvalSet, plans: Mapping
         edit_counts = [len(edits) for edits, _, flipped in searched[key] if flipped]
         successes = len(edit_counts)
         rate, ci = _interval_row(successes, len(dataset))
-        rows.append({"precision": target, "plan": plans[target].label(), "success_rate": rate, "ci95": ci,
-                     "successes": successes, "n": len(dataset),
-                     "mean_edits": float(np.mean(edit_counts)) if edit_counts else None,
-                     "mean_queries": float(np.mean(queries)) if queries else 0.0})
+        rows.append(AttackRow(precision=target, plan=plans[target].label(), success_rate=rate, ci95=ci,
+                              successes=successes, n=len(dataset),
+                              mean_edits=float(np.mean(edit_counts)) if edit_counts else None,
+                              mean_queries=float(np.mean(queries)) if queries else 0.0))
     if progress is not None:
         progress(1.0, "done")
-    return {"dataset": dataset.name, "n": len(dataset), "budget": budget, "kinds": list(kinds), "seed": seed,
-            "rows": rows, "seconds": time.perf_counter() - started}
+    return AttackResult(dataset=dataset.name, n=len(dataset), budget=budget, kinds=kinds, seed=seed, rows=rows,
+                        seconds=time.perf_counter() - started)

@@ -63,6 +63,27 @@ class Prediction:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
+@dataclass(frozen=True, kw_only=True)
+class WordScore:
+    """One word's occlusion score; `to_json()` is {"start", "end", "word", "importance", "class"}."""
+
+    start: int
+    end: int
+    word: str
+    importance: float | None  # None for a word the model never reads or beyond the first max_words
+    label: str  # the class the importance is for ("class" in JSON, a Python keyword)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "word": self.word, "importance": self.importance,
+                "class": self.label}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> WordScore:
+        """From `to_json()`'s dict; a missing key is a KeyError."""
+        return cls(start=data["start"], end=data["end"], word=data["word"], importance=data["importance"],
+                   label=data["class"])
+
+
 def reference_plans(current: Plan | None = None) -> dict[str, Plan]:
     """The precisions every view compares: FP32, uniform INT8, uniform INT4 and, if given, the current plan."""
     plans = {"fp32": FP32, "int8": Plan.uniform("int8"), "int4": Plan.uniform("int4")}
@@ -195,8 +216,9 @@ def _kept_chars(tokenizer, text: str, limit: int) -> int:
 
 
 def occlusion(model: nn.Module, tokenizer, text: str, plan: PlanLike = FP32, kernels: str = Kernels.SIMULATED,
-              max_words: int = MAX_OCCLUDED, target: int | None = None, data: EvalSet | None = None) -> list[dict]:
-    """One entry per word of `perturb.words(text)`: {"start", "end", "word", "importance", "class"}.
+              max_words: int = MAX_OCCLUDED, target: int | None = None,
+              data: EvalSet | None = None) -> list[WordScore]:
+    """One WordScore per word of `perturb.words(text)`.
 
     importance = P(c | text) - P(c | text without that word) for the class c the plan predicts for the
     text (or `target`): above 0 the word supports c, below 0 it argues against it. The text and its
@@ -213,19 +235,19 @@ def occlusion(model: nn.Module, tokenizer, text: str, plan: PlanLike = FP32, ker
     c = int(np.argmax(probs[0])) if target is None else target
     name = label_space(model).display(c)
     importance = {i: float(probs[0, c] - probs[j + 1, c]) for j, i in enumerate(scored)}
-    return [{"start": s, "end": e, "word": w, "importance": importance.get(i), "class": name}
+    return [WordScore(start=s, end=e, word=w, importance=importance.get(i), label=name)
             for i, (s, e, w) in enumerate(spans)]
 
 
-def importance_html(text: str, scores: Sequence[dict]) -> str:
+def importance_html(text: str, scores: Sequence[WordScore]) -> str:
     """`text` as escaped HTML, each scored word on a green (supports the predicted class) or red (argues
     against it) background whose strength follows |importance| relative to the largest in the text."""
-    largest = max((abs(s["importance"]) for s in scores if s["importance"] is not None), default=0.0)
+    largest = max((abs(s.importance) for s in scores if s.importance is not None), default=0.0)
     parts, cursor = [], 0
     for s in scores:
-        parts.append(html.escape(text[cursor:s["start"]]))
-        word = html.escape(s["word"])
-        value = s["importance"]
+        parts.append(html.escape(text[cursor:s.start]))
+        word = html.escape(s.word)
+        value = s.importance
         if value is None or largest == 0:
             parts.append(word)
         else:
@@ -233,6 +255,6 @@ def importance_html(text: str, scores: Sequence[dict]) -> str:
             color = f"rgba(26,152,80,{alpha:.2f})" if value > 0 else f"rgba(215,48,39,{alpha:.2f})"
             parts.append(f'<span style="background:{color};border-radius:3px;padding:0 2px" '
                          f'title="{value:+.3f}">{word}</span>')
-        cursor = s["end"]
+        cursor = s.end
     parts.append(html.escape(text[cursor:]))
     return "".join(parts)

@@ -14,8 +14,9 @@ import torch
 
 from engine.analysis.attack import attack_success, flip_search, sample, sweep
 from engine.analysis.perturb import apply_edits, words
-from engine.analysis.predict import (MAX_OCCLUDED, Prediction, RobustnessError, disagreement, importance_html,
-                                     occlusion, predict, predictions, reference_plans)
+from engine.analysis.predict import (MAX_OCCLUDED, Prediction, RobustnessError, WordScore, disagreement,
+                                     importance_html, occlusion, predict, predictions, reference_plans)
+from engine.analysis.robustness_results import AttackResult, SweepResult
 from engine.cli import main
 from engine.data.sets import load_dataset
 from engine.core.plan import Plan
@@ -182,29 +183,32 @@ def test_cli_perturb_is_deterministic_and_checks_its_input(capsys) -> None:
 def test_occlusion_scores_every_word(tiny_bert, tokenizer) -> None:
     text = "A warm, funny film -- whose last act almost undoes it."
     scores = occlusion(tiny_bert, tokenizer, text, "int4")
-    assert [(s["start"], s["end"], s["word"]) for s in scores] == words(text)
-    assert all(isinstance(s["importance"], float) for s in scores)
+    assert [(s.start, s.end, s.word) for s in scores] == words(text)
+    assert all(isinstance(s.importance, float) for s in scores)
     # The definition: P(c | text) - P(c | text without the word), c the class predicted for the text.
     first = scores[1]
-    without = text[:first["start"]] + text[first["end"]:]
-    full, removed = predict(tiny_bert, tokenizer, [text, without], "int4")
-    predicted = full["label"]
-    assert all(s["class"] == predicted for s in scores)
-    assert first["importance"] == pytest.approx(full["probs"][predicted] - removed["probs"][predicted], abs=1e-6)
+    without = text[:first.start] + text[first.end:]
+    full, removed = predictions(tiny_bert, tokenizer, [text, without], "int4")
+    assert all(s.label == full.label for s in scores)
+    assert first.importance == pytest.approx(full.probs[full.label] - removed.probs[full.label], abs=1e-6)
     assert occlusion(tiny_bert, tokenizer, "   ") == []
+    # The page caches to_json(): the same keys as ever, and from_json gives the scores back.
+    assert list(first.to_json()) == ["start", "end", "word", "importance", "class"]
+    assert first.to_json()["class"] == full.label
+    assert [WordScore.from_json(json.loads(json.dumps(s.to_json()))) for s in scores] == scores
 
 
 def test_occlusion_skips_words_the_model_never_reads(tiny_bert, tokenizer) -> None:
     text = "good " * 300  # 300 words, 128 tokens read
     scores = occlusion(tiny_bert, tokenizer, text)
     assert len(scores) == 300
-    scored = [s for s in scores if s["importance"] is not None]
+    scored = [s for s in scores if s.importance is not None]
     assert len(scored) == MAX_OCCLUDED and scored == scores[:MAX_OCCLUDED]
 
 
 def test_importance_html_escapes_and_colours() -> None:
     text = "<b>great</b> & awful"
-    scores = [{"start": s, "end": e, "word": w, "importance": v}
+    scores = [WordScore(start=s, end=e, word=w, importance=v, label="positive")
               for (s, e, w), v in zip(words(text), (0.0, 0.3, 0.0, -0.2))]
     rendered = importance_html(text, scores)
     assert "<b>" not in rendered and "&lt;" in rendered and "&amp;" in rendered
@@ -243,25 +247,44 @@ def test_sweep_rate_zero_is_the_clean_accuracy(tiny_bert, tokenizer) -> None:
     result = sweep(model, tokenizer, data, kinds=["swap", "homoglyph"], rates=[0.0, 0.5], seed=3,
                    progress=lambda fraction, message: seen.append(fraction))
     assert seen and seen[-1] == 1.0 and seen == sorted(seen)
-    assert {(r["kind"], r["rate"]) for r in result["rows"]} == {(k, r) for k in ("swap", "homoglyph") for r in (0, 0.5)}
-    for row in result["rows"]:
-        low, high = row["ci95"]
-        assert low <= row["accuracy"] <= high and row["n"] == 64
-        if row["rate"] == 0:
-            assert row["accuracy"] == result["clean"][row["precision"]]["accuracy"]
-            assert row["flip_rate"] == 0 and row["changed"] == 0
+    assert {(r.kind, r.rate) for r in result.rows} == {(k, r) for k in ("swap", "homoglyph") for r in (0, 0.5)}
+    for row in result.rows:
+        low, high = row.ci95
+        assert low <= row.accuracy <= high and row.n == 64
+        if row.rate == 0:
+            assert row.accuracy == result.clean[row.precision].accuracy
+            assert row.flip_rate == 0 and row.changed == 0
         else:
-            assert row["changed"] > 0.9
-    assert result["clean"]["fp32"]["accuracy"] == evaluate(model, tokenizer, data)["accuracy"]
+            assert row.changed > 0.9
+    assert result.clean["fp32"].accuracy == evaluate(model, tokenizer, data)["accuracy"]
+    # to_json() is the dict the page's cache has always stored; from_json reads it back, through JSON too.
+    document = result.to_json()
+    assert list(document) == ["dataset", "n", "kinds", "rates", "seed", "keep_ends", "batch_size", "clean", "rows",
+                              "seconds"]
+    assert list(document["rows"][0]) == ["precision", "plan", "kind", "rate", "accuracy", "ci95", "flip_rate",
+                                         "flip_ci95", "changed", "n"]
+    assert document["kinds"] == ["swap", "homoglyph"] and document["rates"] == [0.0, 0.5]
+    assert document["clean"]["int8"] == {"accuracy": result.clean["int8"].accuracy,
+                                         "ci95": list(result.clean["int8"].ci95)}
+    assert SweepResult.from_json(json.loads(json.dumps(document))) == result
+    assert json.dumps(SweepResult.from_json(document).to_json()) == json.dumps(document)
 
 
 def test_attack_success_counts_flips(tiny_bert, tokenizer) -> None:
     data = sample(load_dataset("embedded"), 3, seed=0)
     result = attack_success(tiny_bert, tokenizer, data, reference_plans(), targets=["int8"], budget=1,
                             kinds=["swap"])
-    (row,) = result["rows"]
-    assert row["precision"] == "int8" and row["n"] == 3 and 0 <= row["successes"] <= 3
-    assert row["ci95"][0] <= row["success_rate"] <= row["ci95"][1] and row["mean_queries"] >= 1
+    (row,) = result.rows
+    assert row.precision == "int8" and row.n == 3 and 0 <= row.successes <= 3
+    assert row.ci95[0] <= row.success_rate <= row.ci95[1] and row.mean_queries >= 1
+    assert (row.mean_edits is None) == (row.successes == 0)
+    document = result.to_json()
+    assert list(document) == ["dataset", "n", "budget", "kinds", "seed", "rows", "seconds"]
+    assert list(document["rows"][0]) == ["precision", "plan", "success_rate", "ci95", "successes", "n", "mean_edits",
+                                         "mean_queries"]
+    assert document["kinds"] == ["swap"] and document["rows"][0]["ci95"] == list(row.ci95)
+    assert AttackResult.from_json(json.loads(json.dumps(document))) == result
+    assert json.dumps(AttackResult.from_json(document).to_json()) == json.dumps(document)
 
 
 def test_sample_is_seeded_and_ordered() -> None:
