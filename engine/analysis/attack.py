@@ -43,7 +43,7 @@ class FlipResult:
     seconds: float
 
     def as_dict(self) -> dict:
-        return {"target": self.target, **self.perturbation.as_dict(), "n_edits": len(self.perturbation.edits),
+        return {"target": self.target, **self.perturbation.to_json(), "n_edits": len(self.perturbation.edits),
                 "queries": self.queries, "flipped": self.flipped,
                 "before": {k: p.to_json() for k, p in self.before.items()},
                 "after": {k: p.to_json() for k, p in self.after.items()},
@@ -123,8 +123,9 @@ def flip_search(model: nn.Module, tokenizer, text: str, target: str = "int4", pl
     after = predict_all(model, tokenizer, perturbed, plans, kernels, data)
     if progress is not None:
         progress(1.0, "done")
-    return FlipResult(target, Perturbation(text, perturbed, edits), after[target].label != before[target].label,
-                      queries, before, after, time.perf_counter() - started)
+    flipped = after[target].label != before[target].label
+    return FlipResult(target, Perturbation(text=text, perturbed=perturbed, edits=edits), flipped, queries, before,
+                      after, time.perf_counter() - started)
 
 
 # ---- batch robustness -----------------------------------------------------------------------

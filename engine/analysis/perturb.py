@@ -13,7 +13,7 @@ import random
 import re
 import string
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from engine.core.errors import EngineError
 
@@ -80,7 +80,7 @@ class PerturbError(EngineError):
     """A perturbation kind, rate or edit that cannot be used; the message says which."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Edit:
     """One change: `before` at `position` of the original text becomes `after`."""
 
@@ -89,11 +89,16 @@ class Edit:
     before: str
     after: str
 
-    def as_dict(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
+        """{"kind", "position", "before", "after"}, as `perturb --json` writes each edit."""
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Edit:
+        return cls(kind=data["kind"], position=data["position"], before=data["before"], after=data["after"])
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class Perturbation:
     """A text, its perturbed version and the edits that turn one into the other."""
 
@@ -101,9 +106,17 @@ class Perturbation:
     perturbed: str
     edits: tuple[Edit, ...]
 
-    def as_dict(self) -> dict:
-        """The JSON form: text, perturbed and the list of edit dicts."""
-        return {"text": self.text, "perturbed": self.perturbed, "edits": [e.as_dict() for e in self.edits]}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "edits", tuple(self.edits))  # a value, whatever sequence it was given
+
+    def to_json(self) -> dict[str, Any]:
+        """`perturb --json`'s document: text, perturbed and the list of edit dicts."""
+        return {"text": self.text, "perturbed": self.perturbed, "edits": [e.to_json() for e in self.edits]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Perturbation:
+        return cls(text=data["text"], perturbed=data["perturbed"],
+                   edits=tuple(Edit.from_json(e) for e in data["edits"]))
 
 
 def words(text: str) -> list[tuple[int, int, str]]:
@@ -157,13 +170,13 @@ def _make(word: str, offset: int, kind: str, i: int, rng: random.Random) -> Edit
     """The edit of `kind` at site `i` of `word`, which starts at `offset` in the text."""
     at = offset + i
     if kind == "swap":
-        return Edit(kind, at, word[i : i + 2], word[i + 1] + word[i])
+        return Edit(kind=kind, position=at, before=word[i : i + 2], after=word[i + 1] + word[i])
     if kind == "delete":
-        return Edit(kind, at, word[i], "")
+        return Edit(kind=kind, position=at, before=word[i], after="")
     if kind == "insert":
-        return Edit(kind, at, "", rng.choice(string.ascii_lowercase))
+        return Edit(kind=kind, position=at, before="", after=rng.choice(string.ascii_lowercase))
     if kind == "invisible":
-        return Edit(kind, at, "", rng.choice(tuple(INVISIBLE)))
+        return Edit(kind=kind, position=at, before="", after=rng.choice(tuple(INVISIBLE)))
     old = word[i]
     if kind == "substitute":
         new = _same_case(rng.choice([c for c in string.ascii_lowercase if c != old.lower()]), old)
@@ -171,7 +184,7 @@ def _make(word: str, offset: int, kind: str, i: int, rng: random.Random) -> Edit
         new = _same_case(rng.choice(KEYBOARD[old.lower()]), old)
     else:
         new = rng.choice(HOMOGLYPHS[old])
-    return Edit(kind, at, old, new)
+    return Edit(kind=kind, position=at, before=old, after=new)
 
 
 def perturb(text: str, kind: str, rate: float, seed: int = 0, keep_ends: bool = False) -> Perturbation:
@@ -191,7 +204,7 @@ def perturb(text: str, kind: str, rate: float, seed: int = 0, keep_ends: bool = 
     edits = tuple(
         _make(word, start, kind, rng.choice(sites), rng) for start, word, sites in (eligible[j] for j in chosen)
     )
-    return Perturbation(text, apply_edits(text, edits), edits)
+    return Perturbation(text=text, perturbed=apply_edits(text, edits), edits=edits)
 
 
 def _order(edit: Edit) -> tuple[int, bool]:

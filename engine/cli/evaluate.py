@@ -96,4 +96,4 @@ def run(name: str, args):
     from engine.core.tokens import clean_surrogates
 
     text = _stdin_text().removesuffix("\n") if args.text == "-" else clean_surrogates(args.text)
-    return perturb(text, args.kind, args.rate, args.seed, args.keep_ends).as_dict()
+    return perturb(text, args.kind, args.rate, args.seed, args.keep_ends).to_json()

@@ -91,13 +91,13 @@ def test_output_is_identical_in_another_process_with_another_hash_seed() -> None
     script = (
         "import json, sys; from engine.analysis.perturb import KINDS, perturb; "
         "text = sys.stdin.read(); "
-        "print(json.dumps([perturb(text, k, 0.5, seed=3).as_dict() for k in KINDS]))"
+        "print(json.dumps([perturb(text, k, 0.5, seed=3).to_json() for k in KINDS]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
         [sys.executable, "-c", script], input=LONG, capture_output=True, text=True, cwd=REPO, env=env, check=True
     )
-    assert json.loads(out.stdout) == [perturb(LONG, k, 0.5, seed=3).as_dict() for k in KINDS]
+    assert json.loads(out.stdout) == [perturb(LONG, k, 0.5, seed=3).to_json() for k in KINDS]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -105,7 +105,7 @@ def test_output_is_identical_in_another_process_with_another_hash_seed() -> None
 def test_rate_zero_is_identity(kind: str, keep_ends: bool) -> None:
     for text in (LONG, ODD_INPUTS["mixed"], ""):
         p = perturb(text, kind, 0, seed=11, keep_ends=keep_ends)
-        assert p == Perturbation(text, text, ())
+        assert p == Perturbation(text=text, perturbed=text, edits=())
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -282,7 +282,7 @@ def test_odd_inputs_do_not_break_anything(kind: str, name: str) -> None:
         p = perturb(text, kind, rate, seed=5, keep_ends=keep_ends)
         assert apply_edits(text, p.edits) == p.perturbed
         assert highlight_html(p).count("<mark ") == len(p.edits)
-        json.dumps(p.as_dict())
+        json.dumps(p.to_json())
     for start, _, w in words(text)[:50]:
         for e in candidate_edits(w, start, kind):
             apply_edits(text, [e])
@@ -317,7 +317,8 @@ def test_candidate_edits_are_single_applicable_edits_at_the_offset(kind: str) ->
 
 
 def test_candidate_edits_lists_every_site_of_a_short_word() -> None:
-    assert candidate_edits("abc", 10, "swap") == [Edit("swap", 10, "ab", "ba"), Edit("swap", 11, "bc", "cb")]
+    assert candidate_edits("abc", 10, "swap") == [Edit(kind="swap", position=10, before="ab", after="ba"),
+                                                  Edit(kind="swap", position=11, before="bc", after="cb")]
     assert [e.position for e in candidate_edits("abcd", 0, "delete", keep_ends=True)] == [1, 2]
     assert candidate_edits("ab", 0, "delete", keep_ends=True) == []
 
@@ -333,28 +334,40 @@ def test_candidate_edits_samples_a_long_word_deterministically() -> None:
 def test_apply_edits_rejects_edits_that_do_not_fit() -> None:
     text = "good film"
     with pytest.raises(PerturbError):
-        apply_edits(text, [Edit("substitute", 0, "x", "y")])
+        apply_edits(text, [Edit(kind="substitute", position=0, before="x", after="y")])
     with pytest.raises(PerturbError):
-        apply_edits(text, [Edit("swap", 0, "go", "og"), Edit("swap", 1, "oo", "oo")])
+        apply_edits(text, [Edit(kind="swap", position=0, before="go", after="og"),
+                           Edit(kind="swap", position=1, before="oo", after="oo")])
     with pytest.raises(PerturbError):
-        apply_edits(text, [Edit("insert", len(text) + 1, "", "s")])
+        apply_edits(text, [Edit(kind="insert", position=len(text) + 1, before="", after="s")])
     with pytest.raises(PerturbError):
-        apply_edits(text, [Edit("insert", -1, "", "s")])
+        apply_edits(text, [Edit(kind="insert", position=-1, before="", after="s")])
 
 
 def test_apply_edits_puts_an_insertion_before_a_replacement_at_the_same_position() -> None:
-    edits = [Edit("substitute", 0, "g", "h"), Edit("insert", 0, "", "x"), Edit("insert", 4, "", "s")]
+    edits = [Edit(kind="substitute", position=0, before="g", after="h"),
+             Edit(kind="insert", position=0, before="", after="x"),
+             Edit(kind="insert", position=4, before="", after="s")]
     assert apply_edits("good film", edits) == "xhoods film"
 
 
-def test_as_dict_has_the_cli_field_names() -> None:
+def test_to_json_has_the_cli_field_names() -> None:
     p = perturb("good film", "delete", 1.0, seed=0)
-    d = p.as_dict()
-    assert set(d) == {"text", "perturbed", "edits"}
+    d = p.to_json()
+    assert list(d) == ["text", "perturbed", "edits"]
     assert d["text"] == "good film" and d["perturbed"] == p.perturbed
     fields = [{"kind": e.kind, "position": e.position, "before": e.before, "after": e.after} for e in p.edits]
-    assert d["edits"] == fields
+    assert d["edits"] == fields and all(list(e) == ["kind", "position", "before", "after"] for e in d["edits"])
     assert json.loads(json.dumps(d, ensure_ascii=False)) == d
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_json_reads_to_json_back(kind: str) -> None:
+    p = perturb('A "great" film, naïve and warm', kind, 0.6, seed=4)
+    assert p.edits
+    assert Perturbation.from_json(json.loads(json.dumps(p.to_json()))) == p
+    assert [Edit.from_json(e.to_json()) for e in p.edits] == list(p.edits)
+    assert Perturbation(text=p.text, perturbed=p.perturbed, edits=list(p.edits)) == p  # edits kept as a tuple
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -373,7 +386,8 @@ def test_highlight_html_without_edits_is_the_escaped_text() -> None:
 
 
 def test_highlight_html_shows_deletions_struck_through() -> None:
-    p = Perturbation("good film", "god film", (Edit("delete", 1, "o", ""),))
+    p = Perturbation(text="good film", perturbed="god film",
+                     edits=(Edit(kind="delete", position=1, before="o", after=""),))
     assert highlight_html(p) == "g<mark title=\"delete: &#x27;o&#x27;→&#x27;&#x27;\"><del>o</del></mark>od film"
 
 
@@ -386,7 +400,9 @@ def test_highlight_html_labels_invisible_characters() -> None:
 
 
 def test_highlight_html_escapes_edit_text_in_the_title_and_body() -> None:
-    p = Perturbation('say "hi"', 'say <&hi"', (Edit("insert", 4, "", "<"), Edit("substitute", 4, '"', "&")))
+    p = Perturbation(text='say "hi"', perturbed='say <&hi"',
+                     edits=(Edit(kind="insert", position=4, before="", after="<"),
+                            Edit(kind="substitute", position=4, before='"', after="&")))
     out = highlight_html(p)
     assert out.count('"') == 4  # only the two title attributes' delimiters
     assert out.count("<mark ") == 2 and "&lt;</mark>" in out and "&amp;</mark>" in out
@@ -394,5 +410,6 @@ def test_highlight_html_escapes_edit_text_in_the_title_and_body() -> None:
 
 
 def test_highlight_html_names_homoglyph_code_points() -> None:
-    p = Perturbation("a", "\u0430", (Edit("homoglyph", 0, "a", "\u0430"),))
+    p = Perturbation(text="a", perturbed="\u0430",
+                     edits=(Edit(kind="homoglyph", position=0, before="a", after="\u0430"),))
     assert "(U+0430)" in highlight_html(p)
