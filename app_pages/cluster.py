@@ -10,6 +10,7 @@ import streamlit as st
 from app_pages import common
 from cache import grid as cached
 from engine.data.sets import VENDORED
+from engine.grid.rows import GridRow
 from engine.grid.run import run_grid
 from engine.grid.tasks import Task
 
@@ -29,7 +30,7 @@ def unavailable_reason(data_names: list[str]) -> str | None:
     return f"{', '.join(unknown)} cannot be loaded by the cluster's workers." if unknown else None
 
 
-def run(tasks: list[Task], label: str) -> list[dict]:
+def run(tasks: list[Task], label: str) -> list[GridRow]:
     """The tasks' rows, computed on the cluster (rows already in the cache are not sent), with a progress bar
     that moves as each row lands."""
     from engine.grid.ray_backend import RayBackend
@@ -42,7 +43,7 @@ def run(tasks: list[Task], label: str) -> list[dict]:
 
     def show(progress) -> None:
         done, total, row = progress
-        where = f" · last from {row['worker']}" if row.get("worker") else ""
+        where = f" · last from {row.worker}" if row.worker else ""
         bar.progress(done / total, text=f"{label}: {done} of {total} rows landed{where}")
 
     rows = common.run_job("grid", label, work, show_progress=show)

@@ -199,11 +199,11 @@ def cluster_section(plans) -> None:
     st.caption("From the cluster: accuracy figures as on this page; latency at batch 1 timed on the worker that "
                "ran each row, alone, so compare timings only between rows of the same host.")
     st.dataframe(pd.DataFrame([{
-        "plan": display_name(r["plan_name"]), "set": r["data"], "error": r.get("error", ""),
-        **({} if "error" in r else {
-            "accuracy": common.fmt_ci(r["accuracy"], r["ci95"]), "agreement": f"{r['agreement']:.1%}",
-            "flips": r["flips"], "McNemar p": r["mcnemar_p"], "size (MB)": r["size_bytes"] / 1e6,
-            "p50 (ms)": r.get("latency_ms_p50"), "host": r.get("machine", {}).get("host")})}
+        "plan": display_name(r.plan_name), "set": r.data, "error": r.error or "",
+        **({} if r.error else {
+            "accuracy": common.fmt_ci(r.accuracy, r.ci95), "agreement": f"{r.agreement:.1%}",
+            "flips": r.flips, "McNemar p": r.mcnemar_p, "size (MB)": r.size_bytes / 1e6,
+            "p50 (ms)": r.latency_ms_p50, "host": (r.machine or {}).get("host")})}
         for r in rows]), hide_index=True, width="stretch")
 
 

@@ -77,9 +77,9 @@ def run(name: str, args):
     print(f"grid: {len(tasks)} tasks on the {args.backend} backend", file=sys.stderr, flush=True)
     step = max(1, len(tasks) // 20)
 
-    def progress(done: int, total: int, row: dict) -> None:
-        if row.get("error"):
-            print(f"grid: {row['model']} / {row['data']}: error: {row['error']}", file=sys.stderr, flush=True)
+    def progress(done: int, total: int, row) -> None:
+        if row.error:
+            print(f"grid: {row.model} / {row.data}: error: {row.error}", file=sys.stderr, flush=True)
         if done % step == 0 or done == total:
             print(f"[{done / total:4.0%}] grid: {done}/{total} rows", file=sys.stderr, flush=True)
 
@@ -92,4 +92,4 @@ def run(name: str, args):
             print("grid: finished rows are in the cache (and in --out): run it again to resume", file=sys.stderr)
             raise
     print(summary_line(rows.stats, args.out), file=sys.stderr, flush=True)
-    return list(rows)
+    return [row.to_json() for row in rows]

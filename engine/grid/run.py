@@ -15,16 +15,16 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
-from engine.core.vocabulary import TaskKind
-from engine.evaluation.evaluate import figures as evaluation_figures
+from engine.grid.rows import GridRow, make_row
 from engine.grid.tasks import Task
 
 Lookup = Callable[[Task], "dict | None"]
 Store = Callable[[Task, dict], None]
-Progress = Callable[[int, int, dict], None]
+Progress = Callable[[int, int, GridRow], None]
 
 log = logging.getLogger(__name__)
 WORKER_FIELDS = ("worker", "task_s", "_start", "_end")  # who ran a task, how long it took, when
@@ -42,52 +42,10 @@ class Backend(Protocol):
     def run(self, tasks: Sequence[Task]) -> Iterator[tuple[Task, dict]]: ...
 
 
-class GridRows(list):
+class GridRows(list[GridRow]):
     """The rows of a grid in task order; `stats` says how the run went (counts, times, overhead)."""
 
     stats: dict
-
-
-def identity(task: Task) -> dict:
-    """What a row is, as the command line named it: model, set, limit, and the plan or the layer."""
-    row: dict = {"kind": task.kind, "model": task.model, "data": task.data, "limit": task.limit}
-    if task.kind == TaskKind.EVAL:
-        row["plan_name"] = task.plan_name
-    else:
-        row.update({"layer": task.layer, "precision": task.precision})
-    return row
-
-
-def named(task: Task, row: dict, **extra) -> dict:
-    """`row`'s figures under `task`'s names (tasks with equal keys share one computed row)."""
-    out = identity(task)
-    out.update({k: v for k, v in row.items() if k not in out})
-    out.update(extra)
-    return out
-
-
-def make_row(task: Task, result: dict, backend: str, cached: bool = False) -> dict:
-    """A task's row from its result (computed or from the cache): `eval --json`'s figures, with latency
-    and its machine when asked, or a `sensitivity --json` row; or the task's one-line error."""
-    figures: dict = {}
-    if not result.get("error"):
-        if task.kind == TaskKind.EVAL:
-            figures = evaluation_figures(result["summary"], result["size_bytes"], task.device)
-            figures.update(result.get("latency") or {})
-        else:
-            figures = dict(result["row"])
-    row = named(task, figures, **{k: result[k] for k in WORKER_FIELDS if k in result})
-    row.update({"backend": backend, "key": task.key()})
-    if cached:
-        row["cached"] = True
-    if result.get("error"):
-        row["error"] = result["error"]
-    return row
-
-
-def public(row: dict) -> dict:
-    """The row without its private fields (the worker's timestamps)."""
-    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
 def _finite(value):
@@ -101,23 +59,25 @@ def _finite(value):
     return value
 
 
-def dumps(row: dict) -> str:
-    return json.dumps(_finite(public(row)), ensure_ascii=False)
+def dumps(row: GridRow) -> str:
+    return json.dumps(_finite(row.to_json()), ensure_ascii=False)
 
 
-def read_rows(path: str | os.PathLike | None) -> dict[str, dict]:
-    """Finished rows of an earlier output file by key; failed rows and a line cut short by a crash are skipped."""
-    rows: dict[str, dict] = {}
+def read_rows(path: str | os.PathLike | None) -> dict[str, GridRow]:
+    """Finished rows of an earlier output file by key; failed rows, a line cut short by a crash and a row
+    this version cannot read are skipped (their tasks are run again)."""
+    rows: dict[str, GridRow] = {}
     if not path or not Path(path).is_file():
         return rows
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             try:
-                row = json.loads(line)
-            except ValueError:
+                data = json.loads(line)
+                row = GridRow.from_json(data) if isinstance(data, dict) and data.get("key") else None
+            except (ValueError, KeyError, TypeError):
                 continue
-            if isinstance(row, dict) and row.get("key") and not row.get("error"):
-                rows[row["key"]] = row
+            if row is not None and row.error is None:
+                rows[row.key] = row
     return rows
 
 
@@ -129,11 +89,11 @@ def run_grid(tasks: Sequence[Task], backend: Backend, lookup: Lookup | None = No
     for task in tasks:
         unique.setdefault(task.key(), task)
     known = read_rows(out_path)
-    results: dict[str, dict] = {}
+    results: dict[str, GridRow] = {}
     from_out = from_cache = 0
     for key, task in unique.items():
         if key in known:
-            results[key], from_out = named(task, known[key], cached=True), from_out + 1
+            results[key], from_out = replace(known[key].renamed(task), cached=True), from_out + 1
         elif lookup is not None:
             found = _lookup(lookup, task)
             if found is not None:
@@ -157,22 +117,22 @@ def run_grid(tasks: Sequence[Task], backend: Backend, lookup: Lookup | None = No
                 backend_started, backend_wall = time.perf_counter(), time.time()
                 for task, result in backend.run(todo):
                     row = make_row(task, result, backend.name)
-                    if "error" not in row:
+                    if row.error is None:
                         _store(store, task, result)
                     if output is not None:
                         output.write(dumps(row) + "\n")
                         output.flush()
-                    results[task.key()] = public(row)
-                    computed.append({k: row[k] for k in ("worker", "task_s", "_start", "_end", "error") if k in row})
+                    results[task.key()] = row
+                    computed.append({k: result[k] for k in WORKER_FIELDS if k in result} | {"failed": bool(row.error)})
                     done += 1
                     if progress is not None:
-                        progress(done, len(unique), public(row))
+                        progress(done, len(unique), row)
     finally:
         if output is not None:
             output.close()
     backend_s = time.perf_counter() - backend_started if todo else 0.0
 
-    rows = GridRows(public(named(task, results[task.key()])) for task in tasks)
+    rows = GridRows(results[task.key()].renamed(task) for task in tasks)
     if out_path:
         temporary = Path(f"{out_path}.tmp")
         temporary.write_text("".join(dumps(row) + "\n" for row in rows), encoding="utf-8")
@@ -202,7 +162,7 @@ def _store(store: Store | None, task: Task, row: dict) -> None:
 def _stats(backend: Backend, tasks: int, unique: int, from_out: int, from_cache: int, computed: list[dict],
            backend_s: float, total_s: float, backend_wall: float) -> dict:
     """Counts and times of the run, and the per-task overhead: worker time not spent inside tasks."""
-    ok = [row for row in computed if "error" not in row]
+    ok = [row for row in computed if not row["failed"]]
     task_s = [row["task_s"] for row in computed if isinstance(row.get("task_s"), (int, float))]
     by_worker: dict[str, list[dict]] = {}
     for row in computed:

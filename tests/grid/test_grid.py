@@ -22,8 +22,9 @@ EVAL_FIELDS = ("accuracy", "ci95", "n", "agreement", "flips", "kl", "mcnemar_p",
                "device")
 
 
-def figures(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in VOLATILE}
+def figures(row) -> dict:
+    """A row's contract object, less who ran it and how long it took."""
+    return {k: v for k, v in row.to_json().items() if k not in VOLATILE}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def local_rows(tasks):
 
 
 def _by_key(rows):
-    return {row["key"]: row for row in rows}
+    return {row.key: row for row in rows}
 
 
 # ---- what a row holds -----------------------------------------------------------------------
@@ -67,8 +68,8 @@ def test_eval_rows_are_what_evaluate_returns(folders, tasks, local_rows):
     for task, row in zip(tasks, local_rows):
         if task.kind == "eval" and task.model == folders["bert"] and task.data == "amazon":
             expected = evaluate(model, tokenizer, "amazon", json.loads(task.plan), limit=LIMIT)
-            assert {k: row[k] for k in EVAL_FIELDS} == {k: expected[k] for k in EVAL_FIELDS}, task.plan_name
-            assert (row["model"], row["data"], row["backend"], row["limit"]) == \
+            assert {k: row.to_json()[k] for k in EVAL_FIELDS} == {k: expected[k] for k in EVAL_FIELDS}, task.plan_name
+            assert (row.model, row.data, row.backend, row.limit) == \
                 (folders["bert"], "amazon", "local", LIMIT)
 
 
@@ -81,7 +82,7 @@ def test_sensitivity_rows_are_what_the_sweep_gives(folders, tasks, local_rows):
     evaluator = get_evaluator(model, tokenizer, load_dataset("embedded").head(LIMIT), keep_states=True)
     sqnr = sqnr_proxy(model, tokenizer, proxy_texts(evaluator), ["int8"])
     expected = {(r.layer, r.precision): r.as_dict() for r in sweep(evaluator, ["int8"], "one", sqnr).rows}
-    got = {(row["layer"], row["precision"]): row for task, row in zip(tasks, local_rows)
+    got = {(row.layer, row.precision): row.to_json() for task, row in zip(tasks, local_rows)
            if task.kind == "sensitivity" and task.model == folders["distilbert"] and task.data == "embedded"}
     assert got.keys() == expected.keys() and len(got) == 15
     for key, row in expected.items():
@@ -90,12 +91,36 @@ def test_sensitivity_rows_are_what_the_sweep_gives(folders, tasks, local_rows):
 
 def test_a_failing_task_has_a_one_line_error_and_the_rest_run(folders, tasks, local_rows):
     assert len(local_rows) == len(tasks)
-    failed = [row for row in local_rows if "error" in row]
-    assert {(row["model"], row["plan_name"]) for row in failed} == {(folders["distilbert"], BAD_PLAN)}
+    failed = [row for row in local_rows if row.error]
+    assert {(row.model, row.plan_name) for row in failed} == {(folders["distilbert"], BAD_PLAN)}
     assert len(failed) == 2  # one per set
     for row in failed:
-        assert "matches no layer" in row["error"] and "\n" not in row["error"] and "accuracy" not in row
-    assert all(row.get("accuracy") is not None for row in local_rows if "error" not in row)
+        assert "matches no layer" in row.error and "\n" not in row.error and row.accuracy is None
+        assert list(row.to_json()) == ["kind", "model", "data", "limit", "plan_name", "worker", "task_s", "backend",
+                                       "key", "error"]
+    assert all(row.accuracy is not None for row in local_rows if not row.error)
+
+
+def test_a_row_reads_back_from_its_json_as_it_was(local_rows):
+    """What --out keeps is what a resumed run reads: every kind of row (evaluation, sensitivity, failed) comes back
+    equal, as its own type, with the same contract object."""
+    from engine.grid.rows import EvalRow, GridRow, SensitivityRow
+
+    assert {type(row) for row in local_rows} == {EvalRow, SensitivityRow} and any(row.error for row in local_rows)
+    for row in local_rows:
+        again = GridRow.from_json(json.loads(json.dumps(row.to_json())))
+        assert type(again) is type(row) and again == row and again.to_json() == row.to_json()
+
+
+def test_a_task_whose_worker_was_lost_names_no_worker(tasks):
+    """Ray's answer when a worker died more often than it retries: the row keeps "worker": null, and no time."""
+    from engine.grid.rows import make_row
+
+    task = tasks[0]
+    row = make_row(task, {"error": "worker lost after 3 retries: ActorDiedError", "worker": None}, "ray")
+    assert row.to_json() == {"kind": "eval", "model": task.model, "data": task.data, "limit": LIMIT,
+                             "plan_name": task.plan_name, "worker": None, "backend": "ray", "key": task.key(),
+                             "error": "worker lost after 3 retries: ActorDiedError"}
 
 
 def test_latency_is_measured_on_the_worker_with_its_machine(folders):
@@ -105,8 +130,8 @@ def test_latency_is_measured_on_the_worker_with_its_machine(folders):
 
     task = build_tasks([folders["bert"]], ["embedded"], ["int8"], limit=LIMIT, latency=True)[0]
     row = run_grid([task], LocalBackend(threads=1))[0]
-    assert row["latency_ms_p50"] > 0 and row["latency_ms_p95"] >= row["latency_ms_p50"] and row["throughput_per_s"] > 0
-    assert row["machine"]["threads"] == 1 and row["machine"]["host"] and row["machine"]["tokens"] == 32
+    assert row.latency_ms_p50 > 0 and row.latency_ms_p95 >= row.latency_ms_p50 and row.throughput_per_s > 0
+    assert row.machine["threads"] == 1 and row.machine["host"] and row.machine["tokens"] == 32
     plain = build_tasks([folders["bert"]], ["embedded"], ["int8"], limit=LIMIT)[0]
     assert plain.key() != task.key()  # a row without latency never answers a task that asks for it
 
@@ -153,7 +178,7 @@ def test_an_interrupted_run_resumes_from_the_cache_and_the_output_file(folders, 
     rows = run_grid(chosen, again, lookup, store, out)
     assert len(again.given) == len(chosen) - 5
     assert [figures(row) for row in rows] == expected
-    assert sum(bool(row.get("cached")) for row in rows) == 5
+    assert sum(row.cached for row in rows) == 5
     assert [json.loads(line)["key"] for line in out.read_text().splitlines()] == [t.key() for t in chosen]
 
     # With the cache gone, the output file alone resumes the run: nothing is recomputed.
@@ -183,12 +208,12 @@ def test_rows_land_under_the_pages_cache_keys(folders, monkeypatch, tmp_path):
     model, tokenizer = load_model(folders["bert"])
     evaluator = get_evaluator(model, tokenizer, load_dataset("embedded").head(LIMIT), keep_states=True)
     page_rows = results.known_rows(evaluator, ["int4"], "one")
-    assert page_rows[(layer_task.layer, "int4")].as_dict() == {k: rows[1][k] for k in page_rows[(layer_task.layer,
-                                                                                                   "int4")].as_dict()}
+    page_row = page_rows[(layer_task.layer, "int4")].as_dict()
+    assert page_row == {k: rows[1].to_json()[k] for k in page_row}
     summary = results.cached_evaluation(evaluator, eval_task.plan_object)
     assert {k: summary.to_json()[k] for k in ("accuracy", "ci95", "n", "flips", "kl")} == \
-        {k: rows[0][k] for k in ("accuracy", "ci95", "n", "flips", "kl")}
-    assert len(summary.predicted) == LIMIT and results.size(model, eval_task.plan_object) == rows[0]["size_bytes"]
+        {k: rows[0].to_json()[k] for k in ("accuracy", "ci95", "n", "flips", "kl")}
+    assert len(summary.predicted) == LIMIT and results.size(model, eval_task.plan_object) == rows[0].size_bytes
 
     # The layer map's own entries answer a grid task the grid never stored itself.
     cache.store().clear()
@@ -196,7 +221,8 @@ def test_rows_land_under_the_pages_cache_keys(folders, monkeypatch, tmp_path):
     results.size(model, eval_task.plan_object)
     again = Counting()
     rerun = run_grid([eval_task], again, cached.find, cached.keep)
-    assert again.given == [] and rerun[0]["accuracy"] == rows[0]["accuracy"] and rerun[0]["cached"]
+    assert again.given == [] and rerun[0].accuracy == rows[0].accuracy and rerun[0].cached
+    assert "worker" not in rerun[0].to_json() and "task_s" not in rerun[0].to_json()  # no worker ran it
 
 
 def _cli(env, *args):
@@ -239,8 +265,8 @@ def test_ray_rows_equal_the_local_backends(ray_cluster, tasks, local_rows):
     backend = RayBackend(threads=1)
     rows = run_grid([task for task, _ in chosen], backend)
     assert [figures(row) for row in rows] == [figures(row) for _, row in chosen]
-    assert {row["backend"] for row in rows} == {"ray"}
-    assert len({row["worker"] for row in rows}) == 2  # an actor per (model, set), each its own process
+    assert {row.backend for row in rows} == {"ray"}
+    assert len({row.worker for row in rows}) == 2  # an actor per (model, set), each its own process
     assert backend.workers == 2 and rows.stats["errors"] == 1
 
 
@@ -249,19 +275,19 @@ def test_ray_a_killed_worker_loses_no_row(ray_cluster, folders, tasks, local_row
     from engine.grid.run import run_grid
 
     chosen = [t for t in tasks if t.model == folders["bert"] and t.kind == "sensitivity" and t.data == "amazon"]
-    expected = {row["key"]: figures(row) for row in local_rows}
+    expected = {row.key: figures(row) for row in local_rows}
     killed: list[int] = []
 
     def kill_first_worker(done, total, row):
-        if not killed and row.get("worker"):  # the actor has 2 tasks queued: both must be rerun
-            killed.append(int(row["worker"].rsplit(":", 1)[1]))
+        if not killed and row.worker:  # the actor has 2 tasks queued: both must be rerun
+            killed.append(int(row.worker.rsplit(":", 1)[1]))
             os.kill(killed[0], signal.SIGKILL)
 
     backend = RayBackend(threads=1)
     rows = run_grid(chosen, backend, progress=kill_first_worker)
-    assert killed and len(rows) == len(chosen) and not [row for row in rows if "error" in row]
+    assert killed and len(rows) == len(chosen) and not [row for row in rows if row.error]
     assert [figures(row) for row in rows] == [expected[t.key()] for t in chosen]
-    assert len({row["worker"] for row in rows}) == 2  # the restarted actor, a new process, finished the group
+    assert len({row.worker for row in rows}) == 2  # the restarted actor, a new process, finished the group
     assert [info["restarted"] for info in backend.actors_info] == [True]
 
 
@@ -291,5 +317,5 @@ def test_cli_on_ray_starts_and_stops_its_cluster_and_a_rerun_answers_from_the_ca
     again = Counting()
     rerun = run_grid(build_tasks([folders["distilbert"]], ["embedded"], ["fp32", "int8"], limit=LIMIT), again,
                      cached.find, cached.keep)
-    assert again.given == [] and all(row["cached"] for row in rerun)
-    assert [figures(row) for row in rerun] == [figures(row) for row in rows]
+    assert again.given == [] and all(row.cached for row in rerun)
+    assert [figures(row) for row in rerun] == [{k: v for k, v in row.items() if k not in VOLATILE} for row in rows]
