@@ -57,12 +57,12 @@ def measure(name: str, tasks, backend) -> dict:
     stats.update({"grid": name, "threads": getattr(backend, "threads", None), "end_to_end_s": round(wall, 3),
                   "loadavg_before": before, "loadavg_after": loadavg(),
                   "replicas": getattr(backend, "replicas", None)})
-    assert stats["errors"] == 0, [row.get("error") for row in rows if row.get("error")]
+    assert stats["errors"] == 0, [row.error for row in rows if row.error]
     print(f"{name:12s} {backend.name:5s} threads={stats['threads']} workers={stats['workers']}: "
           f"{stats['computed']} tasks in {stats['wall_s']:.1f} s, {stats['task_s_mean']:.3f} s a task, "
           f"overhead {stats['overhead_per_task_s']:.3f} s a task, load {before} -> {stats['loadavg_after']}",
           file=sys.stderr, flush=True)
-    return {"stats": stats, "rows": [{k: v for k, v in row.items() if k not in ("worker",)} for row in rows]}
+    return {"stats": stats, "rows": [{k: v for k, v in row.to_json().items() if k != "worker"} for row in rows]}
 
 
 class Echo:
