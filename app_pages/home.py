@@ -42,4 +42,4 @@ if evaluator is not None:
     for note in evaluator.stages.notes:
         st.caption(f"Incremental evaluation: {note}.")
     with st.expander("Layers"):
-        st.dataframe([layer.as_dict() for layer in layers], hide_index=True, width="stretch")
+        st.dataframe([layer.to_json() for layer in layers], hide_index=True, width="stretch")

@@ -59,7 +59,7 @@ def known_rows(evaluator: Evaluator, precisions, direction: str,
                     continue
                 found = lookup(keys.sweep_row(evaluator, layer.name, precision, direction, method))
                 if found is not None:
-                    out[sensitivity.row_key(layer.name, precision, method)] = sensitivity.Row.from_dict(found)
+                    out[sensitivity.row_key(layer.name, precision, method)] = sensitivity.Row.from_json(found)
     return out
 
 
@@ -74,7 +74,7 @@ def sweep(evaluator: Evaluator, precisions, direction: str, sqnr: dict | None = 
     done = known_rows(evaluator, precisions, direction, methods)
 
     def store(row: sensitivity.Row) -> None:
-        put(keys.sweep_row(evaluator, row.layer, row.precision, row.direction, row.method), row.as_dict())
+        put(keys.sweep_row(evaluator, row.layer, row.precision, row.direction, row.method), row.to_json())
         if on_row is not None:
             on_row(row)
 

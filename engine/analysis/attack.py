@@ -42,7 +42,7 @@ class FlipResult:
     after: dict[str, Prediction]
     seconds: float
 
-    def as_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {"target": self.target, **self.perturbation.to_json(), "n_edits": len(self.perturbation.edits),
                 "queries": self.queries, "flipped": self.flipped,
                 "before": {k: p.to_json() for k, p in self.before.items()},

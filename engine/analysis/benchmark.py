@@ -123,8 +123,8 @@ class BatchProfile:
     speedup: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"batch": self.batch, "tokens": self.tokens, "plan": self.plan.as_dict(),
-                "fp32_torch": self.fp32_torch.as_dict(), "speedup": self.speedup}
+        return {"batch": self.batch, "tokens": self.tokens, "plan": self.plan.to_json(),
+                "fp32_torch": self.fp32_torch.to_json(), "speedup": self.speedup}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -51,14 +51,14 @@ def deploy(model: nn.Module, tokenizer, plan: PlanLike, out_dir: str | Path, dat
     def card(folder: Path) -> dict:
         evaluator = get_evaluator(model, tokenizer, data.head(limit))
         result = evaluate_exported(evaluator, folder)
-        figures = {**result.as_dict(), "data": evaluator.dataset.name,
+        figures = {**result.to_json(), "data": evaluator.dataset.name,
                    "fp32_accuracy": evaluator.baseline.comparison.accuracy}
         if latency:
             inputs = bench_inputs(tokenizer, data.texts, 1, TIMING_TOKENS, "cpu")
             timing = benchmark({"onnx": ort_call(folder, inputs)}, batch=1, protocol="back_to_back")["onnx"]
             figures["latency"] = {**timing, "batch": 1, "tokens": TIMING_TOKENS, "threads": torch.get_num_threads()}
             feeds = {name: inputs[name].numpy() for name in ("input_ids", "attention_mask")}
-            figures["profile"] = {**profile_ort(folder, feeds, batch=1).as_dict(), "cpu": cpu_report()}
+            figures["profile"] = {**profile_ort(folder, feeds, batch=1).to_json(), "cpu": cpu_report()}
         return figures
 
     return export_onnx(model, tokenizer, plan, out_dir, calibration_texts=texts, prepared=prepared,

@@ -127,14 +127,14 @@ class Row:
     def key(self) -> tuple:
         return row_key(self.layer, self.precision, self.method)
 
-    def as_dict(self) -> dict:
+    def to_json(self) -> dict:
         data = asdict(self)
         data["ci95"] = list(self.ci95)
         data["method"] = self.method.value
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Row":
+    def from_json(cls, data: dict) -> "Row":
         method = WeightMethod(data.get("method", WeightMethod.RTN))
         return cls(**{**data, "ci95": tuple(data["ci95"]), "method": method})
 

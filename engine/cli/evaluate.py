@@ -58,7 +58,7 @@ def exported_evaluation(model, tokenizer, data, plan, device: str) -> dict:
         raise UsageError("ONNX Runtime runs on its CPU provider here: use --device cpu")
     folder = results.exports().folder(model, tokenizer, plan, data)
     result = evaluate_exported(get_evaluator(model, tokenizer, data), folder)
-    return {**result.as_dict(), "size_bytes": (folder / "model.onnx").stat().st_size, "plan": result.plan.to_json(),
+    return {**result.to_json(), "size_bytes": (folder / "model.onnx").stat().st_size, "plan": result.plan.to_json(),
             "kernels": Kernels.REAL, "runtime": Runtime.ONNXRUNTIME, "data": data.name, "device": "cpu",
             "seconds": round(result.seconds, 3), "export": str(folder)}
 

@@ -12,4 +12,4 @@ def run(_name: str, args):
     from engine.model.inventory import inventory
 
     model, _ = load(args)
-    return [layer.as_dict() for layer in inventory(model)]
+    return [layer.to_json() for layer in inventory(model)]

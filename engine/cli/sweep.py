@@ -59,7 +59,7 @@ def _sweep_file(path: str):
 
     try:
         with open(path, encoding="utf-8") as handle:
-            return [Row.from_dict(item) for item in json.load(handle)]
+            return [Row.from_json(item) for item in json.load(handle)]
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise UsageError(f"cannot read sweep rows from {path}: {error}") from None
 
@@ -78,7 +78,7 @@ def run(name: str, args):
         result = _rows(model, tokenizer, evaluator, args.precisions, args.direction, args.methods)
         print(f"sensitivity: {len(result.rows)} rows ({result.computed} computed) in {result.seconds:.1f} s",
               file=sys.stderr)
-        return [row.as_dict() for row in result.rows]
+        return [row.to_json() for row in result.rows]
     from engine.analysis.search import Budget, search
 
     budget = (Budget(BudgetKind.MAX_DROP, args.max_drop) if args.max_drop is not None

@@ -80,7 +80,7 @@ class Comparison:
     kl: float
     mcnemar_p: float
 
-    def as_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {"accuracy": self.accuracy, "ci95": list(self.ci95), "n": self.n, "agreement": self.agreement,
                 "flips": self.flips, "kl": self.kl, "mcnemar_p": self.mcnemar_p}
 

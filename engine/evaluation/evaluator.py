@@ -109,8 +109,8 @@ class EvalResult:
     def predictions(self) -> np.ndarray:
         return self.logits.argmax(-1)
 
-    def as_dict(self) -> dict:
-        return self.comparison.as_dict()
+    def to_json(self) -> dict:
+        return self.comparison.to_json()
 
     def summary(self) -> "RunSummary":
         """What the pages keep of a result (and the cache stores): the figures, flips, each row's

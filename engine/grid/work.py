@@ -103,7 +103,7 @@ def run_task(state: WorkerState, task) -> dict:
         raise ValueError(f"set {task.data} on this worker differs from the driver's")
     if task.kind == TaskKind.EVAL:
         return _evaluate(state, task)
-    return {"row": _sensitivity_row(state, task).as_dict()}
+    return {"row": _sensitivity_row(state, task).to_json()}
 
 
 def _evaluate(state: WorkerState, task) -> dict:

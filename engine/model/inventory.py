@@ -38,7 +38,7 @@ class Layer:
         rows, cols = self.shape
         return PRECISIONS[precision].layer_bytes(rows, cols, self.params - rows * cols, group_size)
 
-    def as_dict(self) -> dict:
+    def to_json(self) -> dict:
         data = {"name": self.name, "block": self.block, "role": self.role, "shape": list(self.shape),
                 "params": self.params}
         if self.shared > 1:

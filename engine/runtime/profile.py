@@ -62,7 +62,7 @@ class Profile:
         """Wall time in no op: Python and module calls between torch's ops, ORT's own per-run work."""
         return round(max(self.wall_ms - self.profiled_ms, 0.0), 4)
 
-    def as_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {**asdict(self), "unfused": list(self.unfused), "outside_ops_ms": self.outside_ops_ms}
 
 

@@ -154,16 +154,16 @@ def test_sweep_rows_per_layer_precision_and_method(centred, tokenizer, method_sw
     assert {row.precision for row in both.rows if row.method == WeightMethod.GPTQ} == {"int4"}
     assert {row.precision for row in both.rows if row.method == WeightMethod.AWQ} == {"int8", "int4"}
     rtn = [row for row in both.rows if row.method == WeightMethod.RTN]
-    strip = lambda row: {**row.as_dict(), "seconds": 0}  # noqa: E731
+    strip = lambda row: {**row.to_json(), "seconds": 0}  # noqa: E731
     assert [strip(r) for r in rtn] == [strip(r) for r in plain.rows]
     assert all(row.sqnr_db is None for row in both.rows if row.method != WeightMethod.RTN)
     for row in [r for r in both.rows if r.method != WeightMethod.RTN][:3]:
         fresh = evaluate(model, tokenizer, data, layer_plan(row.layer, row.precision, "one", row.method))
         assert (row.accuracy, row.flips, row.mcnemar_p, row.kl) == \
             (fresh["accuracy"], fresh["flips"], fresh["mcnemar_p"], fresh["kl"])
-        assert Row.from_dict(json.loads(json.dumps(row.as_dict()))) == row
-    old = {k: v for k, v in rtn[0].as_dict().items() if k != "method"}  # a row stored before methods existed
-    assert Row.from_dict(old) == rtn[0]
+        assert Row.from_json(json.loads(json.dumps(row.to_json()))) == row
+    old = {k: v for k, v in rtn[0].to_json().items() if k != "method"}  # a row stored before methods existed
+    assert Row.from_json(old) == rtn[0]
     with pytest.raises(SweepError, match="direction one"):
         sweep(evaluator, methods=(WeightMethod.GPTQ,), direction="all-but-one")
     with pytest.raises(SweepError, match="sweep methods"):

@@ -220,7 +220,7 @@ def test_flip_search_really_flips_the_target(embedded) -> None:
     model, tokenizer = embedded
     text = "A warm, funny film whose clumsy last act almost undoes all the good will it earns."
     result = flip_search(model, tokenizer, text, target="int4", budget=6, seed=0)
-    assert result.flipped, result.as_dict()
+    assert result.flipped, result.to_json()
     assert 1 <= len(result.perturbation.edits) <= 6 and result.queries > len(result.perturbation.edits)
     perturbed = result.perturbation.perturbed
     assert perturbed == apply_edits(text, result.perturbation.edits) != text

@@ -139,7 +139,7 @@ def test_method_rows_are_memoized_by_results_sweep_and_rtn_keys_stay(tiny_model,
     first = results.sweep(evaluator, ["int4"], "one", methods=methods)
     assert first.computed == len(first.rows) and any(row.method == WeightMethod.GPTQ for row in first.rows)
     again = results.sweep(evaluator, ["int4"], "one", methods=methods)
-    assert again.computed == 0 and [row.as_dict() for row in again.rows] == [row.as_dict() for row in first.rows]
+    assert again.computed == 0 and [row.to_json() for row in again.rows] == [row.to_json() for row in first.rows]
     assert set(results.known_rows(evaluator, ["int4"], "one", methods)) == {row.key for row in first.rows}
     layer = evaluator.layers[0].name
     model_fp, data_fp, device = evaluator.key

@@ -81,7 +81,7 @@ def test_sensitivity_rows_are_what_the_sweep_gives(folders, tasks, local_rows):
     model, tokenizer = load_model(folders["distilbert"])
     evaluator = get_evaluator(model, tokenizer, load_dataset("embedded").head(LIMIT), keep_states=True)
     sqnr = sqnr_proxy(model, tokenizer, proxy_texts(evaluator), ["int8"])
-    expected = {(r.layer, r.precision): r.as_dict() for r in sweep(evaluator, ["int8"], "one", sqnr).rows}
+    expected = {(r.layer, r.precision): r.to_json() for r in sweep(evaluator, ["int8"], "one", sqnr).rows}
     got = {(row.layer, row.precision): row.to_json() for task, row in zip(tasks, local_rows)
            if task.kind == "sensitivity" and task.model == folders["distilbert"] and task.data == "embedded"}
     assert got.keys() == expected.keys() and len(got) == 15
@@ -208,7 +208,7 @@ def test_rows_land_under_the_pages_cache_keys(folders, monkeypatch, tmp_path):
     model, tokenizer = load_model(folders["bert"])
     evaluator = get_evaluator(model, tokenizer, load_dataset("embedded").head(LIMIT), keep_states=True)
     page_rows = results.known_rows(evaluator, ["int4"], "one")
-    page_row = page_rows[(layer_task.layer, "int4")].as_dict()
+    page_row = page_rows[(layer_task.layer, "int4")].to_json()
     assert page_row == {k: rows[1].to_json()[k] for k in page_row}
     summary = results.cached_evaluation(evaluator, eval_task.plan_object)
     assert {k: summary.to_json()[k] for k in ("accuracy", "ci95", "n", "flips", "kl")} == \

@@ -60,7 +60,7 @@ def test_inventory_lists_every_linear_once_with_a_role_and_a_block(family):
     if name == "albert":  # one set of block weights, run by every block: listed once, and said so
         shared = [layer for layer in layers if layer.block is not None]
         assert shared and all(layer.shared == blocks for layer in shared)
-        assert all(layer.as_dict()["shared_by_blocks"] == blocks for layer in shared)
+        assert all(layer.to_json()["shared_by_blocks"] == blocks for layer in shared)
 
 
 def _random_plan(names, rng) -> Plan:

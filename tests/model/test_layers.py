@@ -68,9 +68,9 @@ def test_inventory_counts_shapes_and_params(tiny_model):
     assert {layer.name for layer in linears} == all_linears
 
 
-def test_as_dict_has_the_contract_fields(tiny_model):
+def test_to_json_has_the_contract_fields(tiny_model):
     for layer in inventory(tiny_model):
-        data = layer.as_dict()
+        data = layer.to_json()
         assert list(data) == ["name", "block", "role", "shape", "params"]
         assert data["shape"] == list(layer.shape)
 

@@ -108,7 +108,7 @@ def test_compare_fields():
     assert result.kl == pytest.approx(mean_kl(reference, logits))
     # FP32 right and plan wrong: 1 (row 3); FP32 wrong and plan right: 2 (rows 2, 5)
     assert result.mcnemar_p == pytest.approx(stats.binomtest(1, 3, 0.5).pvalue)
-    data = result.as_dict()
+    data = result.to_json()
     assert set(data) == {"accuracy", "ci95", "n", "agreement", "flips", "kl", "mcnemar_p"}
     assert isinstance(data["ci95"], list) and len(data["ci95"]) == 2
 

@@ -46,7 +46,7 @@ def test_int8_time_lands_in_the_quantized_matmuls_and_fp32_in_the_float_ones(run
     printed = json.loads(json.dumps(out.to_json()))  # what `bench --profile --json` prints
     assert list(printed) == ["profiles", "cpu", "machine"]
     assert list(printed["profiles"][0]) == ["batch", "tokens", "plan", "fp32_torch", "speedup"]
-    assert printed["profiles"][-1]["plan"] == json.loads(json.dumps(mine.as_dict()))
+    assert printed["profiles"][-1]["plan"] == json.loads(json.dumps(mine.to_json()))
     assert printed["cpu"] == cpu_report()
 
 
