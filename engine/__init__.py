@@ -5,7 +5,7 @@ A pure library (no Streamlit, no disk cache), used by the dashboard's pages and 
 The public names load on first use, so `import engine` (and `python -m engine --help`) stays fast.
 
 Folders are layers, each importing only from those below it (checked by the import contract in
-pyproject.toml): cli > analysis > evaluation > runtime > quant > model > core.
+pyproject.toml): cli > grid > analysis > evaluation > runtime > quant > kernels > model > data > core.
 """
 from __future__ import annotations
 
