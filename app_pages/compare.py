@@ -9,7 +9,7 @@ import torch
 
 from app_pages import cluster, common, deployment, methods_view, profile_view
 from cache import keys, lookup, put, results
-from engine.analysis.compare import ComparisonRow, disagreements, run_comparison, variant
+from engine.analysis.compare import ComparisonRecord, ComparisonRow, run_comparison, variant
 from engine.analysis.findings import findings
 from engine.analysis.presets import PRESETS, display_name, resolve_plan_item
 from engine.analysis.report import to_csv, to_markdown
@@ -69,7 +69,7 @@ def choices(model):
     return plans, chosen_sets, device, runtimes
 
 
-def run(model, tokenizer, plans, sets, device, runtimes) -> dict | None:
+def run(model, tokenizer, plans, sets, device, runtimes) -> ComparisonRecord | None:
     """The comparison, from the cache or run through the server's queue when asked for."""
     key = keys.comparison(model, [d.fingerprint for d in sets], [(label, p.key()) for label, p in plans], device,
                           st.session_state.get("limit"), runtimes)
@@ -85,16 +85,16 @@ def run(model, tokenizer, plans, sets, device, runtimes) -> dict | None:
     def work(progress):
         report = run_comparison(model, tokenizer, plans, sets, device, bench_seconds=0.1 if quick else 1.0,
                                 progress=progress, runtimes=runtimes, exports=results.exports())
-        return {"rows": [row.to_json() for row in report.rows], "disagreements": disagreements(report.outcomes),
-                "machine": report.machine}
+        return report.record().to_json()
 
     found = lookup(key)
-    if found is not None and typed_rows(found["rows"]) is None:
+    if found is not None and readable(found) is None:
         put(key, None)  # stored by a version whose rows lack a field this one needs: measured again when asked
     bar = st.empty()
     try:
-        return common.cached_job(key, "Comparing", work, kind="compare", ask=ask,
-                                 show_progress=lambda p: bar.progress(p[0], text=p[1]))
+        stored = common.cached_job(key, "Comparing", work, kind="compare", ask=ask,
+                                   show_progress=lambda p: bar.progress(p[0], text=p[1]))
+        return None if stored is None else ComparisonRecord.from_json(stored)
     except EngineError as error:
         st.error(f"The comparison cannot run: {error}")
         return None
@@ -102,10 +102,10 @@ def run(model, tokenizer, plans, sets, device, runtimes) -> dict | None:
         bar.empty()
 
 
-def typed_rows(stored: list[dict]) -> list[ComparisonRow] | None:
-    """The stored rows as ComparisonRows, or None when one of them cannot be read as one."""
+def readable(stored: dict) -> ComparisonRecord | None:
+    """The stored comparison, or None when one of its rows cannot be read as a ComparisonRow."""
     try:
-        return [ComparisonRow.from_json(row) for row in stored]
+        return ComparisonRecord.from_json(stored)
     except (ValueError, TypeError):
         return None
 
@@ -214,17 +214,17 @@ def deploy_section(plans) -> None:
     deployment.export_button(dict(plans)[chosen], display_name(chosen), "compare")
 
 
-def report(stored: dict) -> None:
-    rows = typed_rows(stored["rows"])
+def report(record: ComparisonRecord) -> None:
+    rows = list(record.rows)
     st.subheader("Results")
-    st.caption(f"Measured on {stored['machine']} ({rows[0].device}).")
+    st.caption(f"Measured on {record.machine} ({rows[0].device}).")
     table(rows)
     charts(rows)
     st.subheader("Findings")
     sentences = findings(rows)
     st.markdown("\n".join(f"- {s}" for s in sentences) if sentences else "Add a plan other than FP32 to compare.")
     st.subheader("Examples on which the plans disagree")
-    disputed = stored["disagreements"]
+    disputed = list(record.disagreements)
     if disputed:
         st.caption(f"{len(disputed)} examples (up to 50 per set), widest spread of the probability of FP32's "
                    "class first.")
@@ -233,7 +233,7 @@ def report(stored: dict) -> None:
         st.caption("Every plan predicts the same class as FP32 on every example.")
     downloads = st.columns(2)
     downloads[0].download_button("Download CSV", to_csv(rows), "comparison.csv", "text/csv")
-    downloads[1].download_button("Download Markdown report", to_markdown(rows, sentences, stored["machine"]),
+    downloads[1].download_button("Download Markdown report", to_markdown(rows, sentences, record.machine),
                                  "comparison.md", "text/markdown")
 
 
@@ -250,8 +250,8 @@ with precisions_tab:
     plans, sets, device, runtimes = choices(model)
     if cluster.address():
         cluster_section(plans)
-    stored = run(model, tokenizer, plans, sets, device, runtimes)
-    if stored is not None:
-        report(stored)
+    record = run(model, tokenizer, plans, sets, device, runtimes)
+    if record is not None:
+        report(record)
         deploy_section(plans)
     profile_view.profile_section(plans)

@@ -122,6 +122,26 @@ class ComparisonRow:
 _TUPLES = ("ci95", "accuracy_delta_ci95", "speedup_ci95", "load_average", "kernel_notes")
 
 
+@dataclass(frozen=True)
+class ComparisonRecord:
+    """What a comparison leaves to be shown again: its rows, the examples the plans disagree on (a table's
+    lines) and the machine it ran on. `to_json()` is what the page's cache keeps."""
+
+    rows: tuple[ComparisonRow, ...]
+    disagreements: tuple[dict, ...]
+    machine: str
+
+    def to_json(self) -> dict:
+        return {"rows": [row.to_json() for row in self.rows], "disagreements": list(self.disagreements),
+                "machine": self.machine}
+
+    @classmethod
+    def from_json(cls, stored: dict) -> "ComparisonRecord":
+        """Raises ValueError or TypeError for a record whose rows this version cannot read."""
+        return cls(tuple(ComparisonRow.from_json(row) for row in stored["rows"]),
+                   tuple(stored["disagreements"]), stored["machine"])
+
+
 @dataclass
 class Report:
     """A comparison: its rows (one per plan and set), the raw outcomes and the machine it ran on."""
@@ -129,6 +149,9 @@ class Report:
     rows: list[ComparisonRow]
     outcomes: list[SetOutcome]
     machine: str
+
+    def record(self) -> ComparisonRecord:
+        return ComparisonRecord(tuple(self.rows), tuple(disagreements(self.outcomes)), self.machine)
 
 
 def _unique_labels(plans: Sequence[tuple[str, Plan]]) -> list[tuple[str, Plan]]:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.analysis.compare import (CONTRACT_FIELDS, ComparisonRow, SetOutcome, disagreements, run_comparison,
-                                     variant)
+from engine.analysis.compare import (CONTRACT_FIELDS, ComparisonRecord, ComparisonRow, SetOutcome, disagreements,
+                                     run_comparison, variant)
 from engine.analysis.findings import accuracy_finding, domain_finding, findings, size_finding, speed_finding
 from engine.analysis.presets import preset_plan, resolve_plan_item, split_plan_list
 from engine.analysis.report import to_csv, to_markdown
@@ -78,6 +78,13 @@ def test_rows_are_typed_and_their_json_round_trips(tiny_report):
         assert ComparisonRow.from_json(stored) == row and ComparisonRow.from_json(stored).to_json() == stored
     with pytest.raises(AttributeError):
         tiny_report.rows[0].accuracy = 1.0  # frozen: a row is a measured value
+
+
+def test_the_pages_record_of_a_comparison_round_trips(tiny_report):
+    record = tiny_report.record()
+    assert record.rows == tuple(tiny_report.rows) and record.machine == tiny_report.machine
+    assert list(record.disagreements) == disagreements(tiny_report.outcomes)
+    assert ComparisonRecord.from_json(json.loads(json.dumps(record.to_json()))) == record  # as the cache keeps it
 
 
 def test_a_row_stored_by_an_older_version_loads_or_is_refused(tiny_report):
