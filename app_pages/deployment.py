@@ -41,9 +41,9 @@ def export_button(plan: Plan, label: str, key: str) -> None:
         card = ModelCard.read(made[wanted])
         measured, size = card.measured, card.size_bytes
         st.caption(f"Exported {label}: {size / 1e6:.1f} MB ({size / card.fp32_size_bytes:.0%} of FP32); on "
-                   f"ONNX Runtime accuracy {common.fmt_ci(measured['accuracy'], measured['ci95'])} on "
-                   f"{measured['data']}, agreement with FP32 {measured['agreement']:.1%}, batch 1 p50 "
-                   f"{measured['latency']['latency_ms_p50']:.1f} ms.")
+                   f"ONNX Runtime accuracy {common.fmt_ci(measured.accuracy, measured.ci95)} on "
+                   f"{measured.data}, agreement with FP32 {measured.agreement:.1%}"
+                   + (f", batch 1 p50 {measured.latency_ms_p50:.1f} ms." if measured.latency else "."))
         cpu = card.cpu
         st.caption(f"Written for {cpu.kernel}; measured on {cpu.measured_on['target_cpu']} "
                    f"({cpu.measured_on['features']}).")

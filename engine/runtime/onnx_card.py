@@ -67,9 +67,41 @@ class CpuPath:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CardFigures:
+    """What the card measured of the exported graph on ONNX Runtime: accuracy with its interval, agreement, flips,
+    KL and McNemar against FP32 torch on `data`, and (when timed) batch-1 latency and its op-group profile, kept
+    as the timing's own plain figures."""
+
+    accuracy: float
+    ci95: tuple[float, float]
+    n: int
+    agreement: float
+    flips: int
+    kl: float
+    mcnemar_p: float
+    data: str
+    fp32_accuracy: float
+    latency: dict[str, Any] | None = None  # latency_ms_p50, latency_ms_p95, batch, tokens, threads, protocol, ...
+    profile: dict[str, Any] | None = None  # engine.runtime.profile's figures, with the CPU report
+
+    @property
+    def latency_ms_p50(self) -> float | None:
+        return None if self.latency is None else self.latency["latency_ms_p50"]
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["ci95"] = list(self.ci95)
+        return {k: v for k, v in out.items() if v is not None or k not in ("latency", "profile")}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CardFigures:
+        return cls(**{**data, "ci95": tuple(data["ci95"])})
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelCard:
     """An export's card as card.json holds it (`build()`'s dict); `to_json()` gives that dict back, keys in order.
-    `measured` stays the figures' dict (accuracy, ci95, agreement, latency, profile...), None when not measured."""
+    `measured` is None when nothing was measured at export."""
 
     model: str
     plan: dict
@@ -77,20 +109,25 @@ class ModelCard:
     layers: list[dict]  # one {"layer", "precision", "onnx", ...} per quantizable layer
     size_bytes: int
     fp32_size_bytes: int
-    measured: dict | None
+    measured: CardFigures | None
     cpu: CpuPath
     date: str
     versions: dict[str, str]
     machine: str
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: self.cpu.to_json() if f.name == "cpu" else getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["cpu"] = self.cpu.to_json()
+        out["measured"] = None if self.measured is None else self.measured.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ModelCard:
         """From card.json's dict; a missing field is a KeyError."""
-        return cls(**{f.name: CpuPath.from_json(data["cpu"]) if f.name == "cpu" else data[f.name]
-                      for f in fields(cls)})
+        values = {f.name: data[f.name] for f in fields(cls)}
+        values["cpu"] = CpuPath.from_json(data["cpu"])
+        values["measured"] = None if data["measured"] is None else CardFigures.from_json(data["measured"])
+        return cls(**values)
 
     @classmethod
     def read(cls, folder: str | Path) -> ModelCard:

@@ -287,10 +287,11 @@ def test_the_folder_reloads_in_a_fresh_process_and_its_card_is_measured(tmp_path
     assert card.to_json() == stored and list(card.to_json()) == list(stored) and ModelCard.from_json(stored) == card
     assert card.size_bytes == result["size_bytes"] and card.cpu.target_cpu == stored["cpu"]["target_cpu"]
     measured = card.measured
-    assert measured["n"] == len(DATA) and 0 <= measured["ci95"][0] <= measured["accuracy"] <= measured["ci95"][1] <= 1
-    assert measured["latency"]["protocol"] == "back_to_back" and "Wilson" in (folder / "README.md").read_text()
+    assert measured.n == len(DATA) and 0 <= measured.ci95[0] <= measured.accuracy <= measured.ci95[1] <= 1
+    assert measured.latency["protocol"] == "back_to_back" and "Wilson" in (folder / "README.md").read_text()
+    assert measured.latency_ms_p50 == measured.latency["latency_ms_p50"] > 0
     # the card says where the time goes: the int8 plan's integer matmuls, and the CPU features behind them
-    assert measured["profile"]["groups"]["quantized matmul"] > 0 and measured["profile"]["cpu"]["features"]
+    assert measured.profile["groups"]["quantized matmul"] > 0 and measured.profile["cpu"]["features"]
     assert "Where the time goes" in (folder / "README.md").read_text()
     texts = list(DATA.texts[:12]) + EDGE
     expected = OrtClassifier(folder, threads=1).predict(texts)

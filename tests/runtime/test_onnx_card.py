@@ -40,6 +40,15 @@ def test_the_cpu_path_warns_exactly_where_8_bit_weights_can_saturate(target, int
         assert path["warning"].startswith("this machine") == this_cpu().saturates
 
 
+def test_the_measured_figures_are_typed_and_keep_their_json():
+    figures = onnx_card.CardFigures.from_json(MEASURED)
+    assert figures.accuracy == MEASURED["accuracy"] and figures.ci95 == tuple(MEASURED["ci95"])
+    assert figures.to_json() == MEASURED and onnx_card.CardFigures.from_json(figures.to_json()) == figures
+    untimed = {k: v for k, v in MEASURED.items() if k not in ("latency", "profile")}
+    assert onnx_card.CardFigures.from_json(untimed).to_json() == untimed  # no latency key where none was timed
+    assert onnx_card.CardFigures.from_json(untimed).latency_ms_p50 is None
+
+
 def test_build_records_the_plan_the_figures_and_who_made_them():
     card = onnx_card.build("tiny", {"*": "int8"}, "INT8", ROWS, 1000, 4000, MEASURED, TargetCpu.VNNI)
     assert (card["model"], card["plan"], card["plan_label"], card["layers"]) == ("tiny", {"*": "int8"}, "INT8", ROWS)
