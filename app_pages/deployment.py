@@ -45,8 +45,8 @@ def export_button(plan: Plan, label: str, key: str) -> None:
                    f"{measured.data}, agreement with FP32 {measured.agreement:.1%}"
                    + (f", batch 1 p50 {measured.latency_ms_p50:.1f} ms." if measured.latency else "."))
         cpu = card.cpu
-        st.caption(f"Written for {cpu.kernel}; measured on {cpu.measured_on['target_cpu']} "
-                   f"({cpu.measured_on['features']}).")
+        st.caption(f"Written for {cpu.kernel}; measured on {cpu.measured_on.target_cpu} "
+                   f"({cpu.measured_on.features}).")
         if cpu.warning:
             st.warning(f"This export: {cpu.warning}.")
         named = export_name(common.model_name(), label, plan)

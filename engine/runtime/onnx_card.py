@@ -49,21 +49,33 @@ def cpu_path(target: TargetCpu, int8_layers: bool) -> dict:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MeasuredOn:
+    """The machine that measured the card: the CPU target it counts as, and its instruction-set features."""
+
+    target_cpu: str
+    features: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class CpuPath:
     """`cpu_path()`'s figures: the CPU the int8 weights were written for, where they were measured, any warning."""
 
     target_cpu: str
     kernel: str
     int8_weight_bits: int
-    measured_on: dict[str, str]  # {"target_cpu", "features"} of the machine that measured the card
+    measured_on: MeasuredOn
     warning: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["measured_on"] = {"target_cpu": self.measured_on.target_cpu, "features": self.measured_on.features}
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CpuPath:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        values = {f.name: data[f.name] for f in fields(cls)}
+        values["measured_on"] = MeasuredOn(**data["measured_on"])
+        return cls(**values)
 
 
 @dataclass(frozen=True, kw_only=True)

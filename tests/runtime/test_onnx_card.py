@@ -47,6 +47,9 @@ def test_the_measured_figures_are_typed_and_keep_their_json():
     untimed = {k: v for k, v in MEASURED.items() if k not in ("latency", "profile")}
     assert onnx_card.CardFigures.from_json(untimed).to_json() == untimed  # no latency key where none was timed
     assert onnx_card.CardFigures.from_json(untimed).latency_ms_p50 is None
+    path = onnx_card.cpu_path(TargetCpu.VNNI, int8_layers=True)
+    typed = onnx_card.CpuPath.from_json(path)
+    assert typed.measured_on.target_cpu == path["measured_on"]["target_cpu"] and typed.to_json() == path
 
 
 def test_build_records_the_plan_the_figures_and_who_made_them():
