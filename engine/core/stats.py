@@ -67,6 +67,21 @@ def paired_gain(labels: np.ndarray, base_predictions: np.ndarray,
     return float(correct.mean() - base_correct.mean()), bootstrap_diff_interval(base_correct, correct)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Figures:
+    """What every evaluation result begins with, in this order: accuracy with its 95% Wilson interval over n
+    sentences, agreement with FP32's predictions, the flips, the mean KL from FP32 and exact McNemar p against
+    FP32 (the results that carry them add their own fields after these)."""
+
+    accuracy: float
+    ci95: tuple[float, float]
+    n: int
+    agreement: float
+    flips: int
+    kl: float
+    mcnemar_p: float
+
+
 @dataclass(frozen=True)
 class Comparison:
     """How a set of predictions compares with the labels and with FP32's predictions."""

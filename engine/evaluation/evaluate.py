@@ -11,6 +11,7 @@ from torch import nn
 from engine.data.sets import EvalSet, load_dataset
 from engine.core.memo import memo
 from engine.core.plan import FP32, PlanLike, as_plan
+from engine.core.stats import Figures
 from engine.core.vocabulary import Kernels
 from engine.evaluation.evaluator import Evaluator, Progress
 from engine.model.inventory import list_layers
@@ -48,16 +49,9 @@ def figures(summary: dict, size_bytes: int, device: str) -> dict:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalSummary:
+class EvalSummary(Figures):
     """What `evaluate` reports of a plan on a set, in `eval --json`'s order; `to_json()` is that document."""
 
-    accuracy: float
-    ci95: tuple[float, float]
-    n: int
-    agreement: float
-    flips: int
-    kl: float
-    mcnemar_p: float
     plan: dict
     kernels: str
     data: str

@@ -21,7 +21,7 @@ from engine.data.sets import EvalSet
 from engine.core.errors import EngineError
 from engine.core.plan import FP32, Plan
 from engine.core.settings import settings
-from engine.core.stats import Comparison, compare, wilson_interval
+from engine.core.stats import Comparison, Figures, compare, wilson_interval
 from engine.core.tokens import encode, length_sorted, pad
 from engine.core.vocabulary import Kernels, WeightMethod
 from engine.model.inventory import inventory
@@ -127,17 +127,10 @@ class EvalResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunSummary:
+class RunSummary(Figures):
     """A plan's figures on a set against FP32, which rows flipped, each row's predicted class index and its
     probability: what a page shows of an evaluation and the cache keeps (as `to_json()`) for every session."""
 
-    accuracy: float
-    ci95: tuple[float, float]
-    n: int
-    agreement: float
-    flips: int
-    kl: float
-    mcnemar_p: float
     flipped: tuple[int, ...]  # rows whose prediction differs from FP32's, in data set order
     predicted: tuple[int, ...]
     confidence: tuple[float, ...]

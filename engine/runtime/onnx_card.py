@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from engine.core.cpu import TargetCpu, features_line, this_cpu
+from engine.core.stats import Figures
 
 
 def versions() -> dict:
@@ -79,18 +80,11 @@ class CpuPath:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CardFigures:
+class CardFigures(Figures):
     """What the card measured of the exported graph on ONNX Runtime: accuracy with its interval, agreement, flips,
     KL and McNemar against FP32 torch on `data`, and (when timed) batch-1 latency and its op-group profile, kept
     as the timing's own plain figures."""
 
-    accuracy: float
-    ci95: tuple[float, float]
-    n: int
-    agreement: float
-    flips: int
-    kl: float
-    mcnemar_p: float
     data: str
     fp32_accuracy: float
     latency: dict[str, Any] | None = None  # latency_ms_p50, latency_ms_p95, batch, tokens, threads, protocol, ...
