@@ -6,7 +6,7 @@ which is what the robustness page's cache stores; `from_json` reads it back.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 
 def _json(value: Any) -> Any:
@@ -19,8 +19,26 @@ def _known(cls, data: Mapping[str, Any]) -> dict[str, Any]:
     return {f.name: data[f.name] for f in fields(cls) if f.name in data}
 
 
+class _Flat:
+    """A frozen result whose JSON is its fields in order, tuples as lists; `TUPLES` names the fields JSON gives
+    as lists, kept as tuples so that the result is a value."""
+
+    TUPLES: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for name in self.TUPLES:
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: _json(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]):
+        return cls(**_known(cls, data))
+
+
 @dataclass(frozen=True, kw_only=True)
-class SweepRow:
+class SweepRow(_Flat):
     """One plan on the set perturbed by one kind at one rate."""
 
     precision: str  # the plan's name in `plans`
@@ -34,39 +52,21 @@ class SweepRow:
     changed: float  # share of texts the perturbation actually edited
     n: int
 
-    def __post_init__(self) -> None:
-        # JSON gives lists: kept as tuples, so a row is a value.
-        object.__setattr__(self, "ci95", tuple(self.ci95))
-        object.__setattr__(self, "flip_ci95", tuple(self.flip_ci95))
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: _json(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> SweepRow:
-        return cls(**_known(cls, data))
+    TUPLES = ("ci95", "flip_ci95")
 
 
 @dataclass(frozen=True, kw_only=True)
-class CleanAccuracy:
+class CleanAccuracy(_Flat):
     """One plan's accuracy on the unperturbed set, with its 95% Wilson CI."""
 
     accuracy: float
     ci95: tuple[float, float]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ci95", tuple(self.ci95))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "ci95": list(self.ci95)}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> CleanAccuracy:
-        return cls(**_known(cls, data))
+    TUPLES = ("ci95",)
 
 
 @dataclass(frozen=True, kw_only=True)
-class SweepResult:
+class SweepResult(_Flat):
     """Accuracy and flip rate of every plan at every kind and rate, and each plan's clean accuracy."""
 
     dataset: str
@@ -80,12 +80,10 @@ class SweepResult:
     rows: tuple[SweepRow, ...]
     seconds: float
 
-    def __post_init__(self) -> None:
-        for name in ("kinds", "rates", "rows"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+    TUPLES = ("kinds", "rates", "rows")
 
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: _json(getattr(self, f.name)) for f in fields(self)}
+        out = super().to_json()
         out["clean"] = {name: c.to_json() for name, c in self.clean.items()}
         out["rows"] = [row.to_json() for row in self.rows]
         return out
@@ -99,7 +97,7 @@ class SweepResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AttackRow:
+class AttackRow(_Flat):
     """The flip search's success on one target over a sample."""
 
     precision: str  # the target's name in `plans`
@@ -111,19 +109,11 @@ class AttackRow:
     mean_edits: float | None  # over the successes; None when there is none
     mean_queries: float
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ci95", tuple(self.ci95))
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: _json(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> AttackRow:
-        return cls(**_known(cls, data))
+    TUPLES = ("ci95",)
 
 
 @dataclass(frozen=True, kw_only=True)
-class AttackResult:
+class AttackResult(_Flat):
     """The flip search's success rate per target over a sample, with the budget and kinds it had."""
 
     dataset: str
@@ -134,12 +124,10 @@ class AttackResult:
     rows: tuple[AttackRow, ...]
     seconds: float
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "kinds", tuple(self.kinds))
-        object.__setattr__(self, "rows", tuple(self.rows))
+    TUPLES = ("kinds", "rows")
 
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: _json(getattr(self, f.name)) for f in fields(self)}
+        out = super().to_json()
         out["rows"] = [row.to_json() for row in self.rows]
         return out
 
