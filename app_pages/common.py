@@ -294,17 +294,26 @@ def run_job(kind: str, label: str, work: Callable[[Progress], Any], box=None, ta
 
 def cached_job(key: str, label: str, work: Callable[[Progress], Any], view: Callable[[Any], None] | None = None,
                kind: str = "page", ask: Callable[[], bool] | None = None, box=None, tag: str | None = None,
-               show_progress: Callable[[Any], None] | None = None) -> Any:
+               show_progress: Callable[[Any], None] | None = None, read: Callable[[Any], Any] | None = None) -> Any:
     """The answer stored under `key` (from `cache.keys`), else, once `ask()` says so (a button; always when
     None), `work(progress)` run through the queue with its progress shown, stored under `key` for every session;
-    `view(answer)` draws it. Returns the answer, or None while not asked; a cancellation or an EngineError of the
-    work reaches the caller, and nothing is stored then."""
+    `view(answer)` draws it. `work` returns what the cache keeps (a result's `to_json()`) and `read` turns it into
+    the typed result (its `from_json`); an entry `read` cannot take, stored by an older version, counts as absent.
+    Returns the answer, or None while not asked; a cancellation or an EngineError of the work reaches the caller,
+    and nothing is stored then."""
+    read = read or (lambda stored: stored)
     found = lookup(key)
+    if found is not None:
+        try:
+            answer = read(found)
+        except (KeyError, ValueError, TypeError):
+            found = None  # computed again when asked, and stored over it
     if found is None:
         if ask is not None and not ask():
             return None
         found = run_job(kind, label, work, box, tag, show_progress)
         put(key, found)
+        answer = read(found)
     if view is not None:
-        view(found)
-    return found
+        view(answer)
+    return answer

@@ -8,7 +8,7 @@ import streamlit as st
 import torch
 
 from app_pages import cluster, common, deployment, methods_view, profile_view
-from cache import keys, lookup, put, results
+from cache import keys, results
 from engine.analysis.compare import ComparisonRecord, ComparisonRow, run_comparison, variant
 from engine.analysis.findings import findings
 from engine.analysis.presets import PRESETS, display_name, resolve_plan_item
@@ -87,27 +87,15 @@ def run(model, tokenizer, plans, sets, device, runtimes) -> ComparisonRecord | N
                                 progress=progress, runtimes=runtimes, exports=results.exports())
         return report.record().to_json()
 
-    found = lookup(key)
-    if found is not None and readable(found) is None:
-        put(key, None)  # stored by a version whose rows lack a field this one needs: measured again when asked
     bar = st.empty()
     try:
-        stored = common.cached_job(key, "Comparing", work, kind="compare", ask=ask,
-                                   show_progress=lambda p: bar.progress(p[0], text=p[1]))
-        return None if stored is None else ComparisonRecord.from_json(stored)
+        return common.cached_job(key, "Comparing", work, kind="compare", ask=ask, read=ComparisonRecord.from_json,
+                                 show_progress=lambda p: bar.progress(p[0], text=p[1]))
     except EngineError as error:
         st.error(f"The comparison cannot run: {error}")
         return None
     finally:
         bar.empty()
-
-
-def readable(stored: dict) -> ComparisonRecord | None:
-    """The stored comparison, or None when one of its rows cannot be read as a ComparisonRow."""
-    try:
-        return ComparisonRecord.from_json(stored)
-    except (ValueError, TypeError):
-        return None
 
 
 def name(row: ComparisonRow) -> str:

@@ -31,14 +31,13 @@ def diagnosis_for(plan: Plan, evaluator) -> Diagnosis | None:
     data = common.dataset()  # read here: session state is this thread's, not the worker's
     size = min(DEFAULT_SAMPLE, len(data))
     estimate = 3 * evaluator.baseline.seconds * size / max(len(evaluator.labels), 1)  # two forwards and the copies
-    found = common.cached_job(  # the cache keeps the diagnosis's JSON
+    return common.cached_job(  # the cache keeps the diagnosis's JSON
         keys.diagnosis(model, data.fingerprint, plan, size), "Measuring the error through the model",
         lambda progress: results.diagnosis(model, tokenizer, data, plan, size, progress=progress).to_json(),
         kind="diagnose",
         ask=lambda: st.button(f"Measure where the error enters ({size} sentences, about {max(estimate, 1):.0f} s)",
                               key="lm_diagnose"),
-        tag=f"diagnose:{plan.key()}")
-    return None if found is None else Diagnosis.from_json(found)
+        tag=f"diagnose:{plan.key()}", read=Diagnosis.from_json)
 
 
 def shade(db: float | None) -> tuple[str, str]:

@@ -104,9 +104,9 @@ def curve_plans(layers, calibrators, sizes) -> list[mth.MethodPlan]:
 
 
 # ---- running (through the queue, kept on disk) ----------------------------------------------------------
-def queued(key: str, button: str, label: str, estimate_s: float, compute, disabled: bool = False):
-    """The stored result for `key`, or, when the person asks, `compute(progress)` run through the queue with a
-    progress bar and stored; None until then. The estimate is said before anything runs."""
+def queued(key: str, button: str, label: str, estimate_s: float, compute, read, disabled: bool = False):
+    """The stored result for `key` (typed by `read`), or, when the person asks, `compute(progress)` run through
+    the queue with a progress bar and stored; None until then. The estimate is said before anything runs."""
     def ask() -> bool:
         if st.button(button, type="primary", disabled=disabled, key=f"mv_{key.split(':')[0]}"):
             return True
@@ -116,7 +116,7 @@ def queued(key: str, button: str, label: str, estimate_s: float, compute, disabl
 
     bar = st.empty()
     try:
-        return common.cached_job(key, label, compute, kind="methods", ask=ask,
+        return common.cached_job(key, label, compute, kind="methods", ask=ask, read=read,
                                  show_progress=lambda p: bar.progress(min(p[0], 1.0), text=p[1]))
     except Cancelled:
         st.warning("The run was cancelled; press the button to start again.")
@@ -141,11 +141,11 @@ def methods_section(evaluator) -> None:
     plans = mth.method_plans(evaluator.layers, groups, methods, calibrators)
     estimate = mth.estimate_cost(plans, evaluator.layers, evaluator.baseline.seconds, len(evaluator.labels))
     key = keys.methods_report(evaluator, [(p.label, p.plan.key()) for p in plans])
-    stored = queued(key, f"Compare {len(plans)} settings", "Comparing methods", estimate,
-                    lambda progress: mth.compare_methods(evaluator, plans, progress).to_json())
-    if stored is None:
+    report = queued(key, f"Compare {len(plans)} settings", "Comparing methods", estimate,
+                    lambda progress: mth.compare_methods(evaluator, plans, progress).to_json(),
+                    mth.MethodsReport.from_json)
+    if report is None:
         return
-    report = mth.MethodsReport.from_json(stored)
     st.caption(f"{report.n:,} sentences of {report.data}; FP32 {report.fp32_accuracy:.1%}; measured in "
                f"{fmt_seconds(report.seconds)}. \"differs\": McNemar p < {SIGNIFICANCE} against the setting's "
                "plain choice, uncorrected for the number of tests.")
@@ -179,10 +179,9 @@ def curve_section(evaluator) -> None:
         return points
 
     points = queued(key, "Draw the curve", "Calibration curve", estimate, compute,
-                    disabled=not calibrators or not sizes)
+                    lambda stored: [mth.CurvePoint.from_json(p) for p in stored], disabled=not calibrators or not sizes)
     if points:
-        curve = [mth.CurvePoint.from_json(p) for p in points]
-        st.plotly_chart(curve_chart(curve, evaluator.baseline.comparison.accuracy), width="stretch",
+        st.plotly_chart(curve_chart(points, evaluator.baseline.comparison.accuracy), width="stretch",
                         key="mv_curve")
 
 

@@ -12,7 +12,7 @@ import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
 from app_pages import cluster, common, deployment, methods_view, page_state
-from cache import keys, lookup, put, results
+from cache import keys, results
 from engine.analysis import methods as mth
 from engine.analysis import search as amp
 from engine.analysis import sensitivity as sens
@@ -281,28 +281,16 @@ def search_section(evaluator, model, tokenizer, single: dict) -> amp.SearchOutco
         except amp.SearchError as error:
             return {"error": str(error)}  # stored too: the same budget is refused at once next time
 
-    found = lookup(key)
-    if found is not None and "error" not in found and stored_outcome(found) is None:
-        put(key, None)  # stored by a version whose outcome this one cannot read: searched again when asked
     bar = st.empty()
-    stored = common.cached_job(
+    outcome = common.cached_job(
         key, "Searching", work, kind="search", ask=ask,
+        read=lambda stored: stored["error"] if "error" in stored else amp.SearchOutcome.from_json(stored),
         show_progress=lambda p: bar.progress(min(p[1] / 30, 0.99), text=f"{p[1]} plans verified · {p[0]}"))
     bar.empty()
-    if stored is None:
+    if isinstance(outcome, str):  # the search's refusal, stored too
+        st.error(outcome)
         return None
-    if "error" in stored:
-        st.error(stored["error"])
-        return None
-    return stored_outcome(stored)
-
-
-def stored_outcome(stored: dict) -> amp.SearchOutcome | None:
-    """The cached search as the engine's SearchOutcome, or None when it cannot be read as one."""
-    try:
-        return amp.SearchOutcome.from_json(stored)
-    except (KeyError, ValueError, TypeError):
-        return None
+    return outcome
 
 
 def error_bars(points: list[amp.Candidate]) -> dict:

@@ -48,9 +48,9 @@ def evaluated(evaluator, plan: Plan, label: str) -> RunSummary:
     summary = common.cached_job(
         keys.evaluator_evaluation(evaluator, plan), f"Evaluating {label}",
         lambda progress: evaluator.run(plan, progress=progress, cancelled=progress.cancelled)[0].summary().to_json(),
-        kind="smoothquant", show_progress=show)
+        kind="smoothquant", show_progress=show, read=RunSummary.from_json)
     bar.empty()
-    return RunSummary.from_json(summary)
+    return summary
 
 
 def metric(evaluator, column, title: str, result, base=None) -> None:

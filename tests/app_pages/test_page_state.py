@@ -125,6 +125,39 @@ def test_cached_job_answers_a_second_session_from_the_cache_without_queuing(tmp_
     assert (tmp_path / "runs.txt").read_text() == "ran\n"  # the work ran once, for the first session only
 
 
+def test_cached_job_reads_its_typed_answer_and_recomputes_an_entry_it_cannot_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PAGE_STATE_TEST_RUNS", str(tmp_path / "runs.txt"))
+    from cache import make_key, put
+
+    put(make_key("page-state-read-test", n=1), {"retired_shape": 1})  # what an older version stored
+
+    def script():
+        import os
+
+        import streamlit as st
+
+        from app_pages import common
+        from cache import make_key
+        from engine.core.stats import Figures
+
+        def work(progress):
+            with open(os.environ["PAGE_STATE_TEST_RUNS"], "a") as runs:
+                runs.write("ran\n")
+            return {"accuracy": 0.5, "ci95": [0.4, 0.6], "n": 10, "agreement": 1.0, "flips": 0, "kl": 0.0,
+                    "mcnemar_p": 1.0}
+
+        found = common.cached_job(make_key("page-state-read-test", n=1), "Answering", work,
+                                  read=lambda stored: Figures(**stored))
+        st.markdown(f"{type(found).__name__} {found.accuracy}")
+
+    first = AppTest.from_function(script, default_timeout=60).run()
+    assert not first.exception and first.markdown[0].value == "Figures 0.5"
+    second = AppTest.from_function(script, default_timeout=60).run()
+    assert not second.exception and second.markdown[0].value == "Figures 0.5"
+    assert (tmp_path / "runs.txt").read_text() == "ran\n"  # recomputed once over the unreadable entry, then read
+
+
 def test_method_rows_are_memoized_by_results_sweep_and_rtn_keys_stay(tiny_model, tokenizer, tmp_path, monkeypatch):
     """A sweep with GPTQ stores its GPTQ rows too (pages and CLI share them); RTN's row key has no method part,
     exactly as before methods existed, so rows stored then are still found."""
